@@ -1,0 +1,1 @@
+"""modegpt serving: an in-process engine and an OpenAI-compatible API hosting several models."""

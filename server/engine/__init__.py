@@ -1,0 +1,1 @@
+"""The in-process inference engine: model runner, KV cache, scheduler and sampler."""
