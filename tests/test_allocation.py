@@ -1,0 +1,39 @@
+import pytest
+
+from compressor.allocation import allocate, kept_sizes, realised_ratio
+from compressor.families import modegpt_config
+from compressor.sources import PRESETS
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_bi_allocation_sums_to_target_and_respects_cap(ratio):
+    scores = [0.4, 0.05, 0.03, 0.02, 0.03, 0.06, 0.09, 0.41]
+    phi = allocate(scores, ratio, eps=0.02, cap=0.8)
+    assert sum(phi) / len(phi) == pytest.approx(ratio, abs=1e-12)
+    assert max(phi) <= 0.8 + 1e-12 and min(phi) >= 0
+    # lower influence -> more sparsity
+    assert phi[3] >= phi[1] >= phi[0]
+
+
+def test_cap_redistributes_excess():
+    phi = allocate([1.0, 0.0, 0.0, 1.0], 0.5, eps=0.01, cap=0.8)
+    assert phi[1] == pytest.approx(0.8) and phi[2] == pytest.approx(0.8)
+    assert sum(phi) == pytest.approx(2.0)
+
+
+def test_uniform_and_zero():
+    assert allocate([0.1, 0.2], 0.3, method="uniform") == [0.3, 0.3]
+    assert allocate([0.1, 0.2], 0.0) == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        allocate([0.1], 1.2)
+
+
+@pytest.mark.parametrize("preset", ["llama-2-7b", "llama-3-8b", "opt-1.3b"])
+@pytest.mark.parametrize("ratio", [0.15, 0.3])
+def test_kept_sizes_hold_the_ratio_within_one_percent(preset, ratio):
+    cfg = modegpt_config(PRESETS[preset])
+    n = cfg["num_hidden_layers"]
+    phi = allocate([0.02 + 0.01 * (i % 5) for i in range(n)], ratio, eps=0.05)
+    sizes = kept_sizes(phi, cfg, align=64)
+    assert realised_ratio(cfg, sizes) == pytest.approx(ratio, abs=0.01)
+    assert all(s.intermediate_size % 64 == 0 and s.qk_dim % 2 == 0 for s in sizes)
