@@ -16,10 +16,17 @@ from dataclasses import dataclass
 import torch
 
 
-def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
-    """Sum over tokens of ``1 - cos(x_in, x_out)`` and the token count (to be averaged by the caller)."""
-    cos = torch.nn.functional.cosine_similarity(x_in.double().flatten(0, -2), x_out.double().flatten(0, -2), dim=-1)
-    return float((1.0 - cos).sum()), cos.numel()
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor, chunk: int = 8192) -> tuple[float, int]:
+    """Sum over tokens of ``1 - cos(x_in, x_out)`` and the token count (to be averaged by the caller).
+
+    Computed in float64 a chunk of tokens at a time, so it never holds a float64 copy of the stream.
+    """
+    a, b = x_in.flatten(0, -2), x_out.flatten(0, -2)
+    total = 0.0
+    for s in range(0, a.shape[0], chunk):
+        cos = torch.nn.functional.cosine_similarity(a[s : s + chunk].double(), b[s : s + chunk].double(), dim=-1)
+        total += float((1.0 - cos).sum())
+    return total, a.shape[0]
 
 
 def allocate(scores: list[float], ratio: float, eps: float = 0.1, cap: float = 0.8, method: str = "bi") -> list[float]:

@@ -57,10 +57,8 @@ def _write(path: Path, payload: dict) -> None:
 
 
 def run_bench_quality(args) -> int:
-    from .baselines import compress_baseline
     from .cli import load_for_eval
     from .evaluate import average_accuracy, evaluate
-    from .pipeline import CompressOptions, compress
 
     tasks = args.tasks.split(",")
     work = Path(args.workdir)
@@ -69,34 +67,62 @@ def run_bench_quality(args) -> int:
 
     def record(method: str, ratio: float, spec: str, report: dict | None) -> None:
         model, tok = load_for_eval(spec, args.device)
-        res = evaluate(model, tok, tasks, limit=args.limit, batch_size=args.batch_size, seqlen=args.seqlen,
-                       progress=not args.quiet)
-        row = {"method": method, "ratio": ratio, "results": res,
-               "avg_acc": average_accuracy(res, "acc"), "avg_acc_norm": average_accuracy(res, "acc_norm")}
+        res = {}
+        if "wikitext2" in tasks:
+            res.update(evaluate(model, tok, ["wikitext2"], limit=args.ppl_limit, batch_size=args.batch_size,
+                                seqlen=args.seqlen, progress=not args.quiet))
+        mc = [t for t in tasks if t != "wikitext2"]
+        if mc:
+            res.update(evaluate(model, tok, mc, limit=args.limit, batch_size=args.batch_size, seqlen=args.seqlen,
+                                progress=not args.quiet))
+        row = {"method": method, "ratio": ratio, "results": res}
+        if mc:
+            row.update(avg_acc=average_accuracy(res, "acc"), avg_acc_norm=average_accuracy(res, "acc_norm"))
         if report:
             row.update(block_linear_ratio=report["block_linear_ratio"], whole_model_ratio=report["whole_model_ratio"],
                        compress_s=report["timings"]["total_s"])
         results["rows"].append(row)
         _write(args.json, {**results, "bench": "quality", "model": args.model, "tasks": tasks, "limit": args.limit,
-                           "device": _hardware(args.device)})
+                           "ppl_limit": args.ppl_limit, "device": _hardware(args.device)})
 
     if ("original", 0.0) not in done:
         record("original", 0.0, args.model, None)
-    builders = {
-        "modegpt-bi": lambda r, out: compress(args.model, out, CompressOptions(ratio=r, progress=not args.quiet), True),
-        "modegpt-uniform": lambda r, out: compress(
-            args.model, out, CompressOptions(ratio=r, allocation="uniform", progress=not args.quiet), True),
-        "svd-llm": lambda r, out: compress_baseline("svd", args.model, out, CompressOptions(ratio=r, progress=not args.quiet), True),
-        "prune-norm": lambda r, out: compress_baseline("prune", args.model, out, CompressOptions(ratio=r, progress=not args.quiet), True),
-    }
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for method in args.methods.split(","):
             if (method, ratio) in done:
                 continue
-            out = work / f"{method}-{round(ratio * 100)}"
-            report = builders[method](ratio, out)
-            record(method, ratio, str(out), report)
+            out = work / f"{method.replace(':', '-').replace('=', '').replace(',', '-')}-{round(ratio * 100)}"
+            record(method, ratio, str(out), build_method(method, args.model, ratio, out, not args.quiet))
     return 0
+
+
+def build_method(method: str, model: str, ratio: float, out: Path, progress: bool) -> dict:
+    """Build a checkpoint for ``method``: ``modegpt-bi``, ``modegpt-uniform``, ``svd-llm`` or ``prune-norm``,
+    optionally with option overrides, e.g. ``modegpt-bi:sequential=0:align=1:ridge=1e-4``."""
+    from .baselines import compress_baseline
+    from .pipeline import CompressOptions, compress
+
+    name, *overrides = method.split(":")
+    opts = CompressOptions(ratio=ratio, progress=progress)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not hasattr(opts, key):
+            raise ValueError(f"unknown option {key!r} in method {method!r}")
+        current = getattr(opts, key)
+        if current is None or isinstance(current, (int, float, bool)):
+            number = float(value)
+            kind = type(current) if current is not None else (int if number.is_integer() else float)
+            setattr(opts, key, kind(number))
+        else:
+            setattr(opts, key, value)
+    if name == "modegpt-bi":
+        return compress(model, out, opts, True)
+    if name == "modegpt-uniform":
+        opts.allocation = "uniform"
+        return compress(model, out, opts, True)
+    if name in ("svd-llm", "prune-norm"):
+        return compress_baseline("svd" if name == "svd-llm" else "prune", model, out, opts, True)
+    raise ValueError(f"unknown method {name!r}")
 
 
 def add_bench_parser(sub) -> None:
@@ -119,7 +145,8 @@ def add_bench_parser(sub) -> None:
     q.add_argument("--ratios", default="0.15,0.25,0.35")
     q.add_argument("--methods", default="modegpt-bi,modegpt-uniform,svd-llm,prune-norm")
     q.add_argument("--tasks", default="wikitext2,piqa,arc_easy,arc_challenge")
-    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--limit", type=int, default=None, help="items per multiple-choice task")
+    q.add_argument("--ppl-limit", type=int, default=None, help="WikiText-2 windows")
     q.add_argument("--seqlen", type=int, default=2048)
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--device", default="cpu")

@@ -92,12 +92,14 @@ def _read(rel: str) -> bytes:
     """Bytes of ``data_dir()/rel``, sha256-verified on the first read of that path."""
     path = data_dir() / rel
     if not path.is_file():
-        raise FileNotFoundError(f"missing evaluation data file {path} (data folder from ${DATA_ENV} or shared/data)")
+        raise FileNotFoundError(f"missing evaluation data file {path} (set ${DATA_ENV} to override)")
     data = path.read_bytes()
     if path not in _verified:
         digest = hashlib.sha256(data).hexdigest()
         if digest != SHA256[rel]:
-            raise DataIntegrityError(f"sha256 mismatch for {path}: got {digest}, expected {SHA256[rel]}")
+            raise DataIntegrityError(
+                f"sha256 mismatch for {path}: got {digest}, expected {SHA256[rel]}"
+            )
         _verified.add(path)
     return data
 
@@ -140,9 +142,8 @@ def _arc(rel: str) -> list[McItem]:
     for d in _jsonl(rel):
         q = d["question"]
         labels = [c["label"] for c in q["choices"]]
-        items.append(
-            McItem(f"Question: {q['stem']}\nAnswer:", [c["text"] for c in q["choices"]], labels.index(d["answerKey"]))
-        )
+        choices = [c["text"] for c in q["choices"]]
+        items.append(McItem(f"Question: {q['stem']}\nAnswer:", choices, labels.index(d["answerKey"])))
     return items
 
 

@@ -54,7 +54,7 @@ TASKS = ("wikitext2", *MC_TASKS)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _bos(tokenizer) -> list[int]:

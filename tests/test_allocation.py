@@ -37,3 +37,14 @@ def test_kept_sizes_hold_the_ratio_within_one_percent(preset, ratio):
     sizes = kept_sizes(phi, cfg, align=64)
     assert realised_ratio(cfg, sizes) == pytest.approx(ratio, abs=0.01)
     assert all(s.intermediate_size % 64 == 0 and s.qk_dim % 2 == 0 for s in sizes)
+
+
+def test_block_influence_matches_definition():
+    import torch
+
+    from compressor.allocation import block_influence
+
+    x, y = torch.randn(3, 50, 8), torch.randn(3, 50, 8)
+    total, n = block_influence(x, y, chunk=7)
+    expected = (1 - torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)).sum()
+    assert n == 150 and total == pytest.approx(float(expected), rel=1e-12)
