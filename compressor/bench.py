@@ -92,18 +92,21 @@ def run_bench_quality(args) -> int:
             if (method, ratio) in done:
                 continue
             out = work / f"{method.replace(':', '-').replace('=', '').replace(',', '-')}-{round(ratio * 100)}"
-            record(method, ratio, str(out), build_method(method, args.model, ratio, out, not args.quiet))
+            record(method, ratio, str(out), build_method(method, args.model, ratio, out, not args.quiet, args.device))
     return 0
 
 
-def build_method(method: str, model: str, ratio: float, out: Path, progress: bool) -> dict:
+def build_method(method: str, model: str, ratio: float, out: Path, progress: bool, device: str = "cpu") -> dict:
     """Build a checkpoint for ``method``: ``modegpt-bi``, ``modegpt-uniform``, ``svd-llm`` or ``prune-norm``,
     optionally with option overrides, e.g. ``modegpt-bi:sequential=0:align=1:ridge=1e-4``."""
     from .baselines import compress_baseline
     from .pipeline import CompressOptions, compress
 
+    import torch
+
     name, *overrides = method.split(":")
-    opts = CompressOptions(ratio=ratio, progress=progress)
+    # float32 throughout: the quality table compares the math, and the original is evaluated in float32
+    opts = CompressOptions(ratio=ratio, progress=progress, device=device, dtype=torch.float32)
     for item in overrides:
         key, _, value = item.partition("=")
         if not hasattr(opts, key):

@@ -1,0 +1,16 @@
+"""Custom ops for compressed (MoDeGPT) models: Triton kernels with PyTorch reference paths.
+
+Public API (all in :mod:`kernels.dispatch`, which picks Triton or PyTorch per call):
+
+* :func:`lowrank_linear` - fused factorized linear ``(x @ A.T) @ B.T + bias`` (``kernels.lowrank``)
+* :func:`rope_gather_` - gathered RoPE written straight into a (paged) KV cache (``kernels.rope``)
+* :func:`decode_attention` - split-K decode attention with ``d_qk != d_v`` and GQA
+  (``kernels.decode_attention``)
+
+``kernels.bench.run_kernel_bench(path)`` times them against the PyTorch sequences they replace.
+Importing this package imports (does not compile) the Triton kernels when Triton is installed;
+without Triton everything runs on the PyTorch paths.
+"""
+from .dispatch import backend_for, decode_attention, lowrank_linear, rope_gather_
+
+__all__ = ["backend_for", "decode_attention", "lowrank_linear", "rope_gather_"]

@@ -1,0 +1,74 @@
+"""Small helpers shared by the Triton launchers (no kernels here).
+
+Everything in this module is cheap, host-side and free of device synchronisation, so that the
+launchers can run inside CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Triton is an optional dependency (Linux only); the torch paths never need it.
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - exercised only on machines without triton
+    HAVE_TRITON = False
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``).
+
+    ``triton.jit`` reads the variable when a kernel is *decorated*, so it must be set before
+    ``kernels.*`` is imported; the tests do that by running their Triton cases in a subprocess.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device``; a nominal 8 on CPU (interpreter) so heuristics still split."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``PRECISION`` for :func:`kernels._tl.mma`: exact fp32 products for fp32 operands (tf32
+    would cost ~3e-4 relative error, outside the fp32 contract), the default for 16-bit operands,
+    and the interpreter's bf16 work-around."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpret_mode():
+        return "upcast"
+    return "tf32"
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Test hook: when True, fp32 scratch buffers start as NaN instead of uninitialised memory, so a
+# kernel that leaves a scratch element unwritten (and then reads it) produces NaN, never a
+# plausible stale value.
+POISON_WORKSPACES = False
+
+
+def workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """fp32 scratch (split-K partials, attention partitions): allocated per call from the caching
+    allocator, so it is CUDA-graph safe and shared by nothing."""
+    if POISON_WORKSPACES:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)

@@ -1,0 +1,21 @@
+"""Triton device helpers shared by the kernels."""
+import triton
+import triton.language as tl
+
+# ``PRECISION`` values: "ieee" (exact fp32 products), "tf32" (the default; ignored by 16-bit
+# operands), "upcast" (interpreter only, see below).
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in fp32.
+
+    "upcast" works around the CPU interpreter's dot, which multiplies bf16 operands as their raw
+    uint16 storage (Triton 3.6-3.9). Upcasting bf16 to fp32 is exact and products of bf16 values
+    are exact in fp32, so it computes what the GPU's bf16 MMA with fp32 accumulation computes.
+    """
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out

@@ -1,0 +1,371 @@
+"""Benchmark the Triton kernels against the PyTorch sequences they replace (CUDA only).
+
+Usage (on the GPU machine)::
+
+    python -c "from kernels.bench import run_kernel_bench; run_kernel_bench('out.json')"
+
+What is timed:
+
+* ``lowrank``: ``lowrank_linear_triton`` vs two cuBLAS matmuls ``(x @ A.T) @ B.T`` (and, for
+  context, the dense ``x @ W.T`` the factorization replaces) at LLaMA-2-7B / 13B MLP shapes
+  (hidden 4096 / 5120, MLP 11008 / 13824, both directions), ranks 25 / 50 / 75 % of
+  ``min(in, out)``, tokens 1, 16, 64, 256, 2048, 8192.
+* ``attention``: ``decode_attention_triton`` vs gather-through-the-block-table + SDPA, 32 heads,
+  (d_qk, d_v) from full 128/128 down to 46/38, batch 1..256, contexts 1024 / 4096.
+* ``rope``: ``rope_gather_triton_`` (keys into the paged cache with the values; queries in place)
+  vs separate torch rope ops + ``index_copy_`` into the caches, tokens 1..8192.
+
+How: decode sizes (tokens / batch <= 256) are captured in a CUDA graph and timed over graph
+replays (what a graph-captured engine sees: no Python, launch gaps inside the graph included);
+each graph cycles through enough copies of the weights / KV cache to exceed the 60 MB L2, so
+repeated calls do not run from cache. Prefill sizes use ``triton.testing.do_bench`` (median, it
+flushes L2 between calls). Every case records the median time per call in microseconds, achieved
+TB/s (bytes that must move: inputs once + outputs once) and TFLOP/s, the fraction of the ceilings
+(4.3 TB/s copy bandwidth, 750 TFLOP/s bf16 matmul, measured on this H200), the speedup over the
+baseline and the relative difference between the two outputs. A case that fails records its error
+and the run goes on; cases past the time budget are recorded as skipped. Autotuning happens on a
+case's first call, before any capture. The remaining budget runs ``run_lowrank_sweep`` (split-K
+and per-stage timings of the low-rank decode path against cuBLAS's two stages), stored under
+``lowrank_sweep``. On the H200 the main cases took ~60 s, so the default budget leaves the sweep
+about 3 minutes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+BW_CEILING = 4.3e12  # bytes/s, device-to-device copy (read + write) on the H200
+FLOP_CEILING = 750e12  # bf16 matmul 8192^3
+L2_DEFEAT_BYTES = 200e6  # > 3x the H200's 60 MB L2
+DECODE_MAX = 256
+MODELS = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824)}
+TOKENS = [1, 16, 64, 256, 2048, 8192]
+RANK_FRACTIONS = [0.25, 0.5, 0.75]
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+def _time_graph(calls: list[Callable[[], object]], replays: int = 20, repeats: int = 7) -> float:
+    """Median microseconds per call over replays of one CUDA graph that runs every call once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as graph capture requires
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
+    del graph
+    return statistics.median(samples)
+
+
+def _time_eager(call: Callable[[], object]) -> float:
+    import triton.testing
+
+    call()  # compile / autotune outside the timed region
+    return triton.testing.do_bench(call, warmup=10, rep=50, return_mode="median") * 1e3
+
+
+def _time(calls: list[Callable[[], object]], graph: bool) -> float:
+    return _time_graph(calls) if graph else _time_eager(calls[0])
+
+
+def _copies(bytes_per_set: float, graph: bool) -> int:
+    return max(2, min(8, math.ceil(L2_DEFEAT_BYTES / max(bytes_per_set, 1.0)))) if graph else 1
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _rates(us: float, nbytes: float, flops: float) -> dict:
+    s = us * 1e-6
+    return {"TBps": nbytes / s / 1e12, "TFLOPs": flops / s / 1e12,
+            "pct_bw_ceiling": 100 * nbytes / s / BW_CEILING, "pct_flop_ceiling": 100 * flops / s / FLOP_CEILING,
+            "roofline_pct": 100 * max(nbytes / BW_CEILING, flops / FLOP_CEILING) / s}
+
+
+# ------------------------------------------------------------------------------------------------
+# cases
+# ------------------------------------------------------------------------------------------------
+def _lowrank_case(model: str, direction: str, frac: float, M: int, dtype: torch.dtype) -> dict:
+    from .lowrank import lowrank_linear_triton, split_k
+
+    hidden, mlp = MODELS[model]
+    K, N = (hidden, mlp) if direction == "up" else (mlp, hidden)
+    R = int(round(frac * min(K, N) / 64)) * 64
+    dev = torch.device("cuda")
+    esz = torch.finfo(dtype).bits // 8
+    wbytes = (R * K + N * R) * esz
+    graph = M <= DECODE_MAX
+    n = _copies(wbytes, graph)
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    As = [torch.randn(R, K, device=dev, dtype=dtype) * K ** -0.5 for _ in range(n)]
+    Bs = [torch.randn(N, R, device=dev, dtype=dtype) * R ** -0.5 for _ in range(n)]
+    nbytes = wbytes + (M * K + M * N) * esz
+    flops = 2.0 * M * R * (K + N)
+    y_tri = lowrank_linear_triton(x, As[0], Bs[0])
+    y_ref = torch.matmul(torch.matmul(x, As[0].t()), Bs[0].t())
+    case = {"kernel": "lowrank", "model": model, "linear": direction, "in": K, "out": N, "rank": R,
+            "rank_fraction": frac, "tokens": M, "dtype": str(dtype), "timing": "cuda_graph" if graph else "do_bench",
+            "split_k": split_k(M, R, K, dev), "bytes": nbytes, "flops": flops, "rel_diff_vs_baseline": _rel(y_tri, y_ref)}
+    tri = _time([lambda i=i: lowrank_linear_triton(x, As[i], Bs[i]) for i in range(n)], graph)
+    base = _time([lambda i=i: torch.matmul(torch.matmul(x, As[i].t()), Bs[i].t()) for i in range(n)], graph)
+    del As, Bs
+    dense_n = _copies(N * K * esz, graph)
+    Ws = [torch.randn(N, K, device=dev, dtype=dtype) * K ** -0.5 for _ in range(dense_n)]
+    dense = _time([lambda i=i: torch.matmul(x, Ws[i].t()) for i in range(dense_n)], graph)
+    case.update(triton_us=tri, baseline_us=base, dense_us=dense, speedup_vs_baseline=base / tri,
+                speedup_vs_dense=dense / tri, triton=_rates(tri, nbytes, flops), baseline=_rates(base, nbytes, flops))
+    return case
+
+
+def _gather_sdpa(q, kc, vc, tables, lens, scale):
+    """The torch sequence decode attention replaces: gather the paged cache, then SDPA."""
+    B, H, dqk = q.shape
+    bs, hkv = kc.shape[1], kc.shape[2]
+    L = tables.shape[1] * bs
+    k = kc[tables.long()].reshape(B, L, hkv, -1).transpose(1, 2)
+    v = vc[tables.long()].reshape(B, L, hkv, -1).transpose(1, 2)
+    mask = torch.arange(L, device=q.device)[None, :] < lens[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=hkv != H)[:, :, 0]
+
+
+def _attention_case(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtype) -> dict:
+    from .decode_attention import decode_attention_triton, plan_splits
+
+    H = hkv = 32
+    dqk, dv = dims
+    bs = 16
+    dev = torch.device("cuda")
+    esz = torch.finfo(dtype).bits // 8
+    kv_bytes = B * ctx * hkv * (dqk + dv) * esz
+    n = _copies(kv_bytes, True)
+    blocks = ctx // bs
+    kc = torch.randn(n * B * blocks, bs, hkv, dqk, device=dev, dtype=dtype)
+    vc = torch.randn(n * B * blocks, bs, hkv, dv, device=dev, dtype=dtype)
+    perm = torch.randperm(n * B * blocks, device=dev).int()
+    tables = [perm[i * B * blocks:(i + 1) * B * blocks].view(B, blocks) for i in range(n)]
+    lens = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+    q = torch.randn(B, H, dqk, device=dev, dtype=dtype)
+    scale = 128 ** -0.5
+    nbytes = kv_bytes + B * H * (dqk + dv) * esz
+    flops = 2.0 * B * H * ctx * (dqk + dv)
+    o_tri = decode_attention_triton(q, kc, vc, tables[0], lens, scale)
+    case = {"kernel": "decode_attention", "heads": H, "kv_heads": hkv, "d_qk": dqk, "d_v": dv, "batch": B,
+            "context": ctx, "block_size": bs, "dtype": str(dtype), "timing": "cuda_graph",
+            "num_splits": plan_splits(B, hkv, ctx, 64, dev)[0], "bytes": nbytes, "flops": flops}
+    tri = _time_graph([lambda i=i: decode_attention_triton(q, kc, vc, tables[i], lens, scale) for i in range(n)])
+    case.update(triton_us=tri, triton=_rates(tri, nbytes, flops))
+    try:
+        o_ref = _gather_sdpa(q, kc, vc, tables[0], lens, scale)
+        case["rel_diff_vs_baseline"] = _rel(o_tri, o_ref)
+        base = _time_graph([lambda i=i: _gather_sdpa(q, kc, vc, tables[i], lens, scale) for i in range(n)])
+        case.update(baseline_us=base, speedup_vs_baseline=base / tri, baseline=_rates(base, nbytes, flops))
+    except Exception as exc:  # noqa: BLE001 - SDPA may reject odd head dims; keep the Triton number
+        case["baseline_error"] = repr(exc)[:500]
+    return case
+
+
+def _torch_rope_and_copy(k, v, pos, inv_freq, kc, vc, slots):
+    """The torch sequence rope_gather_ replaces: rope ops, then scatter k and v into the caches."""
+    from .reference import apply_rope_torch
+
+    T = pos.shape[0]
+    hkv, half = inv_freq.shape
+    kr = apply_rope_torch(k.view(T, hkv, 2 * half), pos, inv_freq).to(kc.dtype)
+    kc.view(-1, hkv, 2 * half).index_copy_(0, slots, kr)
+    vc.view(-1, hkv, vc.shape[-1]).index_copy_(0, slots, v.view(T, hkv, -1))
+
+
+def _rope_case(dims: tuple[int, int], T: int, dtype: torch.dtype) -> dict:
+    from .rope import rope_gather_triton_
+
+    hkv, bs = 32, 16
+    dqk, dv = dims
+    dev = torch.device("cuda")
+    esz = torch.finfo(dtype).bits // 8
+    num_slots = (T * 4 // bs + 1) * bs
+    k = torch.randn(T, hkv * dqk, device=dev, dtype=dtype)
+    v = torch.randn(T, hkv * dv, device=dev, dtype=dtype)
+    pos = torch.randint(0, 4096, (T,), device=dev)
+    inv_freq = torch.rand(hkv, dqk // 2, device=dev)
+    slots = torch.randperm(num_slots, device=dev)[:T]
+    kc = torch.zeros(num_slots // bs, bs, hkv, dqk, device=dev, dtype=dtype)
+    vc = torch.zeros(num_slots // bs, bs, hkv, dv, device=dev, dtype=dtype)
+    nbytes = 2 * T * hkv * (dqk + dv) * esz + T * 16 + hkv * dqk * 2
+    graph = T <= DECODE_MAX
+    rope_gather_triton_(k, pos, inv_freq, kc, slots, v, vc)
+    k_tri = kc.view(-1, hkv, dqk)[slots].clone()
+    _torch_rope_and_copy(k, v, pos, inv_freq, kc, vc, slots)
+    case = {"kernel": "rope_kv_cache", "kv_heads": hkv, "d_qk": dqk, "d_v": dv, "tokens": T, "dtype": str(dtype),
+            "timing": "cuda_graph" if graph else "do_bench", "bytes": nbytes,
+            "rel_diff_vs_baseline": _rel(k_tri, kc.view(-1, hkv, dqk)[slots])}
+    tri = _time([lambda: rope_gather_triton_(k, pos, inv_freq, kc, slots, v, vc)], graph)
+    base = _time([lambda: _torch_rope_and_copy(k, v, pos, inv_freq, kc, vc, slots)], graph)
+    case.update(triton_us=tri, baseline_us=base, speedup_vs_baseline=base / tri,
+                triton=_rates(tri, nbytes, 0.0), baseline=_rates(base, nbytes, 0.0))
+    return case
+
+
+def _cases(dtype: torch.dtype):
+    """(name, thunk) in priority order: decode first (what serving is bound by), prefill last."""
+    lowrank = [(M, model, d, f) for M in TOKENS for model in MODELS for d in ("up", "down") for f in RANK_FRACTIONS]
+    lowrank.sort(key=lambda c: c[0] > DECODE_MAX)
+    for M, model, d, f in lowrank:
+        if M <= DECODE_MAX:
+            yield f"lowrank {model} {d} r={f} M={M}", lambda M=M, model=model, d=d, f=f: _lowrank_case(model, d, f, M, dtype)
+    for dims in ((128, 128), (96, 96), (64, 64), (46, 38)):
+        for B, ctx in ((1, 1024), (1, 4096), (16, 1024), (16, 4096), (64, 1024), (256, 1024)):
+            yield f"attention {dims} B={B} ctx={ctx}", lambda dims=dims, B=B, ctx=ctx: _attention_case(dims, B, ctx, dtype)
+    for dims in ((128, 128), (46, 38)):
+        for T in TOKENS:
+            yield f"rope {dims} T={T}", lambda dims=dims, T=T: _rope_case(dims, T, dtype)
+    for M, model, d, f in lowrank:
+        if M > DECODE_MAX:
+            yield f"lowrank {model} {d} r={f} M={M}", lambda M=M, model=model, d=d, f=f: _lowrank_case(model, d, f, M, dtype)
+
+
+def _summary(cases: list[dict]) -> list[str]:
+    lines = []
+    for c in cases:
+        if "triton_us" not in c:
+            lines.append(f"{c['name']:<44} {c.get('error', c.get('skipped', '?'))[:70]}")
+            continue
+        sp = c.get("speedup_vs_baseline")
+        lines.append(f"{c['name']:<44} triton {c['triton_us']:9.1f} us  base "
+                     f"{c.get('baseline_us', float('nan')):9.1f} us  x{sp if sp else float('nan'):5.2f}  "
+                     f"{c['triton']['TBps']:5.2f} TB/s {c['triton']['TFLOPs']:6.1f} TF/s  "
+                     f"roof {c['triton']['roofline_pct']:5.1f}%")
+    return lines
+
+
+def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Run every case (see module doc) within ``time_budget_s`` and write the results as JSON."""
+    t0 = time.time()
+    results: dict = {"ceilings": {"bandwidth_Bps": BW_CEILING, "bf16_flops": FLOP_CEILING},
+                     "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype),
+                     "time_budget_s": time_budget_s, "cases": []}
+    try:
+        import triton
+
+        results["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001
+        results["error"] = f"triton unavailable: {exc!r}"
+    if not torch.cuda.is_available():
+        results["error"] = "CUDA is not available: nothing to benchmark"
+    if "error" in results:
+        _write(out_path, results)
+        print(results["error"])
+        return results
+    props = torch.cuda.get_device_properties(0)
+    results["device"] = {"name": props.name, "sm_count": props.multi_processor_count,
+                         "memory_GiB": round(props.total_memory / 2 ** 30, 1), "capability": f"{props.major}.{props.minor}"}
+    torch.manual_seed(0)
+    for name, run in _cases(dtype):
+        if time.time() - t0 > time_budget_s:
+            results["cases"].append({"name": name, "skipped": "time budget exhausted"})
+            continue
+        c0 = time.time()
+        try:
+            case = run()
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            case = {"error": repr(exc)[:500], "traceback": traceback.format_exc()[-2000:]}
+            torch.cuda.synchronize()
+        case["name"] = name
+        case["wall_s"] = round(time.time() - c0, 2)
+        results["cases"].append(case)
+        print(_summary([case])[0], flush=True)
+        torch.cuda.empty_cache()
+        _write(out_path, results)  # keep what we have if the process is killed
+    # what remains of the budget goes to the split-K / stage sweep of the low-rank decode path
+    results["lowrank_sweep"] = run_lowrank_sweep(dtype, deadline=t0 + time_budget_s)
+    results["total_s"] = round(time.time() - t0, 1)
+    _write(out_path, results)
+    print(f"{len(results['cases'])} cases in {results['total_s']} s -> {out_path}")
+    return results
+
+
+def _write(path: str, results: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+# ------------------------------------------------------------------------------------------------
+# low-rank decode sweep: where the time goes, per split-K, per stage
+# ------------------------------------------------------------------------------------------------
+def _sweep_case(K: int, N: int, R: int, M: int, dtype: torch.dtype) -> dict:
+    """Graph-timed full op, shrink only and expand only for each split, plus cuBLAS's two stages."""
+    from .lowrank import expand_, lowrank_linear_triton, shrink_, split_k
+
+    dev = torch.device("cuda")
+    esz = torch.finfo(dtype).bits // 8
+    n = _copies((R * K + N * R) * esz, True)
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    As = [torch.randn(R, K, device=dev, dtype=dtype) * K ** -0.5 for _ in range(n)]
+    Bs = [torch.randn(N, R, device=dev, dtype=dtype) * R ** -0.5 for _ in range(n)]
+    y = torch.empty(M, N, device=dev, dtype=dtype)
+    t16 = torch.matmul(x, As[0].t())
+    case = {"in": K, "out": N, "rank": R, "tokens": M, "heuristic_split": split_k(M, R, K, dev),
+            "cublas_shrink_us": _time_graph([lambda i=i: torch.matmul(x, As[i].t()) for i in range(n)]),
+            "cublas_expand_us": _time_graph([lambda i=i: torch.matmul(t16, Bs[i].t()) for i in range(n)]),
+            "cublas_both_us": _time_graph([lambda i=i: torch.matmul(torch.matmul(x, As[i].t()), Bs[i].t())
+                                           for i in range(n)]),
+            "splits": {}}
+    for s in (1, 2, 4, 8):
+        t = torch.empty(s, M, R, device=dev, dtype=torch.float32)
+        lowrank_linear_triton(x, As[0], Bs[0], splits=s)  # tune both stages outside capture
+        case["splits"][s] = {
+            "full_us": _time_graph([lambda i=i, s=s: lowrank_linear_triton(x, As[i], Bs[i], splits=s) for i in range(n)]),
+            "shrink_us": _time_graph([lambda i=i, t=t: shrink_(x, As[i], t) for i in range(n)]),
+            "expand_us": _time_graph([lambda i=i, t=t: expand_(t, Bs[i], None, y) for i in range(n)]),
+        }
+    best = min(case["splits"], key=lambda s: case["splits"][s]["full_us"])
+    case["best_split"] = best
+    case["best_speedup_vs_cublas"] = case["cublas_both_us"] / case["splits"][best]["full_us"]
+    return case
+
+
+def run_lowrank_sweep(dtype: torch.dtype = torch.bfloat16, deadline: float | None = None) -> list[dict]:
+    """Split-K x stage timings at decode sizes (7B up/down, ranks 25 % / 75 %); for tuning
+    ``split_k`` and ``MODEGPT_LOWRANK_TRITON_MAX_TOKENS``. Stops at ``deadline`` (time.time())."""
+    out = []
+    for K, N in ((4096, 11008), (11008, 4096)):
+        for R in (1024, 3072):
+            for M in (1, 16, 64, 256):
+                if deadline is not None and time.time() > deadline:
+                    out.append({"in": K, "out": N, "rank": R, "tokens": M, "skipped": "time budget exhausted"})
+                    continue
+                try:
+                    c = _sweep_case(K, N, R, M, dtype)
+                    print(f"sweep {K}->{N} r={R} M={M}: cublas {c['cublas_both_us']:.1f} us, "
+                          + ", ".join(f"s{s} {v['full_us']:.1f} ({v['shrink_us']:.1f}+{v['expand_us']:.1f})"
+                                      for s, v in c["splits"].items()), flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    c = {"in": K, "out": N, "rank": R, "tokens": M, "error": repr(exc)[:500]}
+                out.append(c)
+                torch.cuda.empty_cache()
+    return out

@@ -1,0 +1,163 @@
+"""The one place that decides Triton or PyTorch for the model's custom ops.
+
+Policy (read per call, so tests and operators can flip it at run time):
+
+* ``MODEGPT_KERNELS=torch``: always the PyTorch reference (``kernels.reference``).
+* default (``auto``): Triton when every tensor is on a CUDA device and Triton imports; otherwise
+  PyTorch. CPU tensors always take PyTorch...
+* ...except under ``MODEGPT_KERNELS=triton`` with ``TRITON_INTERPRET=1``, where CPU tensors run the
+  Triton kernels on Triton's CPU interpreter (the tests' way to check the kernels without a GPU).
+* Inputs a kernel does not support (dtypes other than fp32/fp16/bf16, mixed dtypes, odd rotary
+  dims, no unit inner stride) take the PyTorch path.
+* ``lowrank_linear`` in ``auto`` mode uses Triton only up to ``MODEGPT_LOWRANK_TRITON_MAX_TOKENS``
+  tokens (default 16) and two cuBLAS matmuls above. Measured on the H200 (``kernels.bench``,
+  bf16, LLaMA-2 7B/13B MLP shapes): cuBLAS beat the Triton GEMMs at every prefill size (Triton
+  at 0.52-0.85x for 2048-8192 tokens); the fused decode path is where a kernel can win (split-K
+  over the tiny rank, one graph node pair, no cuBLAS heuristics), so the Triton path is kept
+  for small token counts. Re-measure and move the threshold with the bench (``speedup`` column).
+* In ``auto`` mode an unexpected Triton failure (e.g. a compiler resource error on an untested
+  GPU) is reported once as a warning and the call falls back to PyTorch; ``MODEGPT_KERNELS=triton``
+  is strict and raises, so tests and benchmarks never measure the fallback by accident.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import reference
+from ._common import HAVE_TRITON, SUPPORTED_DTYPES, interpret_mode
+
+if HAVE_TRITON:
+    # Imported eagerly: a lazy ``from .decode_attention import ...`` would rebind the package
+    # attribute ``kernels.decode_attention`` from this module's function to the submodule.
+    from .decode_attention import decode_attention_triton
+    from .lowrank import lowrank_linear_triton
+    from .rope import rope_gather_triton_
+
+_ENV = "MODEGPT_KERNELS"
+_LOWRANK_MAX_ENV = "MODEGPT_LOWRANK_TRITON_MAX_TOKENS"
+_warned: set[str] = set()
+
+
+def kernels_mode() -> str:
+    mode = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"{_ENV} must be auto, torch or triton, not {mode!r}")
+    return mode
+
+
+def backend_for(*tensors: torch.Tensor | None) -> str:
+    """``"triton"`` or ``"torch"`` for a call on these tensors (``None`` entries are ignored)."""
+    mode = kernels_mode()
+    if mode == "torch" or not HAVE_TRITON:
+        return "torch"
+    ts = [t for t in tensors if t is not None]
+    if ts and all(t.is_cuda for t in ts):
+        return "triton"
+    if mode == "triton" and interpret_mode() and ts and all(t.device.type == "cpu" for t in ts):
+        return "triton"
+    return "torch"
+
+
+def lowrank_triton_max_tokens() -> int:
+    return int(os.environ.get(_LOWRANK_MAX_ENV, "16"))
+
+
+def _run(name: str, triton_fn, torch_fn, tensors, supported: bool):
+    if not supported or backend_for(*tensors) != "triton":
+        return torch_fn()
+    if kernels_mode() == "triton":
+        return triton_fn()
+    try:
+        return triton_fn()
+    except Exception as exc:  # noqa: BLE001 - any kernel failure falls back, loudly, once
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"kernels.{name}: Triton path failed ({exc!r}); using PyTorch", RuntimeWarning)
+        return torch_fn()
+
+
+def lowrank_backend(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> str:
+    """Where :func:`lowrank_linear` runs: the general policy, dtype support, and (``auto`` mode)
+    the token threshold above which cuBLAS is faster."""
+    if backend_for(x, A, B, bias, out) != "triton":
+        return "torch"
+    if not (x.dtype in SUPPORTED_DTYPES and A.dtype == x.dtype and B.dtype == x.dtype
+            and A.dim() == 2 and B.dim() == 2):
+        return "torch"
+    if kernels_mode() == "auto" and x.numel() > lowrank_triton_max_tokens() * x.shape[-1]:
+        return "torch"  # prefill-sized: two cuBLAS matmuls are faster (see the module doc)
+    return "triton"
+
+
+def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x @ A.T) @ B.T + bias`` for a factorized linear: A ``[r, in]``, B ``[out, r]``, x
+    ``[..., in]`` -> ``[..., out]`` in x's dtype (fp32 accumulation). ``out`` (optional,
+    ``[..., out]``, x's dtype) receives the result, e.g. a static buffer of a captured graph."""
+    ok = lowrank_backend(x, A, B, bias, out) == "triton"
+
+    def tri():
+        return lowrank_linear_triton(x, A, B, bias, out)
+
+    return _run("lowrank_linear", tri, lambda: reference.lowrank_linear_torch(x, A, B, bias, out),
+                (x, A, B, bias, out), ok)
+
+
+def rope_gather_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, out: torch.Tensor,
+                 slot_mapping: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                 v_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply gathered rotate-half RoPE to projection outputs and store them; returns ``out``.
+
+    ``x``: ``[T, heads * d]`` (or ``[T, heads, d]``; a row-strided view into a fused QKV output is
+    fine); ``positions``: ``[T]`` ints; ``inv_freq``: fp32 ``[Hkv, d/2]``, the original rotary
+    frequencies of the pairs each KV head kept (``inv_freq[qk_index[g][:d/2] mod head_dim/2]``).
+    Head ``h`` rotates at ``inv_freq[h // (heads / Hkv)]``, so pass ``heads = H`` for queries and
+    ``Hkv`` for keys. Angles are ``fp32(position * inv_freq)`` as in HF.
+
+    Destination: with ``slot_mapping=None``, ``out`` is ``[T, heads, d]`` (may be ``x`` itself:
+    in place); otherwise ``out`` is a KV cache ``[num_slots, heads, d]`` or paged
+    ``[num_blocks, block_size, heads, d]`` (slot = block * block_size + offset) and token t goes
+    to slot ``slot_mapping[t]``; negative slots are skipped. ``v`` ``[T, heads * d_v]`` with
+    ``v_out`` (the value cache, same layout) is copied to the same slots unrotated.
+    """
+    d = 2 * inv_freq.shape[-1]
+    ok = (x.dtype in SUPPORTED_DTYPES and inv_freq.dtype == torch.float32 and out.dtype in SUPPORTED_DTYPES
+          and x.stride(-1) == 1 and out.stride(-1) == 1 and d > 0
+          and (v is None or (v.dtype in SUPPORTED_DTYPES and v.stride(-1) == 1)))
+
+    def tri():
+        return rope_gather_triton_(x, positions, inv_freq, out, slot_mapping, v, v_out)
+
+    return _run("rope_gather_", tri,
+                lambda: reference.rope_gather_torch_(x, positions, inv_freq, out, slot_mapping, v, v_out),
+                (x, positions, inv_freq, out, slot_mapping, v, v_out), ok)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     out: torch.Tensor | None = None, max_context_len: int | None = None) -> torch.Tensor:
+    """One decode step of attention: ``q`` ``[B, H, d_qk]`` against each sequence's first
+    ``context_lens[b]`` cached keys/values -> ``[B, H, d_v]``.
+
+    Caches are ``[num_blocks, block_size, Hkv, d]`` (as :func:`rope_gather_` writes them; a 3-D
+    ``[num_slots, Hkv, d]`` cache means ``block_size = 1``), ``block_tables`` ``[B, max_blocks]``
+    int32 maps position ``p`` to block ``block_tables[b, p // block_size]``. ``scale`` is the
+    softmax scale (MoDeGPT: the ORIGINAL ``head_dim ** -0.5``). Query head h reads KV head
+    ``h // (H / Hkv)``. ``max_context_len`` (host int) only narrows the work partitioning.
+    """
+    ok = (q.dtype in SUPPORTED_DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+          and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+          and block_tables.stride(-1) == 1)
+
+    def tri():
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out,
+                                       max_context_len=max_context_len)
+
+    def ref():
+        return reference.decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, out)
+
+    return _run("decode_attention", tri, ref, (q, k_cache, v_cache, block_tables, context_lens, out), ok)

@@ -1,0 +1,113 @@
+"""Which engine serves which public model id.
+
+``ModelRegistry`` is the one object that resolves the ``model`` field of a request: the served models
+(original, compressed) under their own names plus aliases (the public NAME, which points at the
+original for now). Canary routing replaces ``resolve`` later; nothing else in the API looks engines up.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import APIError
+from .protocol import ModelCard
+
+
+@dataclass
+class ServedModel:
+    """One engine and its identity."""
+
+    name: str  # served model name; also the ``model_name`` metrics label
+    engine: Any  # server.engine.async_engine.AsyncEngine
+    root: str | None = None  # where the weights came from (HF id, checkpoint path)
+    parent: str | None = None  # the model this one derives from (the original, for a compressed one)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.max_model_len)
+
+
+@dataclass
+class Route:
+    """The outcome of resolving a request's ``model``: the id to echo back and the engine to use."""
+
+    public_id: str
+    served: ServedModel
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: dict[str, ServedModel] = {}
+        self._aliases: dict[str, str] = {}
+        self._ready = False
+        self.load_error: str | None = None
+
+    # -- building --------------------------------------------------------------------------------
+
+    def add(self, served: ServedModel) -> ServedModel:
+        if served.name in self._models or served.name in self._aliases:
+            raise ValueError(f"model id {served.name!r} is already registered")
+        self._models[served.name] = served
+        return served
+
+    def add_alias(self, alias: str, target: str) -> None:
+        if target not in self._models:
+            raise ValueError(f"alias {alias!r} points at unknown model {target!r}")
+        if alias == target:
+            return
+        if alias in self._models or alias in self._aliases:
+            raise ValueError(f"model id {alias!r} is already registered")
+        self._aliases[alias] = target
+
+    def mark_ready(self) -> None:
+        self._ready = True
+
+    def mark_failed(self, message: str) -> None:
+        self.load_error = message
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.load_error is None and bool(self._models)
+
+    def health_problem(self) -> str | None:
+        """Why the server cannot serve now (None: healthy): loading, a failed load, a stopped engine."""
+        if self.load_error:
+            return f"model loading failed: {self.load_error}"
+        if not self.ready:
+            return "models are loading"
+        stopped = [m.name for m in self._models.values() if not m.engine.is_running]
+        if stopped:
+            return f"engine not running: {', '.join(stopped)}"
+        return None
+
+    def served(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def public_ids(self) -> list[str]:
+        return list(self._models) + list(self._aliases)
+
+    def resolve(self, model_id: str | None) -> Route:
+        if not self.ready:
+            msg = f"model loading failed: {self.load_error}" if self.load_error else "models are still loading"
+            raise APIError(msg, status=503)
+        if model_id is None:
+            first = next(iter(self._models.values()))
+            return Route(first.name, first)
+        if model_id in self._models:
+            return Route(model_id, self._models[model_id])
+        if model_id in self._aliases:
+            return Route(model_id, self._models[self._aliases[model_id]])
+        raise APIError(f"The model `{model_id}` does not exist.", status=404, param="model")
+
+    def cards(self) -> list[ModelCard]:
+        cards = [ModelCard(id=m.name, created=m.created, root=m.root or m.name, parent=m.parent,
+                           max_model_len=m.max_model_len) for m in self._models.values()]
+        for alias, target in self._aliases.items():
+            m = self._models[target]
+            cards.append(ModelCard(id=alias, created=m.created, root=m.root or m.name, parent=m.name,
+                                   max_model_len=m.max_model_len))
+        return cards

@@ -1,0 +1,302 @@
+"""A lean implementation of the ModeGPT architecture (docs/CHECKPOINT.md) for serving.
+
+Design decisions:
+- One model class for every checkpoint (original models are converted to this format on load), built
+  from `(config: dict, state_dict: dict[str, Tensor])`. Every layer has its own MLP width, its own
+  `qk_dim` / `v_dim` per head and its own RoPE frequencies gathered through `qk_index`.
+- The forward takes a FLAT batch (`input_ids [T]`, `positions [T]`) plus an `AttentionMetadata`
+  that says how the tokens split into sequences: first `num_decode` one-token decode sequences, then
+  prefill chunks (each the last `query_len` tokens of a `context_len`-long sequence). K/V are written
+  into per-layer paged caches at `slot_mapping`, then attention reads the context back through block
+  tables. With `kv_caches=None` (teacher-forced scoring) each prefill sequence attends to itself only
+  and nothing is stored.
+- All per-op math goes through `server.engine.ops.OPS` so Triton kernels can replace single ops.
+- The softmax scale is `config["head_dim"] ** -0.5` (the ORIGINAL head dim), whatever was kept.
+- Logits are computed only for the rows in `logits_indices` (the lm_head is the biggest matmul) and
+  returned in float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from server.engine import ops
+from server.engine.ops import OPS
+
+# ---------------------------------------------------------------------------------------- metadata
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flat token batch maps onto sequences and the paged KV cache.
+
+    Token order in the flat batch: `num_decode` decode tokens (one per sequence), then the prefill
+    chunks in order. Device tensors are used by kernels; the python lists drive the per-sequence
+    prefill loop (host values, so no device sync is needed to read them).
+    """
+
+    num_decode: int = 0
+    slot_mapping: Tensor | None = None  # [T] int64, cache slot of each token (None: no cache)
+    decode_block_tables: Tensor | None = None  # [num_decode, M] int64
+    decode_context_lens: Tensor | None = None  # [num_decode] int64, length incl. the new token
+    prefill_query_lens: list[int] = field(default_factory=list)
+    prefill_context_lens: list[int] = field(default_factory=list)
+    prefill_block_tables: list[Tensor] = field(default_factory=list)  # per prefill seq: [m_i] int64
+    block_size: int = 16
+
+    @staticmethod
+    def no_cache(query_lens: list[int]) -> "AttentionMetadata":
+        """Metadata for full-sequence forwards without a KV cache (scoring)."""
+        return AttentionMetadata(prefill_query_lens=list(query_lens), prefill_context_lens=list(query_lens))
+
+
+# ---------------------------------------------------------------------------------------- rope
+
+
+def rope_inv_freq(config: dict) -> Tensor:
+    """`inv_freq [head_dim/2]` (float32) as transformers computes it: default, linear or llama3."""
+    d = int(config["head_dim"])
+    base = float(config.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
+    rs = config.get("rope_scaling") or None
+    if rs is None:
+        return inv_freq
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(rs["factor"])
+    if kind == "llama3":
+        factor = float(rs["factor"])
+        low = float(rs["low_freq_factor"])
+        high = float(rs["high_freq_factor"])
+        old_len = float(rs["original_max_position_embeddings"])
+        low_wavelen = old_len / low
+        high_wavelen = old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        inv_l = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, inv_l)
+    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def layer_rope_freqs(inv_freq: Tensor, qk_index: list[list[int]], head_dim: int) -> Tensor:
+    """Per-KV-head frequencies `[Hkv, qk_dim/2]` for one layer: kept dim j rotates at
+    `inv_freq[qk_index[g][j] % (head_dim/2)]`; the rotate-half partner j + qk_dim/2 must share it."""
+    idx = torch.tensor(qk_index, dtype=torch.long)
+    if idx.numel() == 0:
+        return torch.zeros(len(qk_index), 0)
+    full = inv_freq[idx % (head_dim // 2)]  # [Hkv, qk_dim]
+    m = idx.shape[1] // 2
+    if idx.shape[1] % 2 or not torch.equal(full[:, :m], full[:, m:]):
+        raise ValueError("RoPE qk_index must keep rotary pairs whole: [p_1..p_m, p_1+d/2..p_m+d/2]")
+    return full[:, :m].contiguous()
+
+
+# ---------------------------------------------------------------------------------------- modules
+
+
+class Linear(nn.Module):
+    """A dense or factorized linear (`X.weight` or `X.weight_a` / `X.weight_b`, optional `X.bias`)."""
+
+    def __init__(self, sd: dict[str, Tensor], name: str, device, dtype):
+        super().__init__()
+
+        def take(key: str) -> nn.Parameter | None:
+            t = sd.get(f"{name}.{key}")
+            return None if t is None else nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+
+        self.weight = take("weight")
+        self.weight_a = take("weight_a")
+        self.weight_b = take("weight_b")
+        self.bias = take("bias")
+        if self.weight is None and (self.weight_a is None or self.weight_b is None):
+            raise KeyError(f"missing weights for linear {name!r}")
+
+    @property
+    def out_features(self) -> int:
+        return (self.weight if self.weight is not None else self.weight_b).shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight is not None:
+            return OPS["linear"](x, self.weight, self.bias)
+        return OPS["factorized_linear"](x, self.weight_a, self.weight_b, self.bias)
+
+
+class Norm(nn.Module):
+    def __init__(self, sd: dict[str, Tensor], name: str, norm_type: str, eps: float, device, dtype):
+        super().__init__()
+        self.weight = nn.Parameter(sd[f"{name}.weight"].to(device=device, dtype=dtype), requires_grad=False)
+        b = sd.get(f"{name}.bias")
+        self.bias = None if b is None else nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=False)
+        if norm_type not in ("rms", "layer"):
+            raise ValueError(f"norm_type must be 'rms' or 'layer', got {norm_type!r}")
+        self.op = "rms_norm" if norm_type == "rms" else "layer_norm"
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return OPS[self.op](x, self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: dict, layer_cfg: dict, sd: dict[str, Tensor], prefix: str, inv_freq, device, dtype):
+        super().__init__()
+        self.num_heads = int(config["num_attention_heads"])
+        self.num_kv_heads = int(config["num_key_value_heads"])
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.qk_dim = int(layer_cfg["qk_dim"])
+        self.v_dim = int(layer_cfg["v_dim"])
+        self.scale = ops.softmax_scale(int(config["head_dim"]))
+        self.q_proj = Linear(sd, f"{prefix}.q_proj", device, dtype)
+        self.k_proj = Linear(sd, f"{prefix}.k_proj", device, dtype)
+        self.v_proj = Linear(sd, f"{prefix}.v_proj", device, dtype)
+        self.o_proj = Linear(sd, f"{prefix}.o_proj", device, dtype)
+        for lin, n, d in ((self.q_proj, self.num_heads, self.qk_dim), (self.k_proj, self.num_kv_heads, self.qk_dim),
+                          (self.v_proj, self.num_kv_heads, self.v_dim)):
+            if lin.out_features != n * d:
+                raise ValueError(f"{prefix}: projection width {lin.out_features} != {n} heads x {d}")
+        self.use_rope = config["position_type"] == "rope"
+        if self.use_rope:
+            freqs = layer_rope_freqs(inv_freq, layer_cfg["qk_index"], int(config["head_dim"]))
+            self.register_buffer("rope_freqs", freqs.to(device), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor] | None,
+                meta: AttentionMetadata) -> Tensor:
+        T = x.shape[0]
+        Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        q = self.q_proj(x).view(T, Hkv, G, self.qk_dim)
+        k = self.k_proj(x).view(T, Hkv, 1, self.qk_dim)
+        v = self.v_proj(x).view(T, Hkv, self.v_dim)
+        if self.use_rope and self.qk_dim > 0:
+            cos, sin = OPS["rope_angles"](positions, self.rope_freqs)
+            q = OPS["apply_rope"](q, cos, sin)
+            k = OPS["apply_rope"](k, cos, sin)
+        q = q.reshape(T, self.num_heads, self.qk_dim)
+        k = k.reshape(T, Hkv, self.qk_dim)
+        if kv_cache is not None:
+            OPS["store_kv"](k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        outs = []
+        nd = meta.num_decode
+        if nd:
+            outs.append(OPS["decode_attention"](q[:nd], kv_cache[0], kv_cache[1], meta.decode_block_tables,
+                                                meta.decode_context_lens, self.scale, meta.block_size))
+        start = nd
+        for i, (ql, cl) in enumerate(zip(meta.prefill_query_lens, meta.prefill_context_lens)):
+            qi = q[start:start + ql]
+            if kv_cache is None or ql == cl:  # no prefix in the cache: attend to this chunk's own K/V
+                ki, vi = k[start:start + ql], v[start:start + ql]
+            else:
+                slots = ops.gather_slots(meta.prefill_block_tables[i], meta.block_size)[:cl]
+                ki, vi = kv_cache[0][slots], kv_cache[1][slots]
+            outs.append(OPS["prefill_attention"](qi, ki, vi, self.scale))
+            start += ql
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return self.o_proj(o.reshape(T, self.num_heads * self.v_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: dict, sd: dict[str, Tensor], prefix: str, device, dtype):
+        super().__init__()
+        self.gated = config["mlp_type"] == "gated"
+        if config["mlp_type"] not in ("gated", "plain"):
+            raise ValueError(f"mlp_type must be 'gated' or 'plain', got {config['mlp_type']!r}")
+        self.act = config["hidden_act"]
+        if self.act not in ops.ACTIVATIONS:
+            raise NotImplementedError(f"hidden_act {self.act!r} not supported: {sorted(ops.ACTIVATIONS)}")
+        self.gate_proj = Linear(sd, f"{prefix}.gate_proj", device, dtype) if self.gated else None
+        self.up_proj = Linear(sd, f"{prefix}.up_proj", device, dtype)
+        self.down_proj = Linear(sd, f"{prefix}.down_proj", device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            h = OPS["gated_mlp_act"](self.gate_proj(x), self.up_proj(x), self.act)
+        else:
+            h = OPS["plain_mlp_act"](self.up_proj(x), self.act)
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_cfg, sd, i, inv_freq, device, dtype):
+        super().__init__()
+        p = f"model.layers.{i}"
+        nt, eps = config["norm_type"], float(config.get("norm_eps", 1e-5))
+        self.input_norm = Norm(sd, f"{p}.input_norm", nt, eps, device, dtype)
+        self.self_attn = Attention(config, layer_cfg, sd, f"{p}.self_attn", inv_freq, device, dtype)
+        self.post_attention_norm = Norm(sd, f"{p}.post_attention_norm", nt, eps, device, dtype)
+        self.mlp = MLP(config, sd, f"{p}.mlp", device, dtype)
+
+    def forward(self, x, positions, kv_cache, meta):
+        x = x + self.self_attn(self.input_norm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class ModeGPTModel(nn.Module):
+    """The serving model. `forward(input_ids, positions, kv_caches, meta, logits_indices)`."""
+
+    def __init__(self, config: dict, state_dict: dict[str, Tensor], device="cpu", dtype=torch.float32):
+        super().__init__()
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        n = int(config["num_hidden_layers"])
+        if len(config["layers"]) != n:
+            raise ValueError(f"config has {len(config['layers'])} layer entries for {n} layers")
+        sd = state_dict
+        self.embed_tokens = nn.Parameter(sd["model.embed_tokens.weight"].to(device=device, dtype=dtype),
+                                         requires_grad=False)
+        self.learned_positions = config["position_type"] == "learned"
+        if config["position_type"] not in ("rope", "learned"):
+            raise ValueError(f"position_type must be 'rope' or 'learned', got {config['position_type']!r}")
+        self.position_offset = int(config.get("position_offset", 0))
+        if self.learned_positions:
+            self.embed_positions = nn.Parameter(sd["model.embed_positions.weight"].to(device=device, dtype=dtype),
+                                                requires_grad=False)
+        inv_freq = rope_inv_freq(config) if config["position_type"] == "rope" else None
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, config["layers"][i], sd, i, inv_freq, device, dtype) for i in range(n))
+        self.norm = Norm(sd, "model.norm", config["norm_type"], float(config.get("norm_eps", 1e-5)), device, dtype)
+        if config.get("tie_word_embeddings", False) or "lm_head.weight" not in sd:
+            if not config.get("tie_word_embeddings", False) and "lm_head.weight" not in sd:
+                raise KeyError("lm_head.weight missing and tie_word_embeddings is false")
+            self.lm_head_weight = self.embed_tokens
+        else:
+            self.lm_head_weight = nn.Parameter(sd["lm_head.weight"].to(device=device, dtype=dtype),
+                                               requires_grad=False)
+        lb = sd.get("lm_head.bias")
+        self.lm_head_bias = None if lb is None else nn.Parameter(lb.to(device=device, dtype=dtype),
+                                                                 requires_grad=False)
+
+    # ---- shapes the KV cache needs
+    def kv_shapes(self) -> list[tuple[int, int, int]]:
+        """Per layer `(num_kv_heads, qk_dim, v_dim)`."""
+        return [(l.self_attn.num_kv_heads, l.self_attn.qk_dim, l.self_attn.v_dim) for l in self.layers]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head_weight.shape[0]
+
+    def hidden_states(self, input_ids: Tensor, positions: Tensor, kv_caches, meta: AttentionMetadata) -> Tensor:
+        x = self.embed_tokens[input_ids]
+        if self.learned_positions:
+            x = x + self.embed_positions[positions + self.position_offset]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, None if kv_caches is None else kv_caches[i], meta)
+        return self.norm(x)
+
+    def compute_logits(self, h: Tensor) -> Tensor:
+        return OPS["linear"](h, self.lm_head_weight, self.lm_head_bias).float()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]] | None,
+                meta: AttentionMetadata, logits_indices: Tensor | None = None) -> Tensor:
+        """Float32 logits `[len(logits_indices), vocab]` (all tokens when `logits_indices` is None)."""
+        h = self.hidden_states(input_ids, positions, kv_caches, meta)
+        if logits_indices is not None:
+            h = h[logits_indices]
+        return self.compute_logits(h)

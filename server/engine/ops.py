@@ -1,0 +1,238 @@
+"""The per-op math of the ModeGPT forward, one small function per op.
+
+Design: every op the model runs lives here as a plain PyTorch function and is looked up through the
+`OPS` table at call time (`ops.OPS["rms_norm"](...)`), so a Triton package (`kernels/`, owned
+elsewhere) can swap in a fused version with `register_op(name, fn)` without touching the model code.
+The reference versions favour correctness and readability: norms, RoPE angles and softmax run in
+float32 and cast back, attention is plain SDPA (prefill) or a masked matmul over gathered K/V
+(decode). They are also CUDA-graph safe: no host syncs, no data-dependent shapes on the decode path.
+
+Shapes use T = tokens in the flat batch, H = query heads, Hkv = KV heads, G = H // Hkv,
+Dk = qk_dim (kept query/key dim per head), Dv = v_dim (kept value dim per head).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------- norms
+
+
+def rms_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    """HF Llama RMSNorm: normalize in float32, cast back, scale (bias allowed for generality)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * xf.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm computed in float32 (stable in bf16), cast back to the input dtype."""
+    w = weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------- linears
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def factorized_linear(x: Tensor, weight_a: Tensor, weight_b: Tensor, bias: Tensor | None) -> Tensor:
+    """`y = (x @ A.T) @ B.T + bias` with A `[r, in]`, B `[out, r]` (docs/CHECKPOINT.md)."""
+    return F.linear(F.linear(x, weight_a), weight_b, bias)
+
+
+# ------------------------------------------------------------------------------------ activations
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "tanh": torch.tanh,
+}
+
+
+def gated_mlp_act(gate: Tensor, up: Tensor, act: str) -> Tensor:
+    """act(gate) * up, the middle of a gated MLP (one fusable op)."""
+    return ACTIVATIONS[act](gate) * up
+
+
+def plain_mlp_act(up: Tensor, act: str) -> Tensor:
+    return ACTIVATIONS[act](up)
+
+
+# ------------------------------------------------------------------------------------------- rope
+
+
+def rope_angles(positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """cos/sin `[T, Hkv, Dk/2]` for per-KV-head frequencies `freqs [Hkv, Dk/2]` (float32)."""
+    ang = positions.to(torch.float32)[:, None, None] * freqs[None]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE with pairing (j, j + Dk/2).
+
+    x: `[T, Hkv, G, Dk]` (queries) or `[T, Hkv, 1, Dk]` (keys); cos/sin `[T, Hkv, Dk/2]`.
+    Computed in float32, cast back.
+    """
+    m = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :m], xf[..., m:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+# -------------------------------------------------------------------------------------- kv cache
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Write this step's K `[T, Hkv, Dk]` / V `[T, Hkv, Dv]` into the flat slot caches
+    `[num_slots, Hkv, D]` at `slot_mapping [T]` (padding tokens point at the scratch block 0)."""
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_slots(block_table: Tensor, block_size: int) -> Tensor:
+    """Slot indices `[B, M * block_size]` for block tables `[B, M]` (or `[M]` -> `[M * bs]`)."""
+    offs = torch.arange(block_size, device=block_table.device, dtype=block_table.dtype)
+    slots = block_table.unsqueeze(-1) * block_size + offs
+    return slots.flatten(-2)
+
+
+# ------------------------------------------------------------------------------------- attention
+
+
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal attention of the last L query tokens of one sequence over its S >= L context tokens.
+
+    q `[L, H, Dk]`, k `[S, Hkv, Dk]`, v `[S, Hkv, Dv]` -> `[L, H, Dv]`. Query i sits at context
+    position S - L + i. K and V may have different head dims (SDPA allows Ev != E).
+    """
+    L, H, _ = q.shape
+    S, Hkv, _ = k.shape
+    g = H // Hkv
+    if g > 1:
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if L == S:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        i = torch.arange(L, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        mask = j <= (S - L + i)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    block_size: int,
+) -> Tensor:
+    """One query token per sequence over its paged context (a masked matmul; CUDA-graph safe).
+
+    q `[B, H, Dk]`; caches `[num_slots, Hkv, D]`; block_tables `[B, M]`; context_lens `[B]` (the
+    length including the token being decoded, >= 1). Returns `[B, H, Dv]`. The gathered width is
+    M * block_size, fixed by the caller (a CUDA-graph bucket or the batch maximum); slots beyond a
+    sequence's length are masked. Scores are accumulated by the matmul in the model dtype, softmax
+    in float32. A Triton paged-attention kernel is meant to replace this whole function.
+    """
+    B, H, Dk = q.shape
+    Hkv = k_cache.shape[1]
+    g = H // Hkv
+    slots = gather_slots(block_tables, block_size)  # [B, S]
+    k = k_cache[slots]  # [B, S, Hkv, Dk]
+    v = v_cache[slots]  # [B, S, Hkv, Dv]
+    qg = q.view(B, Hkv, g, Dk).to(k.dtype)
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, k).float() * scale
+    S = slots.shape[1]
+    pad = torch.arange(S, device=q.device)[None, :] >= context_lens[:, None].to(torch.long)
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.einsum("bkgs,bskd->bkgd", p, v)
+    return out.reshape(B, H, v.shape[-1]).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------- table
+
+OPS: dict[str, Callable] = {
+    "rms_norm": rms_norm,
+    "layer_norm": layer_norm,
+    "linear": linear,
+    "factorized_linear": factorized_linear,
+    "gated_mlp_act": gated_mlp_act,
+    "plain_mlp_act": plain_mlp_act,
+    "rope_angles": rope_angles,
+    "apply_rope": apply_rope,
+    "store_kv": store_kv,
+    "prefill_attention": prefill_attention,
+    "decode_attention": decode_attention,
+}
+_DEFAULTS = dict(OPS)
+
+
+def register_op(name: str, fn: Callable) -> None:
+    """Replace one op (e.g. with a Triton kernel). The signature must match the reference."""
+    if name not in OPS:
+        raise KeyError(f"unknown op {name!r}; known: {sorted(OPS)}")
+    OPS[name] = fn
+
+
+def reset_ops() -> None:
+    """Restore every op to its reference PyTorch version."""
+    OPS.clear()
+    OPS.update(_DEFAULTS)
+
+
+def use_kernels() -> bool:
+    """Route the ops the `kernels` package implements through `kernels.dispatch` (PROCESS-WIDE: the op
+    table is global, so every engine of the process uses them). Covered: factorized linears
+    (`lowrank_linear`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
+    `[num_blocks, block_size, Hkv, D]`, the layout the kernels read). `kernels.dispatch` still decides
+    per call (Triton on CUDA, PyTorch elsewhere, `MODEGPT_KERNELS=torch` to force PyTorch).
+    Returns False (and changes nothing) when the package is not importable."""
+    try:
+        from kernels import dispatch
+    except ImportError:
+        return False
+
+    def decode(q, k_cache, v_cache, block_tables, context_lens, scale, block_size):
+        kc = k_cache.view(-1, block_size, k_cache.shape[1], k_cache.shape[2])
+        vc = v_cache.view(-1, block_size, v_cache.shape[1], v_cache.shape[2])
+        return dispatch.decode_attention(q.contiguous(), kc, vc, block_tables, context_lens, scale)
+
+    def lowrank(x, weight_a, weight_b, bias):
+        return dispatch.lowrank_linear(x, weight_a, weight_b, bias)
+
+    register_op("decode_attention", decode)
+    register_op("factorized_linear", lowrank)
+    return True
+
+
+def softmax_scale(head_dim: int) -> float:
+    """The scale is ALWAYS that of the original head dim, whatever qk_dim was kept."""
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,231 @@
+"""The model runner: turns a `SchedulerOutput` into tensors, runs the model, returns logits rows.
+
+Design decisions:
+- One flat batch per step: decode tokens first, then prefill chunks (see `model.AttentionMetadata`).
+  Logits are computed only for rows that are sampled or scored for prompt logprobs.
+- CUDA graphs (CUDA only; `cuda_graphs=True` and env `MODEGPT_CUDA_GRAPHS` not "0"): the decode-only
+  step is captured once per batch-size bucket (1, 2, 4, ..., up to `max_num_seqs`) over static input
+  buffers; a batch is padded to its bucket with rows that read and write only the scratch block 0.
+  The decode attention gathers a fixed width of `graph_max_blocks` blocks per row, capped by
+  `cuda_graph_max_len` (default 4096 tokens) to bound the gather's memory; steps whose longest context
+  is beyond it, and every step with a prefill in it, run eagerly. All buckets share one memory pool.
+- `torch.compile` only behind `compile=True` (applied to the decode forward, the hot path).
+- Triton kernels (`kernels` package) only behind `use_kernels=True` or env `MODEGPT_ENGINE_KERNELS=1`
+  (process-wide, see `ops.use_kernels`).
+- On CPU it is the same code without graphs.
+- `score()` runs teacher-forced full-sequence forwards without touching the KV cache.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from server.engine import ops
+from server.engine.kv_cache import PagedKVCache
+from server.engine.model import AttentionMetadata, ModeGPTModel
+from server.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def cuda_graphs_enabled(flag: bool, device: torch.device) -> bool:
+    return bool(flag) and device.type == "cuda" and os.environ.get("MODEGPT_CUDA_GRAPHS", "1") != "0"
+
+
+@dataclass
+class StepResult:
+    logits: Tensor  # [R, V] float32
+    sample_rows: list[tuple[ScheduledChunk, int]] = field(default_factory=list)  # chunk, row in logits
+    prompt_rows: list[tuple[ScheduledChunk, int, int]] = field(default_factory=list)  # chunk, first row, count
+    used_graph: bool = False
+
+
+class ModelRunner:
+    def __init__(self, config: dict, state_dict: dict[str, Tensor], *, device="cpu", dtype=torch.float32,
+                 kv_cache_bytes: int, block_size: int = 16, max_num_seqs: int = 256, max_model_len: int = 2048,
+                 kv_cache_dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False,
+                 cuda_graph_max_len: int = 4096, max_num_batched_tokens: int = 2048, use_kernels: bool = False):
+        self.device = torch.device(device)
+        self.kernels = ops.use_kernels() if (use_kernels or os.environ.get("MODEGPT_ENGINE_KERNELS") == "1") else False
+        self.dtype = dtype
+        self.model = ModeGPTModel(config, state_dict, device=self.device, dtype=dtype)
+        self.kv = PagedKVCache(self.model.kv_shapes(), kv_cache_bytes, block_size, self.device,
+                               kv_cache_dtype or dtype)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self._decode_fn = self.model.forward
+        if compile:
+            self._decode_fn = torch.compile(self.model.forward, dynamic=False)
+        self.use_graphs = cuda_graphs_enabled(cuda_graphs, self.device)
+        self.graph_max_blocks = min(self.max_blocks_per_seq, math.ceil(cuda_graph_max_len / block_size))
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.num_graph_steps = 0
+        self.num_eager_steps = 0
+        if self.use_graphs:
+            self.capture_graphs()
+
+    @property
+    def caches(self):
+        return self.kv.caches
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def prepare(self, out: SchedulerOutput):
+        bs = self.block_size
+        alloc = self.kv.allocator
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        logits_idx: list[int] = []
+        res = StepResult(logits=None)  # type: ignore[arg-type]
+        t = 0
+        for c in out.chunks:
+            seq = c.seq
+            table = alloc.table(seq.request_id)
+            ids.extend(seq.token_ids[c.start:c.end])
+            pos.extend(range(c.start, c.end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(c.start, c.end))
+            pl = c.prompt_logprob_positions
+            if len(pl):
+                res.prompt_rows.append((c, len(logits_idx), len(pl)))
+                logits_idx.extend(t + p - c.start for p in pl)
+            if c.samples:
+                res.sample_rows.append((c, len(logits_idx)))
+                logits_idx.append(t + c.num_tokens - 1)
+            t += c.num_tokens
+        nd = len(out.decodes)
+        dec_tables = [alloc.table(c.seq.request_id) for c in out.decodes]
+        dec_ctx = [c.end for c in out.decodes]
+        meta = AttentionMetadata(num_decode=nd, block_size=bs)
+        meta.prefill_query_lens = [c.num_tokens for c in out.prefills]
+        meta.prefill_context_lens = [c.end for c in out.prefills]
+        meta.prefill_block_tables = [
+            torch.tensor(alloc.table(c.seq.request_id), dtype=torch.long, device=self.device) if c.start > 0
+            else None for c in out.prefills]
+        return ids, pos, slots, dec_tables, dec_ctx, meta, logits_idx, res
+
+    @staticmethod
+    def _pad_tables(tables: list[list[int]], width: int) -> list[list[int]]:
+        return [t + [0] * (width - len(t)) for t in tables]
+
+    # ------------------------------------------------------------------------------ execution
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        ids, pos, slots, dec_tables, dec_ctx, meta, logits_idx, res = self.prepare(out)
+        dev = self.device
+        nd = meta.num_decode
+        decode_only = nd > 0 and not out.prefills
+        max_blocks = max((len(t) for t in dec_tables), default=0)
+        if (decode_only and self.use_graphs and nd <= max(self.graphs, default=0)
+                and max_blocks <= self.graph_max_blocks and logits_idx == list(range(nd))):
+            res.logits = self._run_graph(ids, pos, slots, dec_tables, dec_ctx)
+            res.used_graph = True
+            self.num_graph_steps += 1
+            return res
+        self.num_eager_steps += 1
+        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        if nd:
+            meta.decode_block_tables = torch.tensor(self._pad_tables(dec_tables, max_blocks), dtype=torch.long,
+                                                    device=dev)
+            meta.decode_context_lens = torch.tensor(dec_ctx, dtype=torch.long, device=dev)
+        fn = self._decode_fn if decode_only else self.model.forward
+        res.logits = fn(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                        self.caches, meta, torch.tensor(logits_idx, dtype=torch.long, device=dev))
+        return res
+
+    # ------------------------------------------------------------------------------ cuda graphs
+
+    def graph_buckets(self) -> list[int]:
+        b = [x for x in GRAPH_BUCKETS if x < self.max_num_seqs] + [self.max_num_seqs]
+        return sorted(set(b))
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        dev = self.device
+        buckets = self.graph_buckets()
+        mb = buckets[-1]
+        self.g_ids = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.g_slots = torch.zeros(mb, dtype=torch.long, device=dev)  # slot 0: scratch block 0
+        self.g_tables = torch.zeros(mb, self.graph_max_blocks, dtype=torch.long, device=dev)
+        self.g_ctx = torch.ones(mb, dtype=torch.long, device=dev)
+        pool = None
+        for b in reversed(buckets):
+            meta = AttentionMetadata(num_decode=b, slot_mapping=self.g_slots[:b], decode_block_tables=self.g_tables[:b],
+                                     decode_context_lens=self.g_ctx[:b], block_size=self.block_size)
+            # warm up on a side stream (lazy inits, autotuning) before capture
+            s = torch.cuda.Stream(device=dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                self._decode_fn(self.g_ids[:b], self.g_pos[:b], self.caches, meta)
+            torch.cuda.current_stream(dev).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                logits = self._decode_fn(self.g_ids[:b], self.g_pos[:b], self.caches, meta)
+            if pool is None:
+                pool = g.pool()
+            self.graphs[b] = (g, logits)
+        torch.cuda.synchronize(dev)
+
+    def _run_graph(self, ids, pos, slots, tables, ctx) -> Tensor:
+        n = len(ids)
+        b = min(x for x in self.graphs if x >= n)
+        host = torch.zeros(4, b, dtype=torch.long)
+        host[0, :n] = torch.tensor(ids)
+        host[1, :n] = torch.tensor(pos)
+        host[2, :n] = torch.tensor(slots)
+        host[3, :] = 1
+        host[3, :n] = torch.tensor(ctx)
+        tab = torch.zeros(b, self.graph_max_blocks, dtype=torch.long)
+        for i, t in enumerate(tables):
+            tab[i, :len(t)] = torch.tensor(t)
+        host = host.to(self.device, non_blocking=True)
+        self.g_ids[:b].copy_(host[0])
+        self.g_pos[:b].copy_(host[1])
+        self.g_slots[:b].copy_(host[2])
+        self.g_ctx[:b].copy_(host[3])
+        self.g_tables[:b].copy_(tab.to(self.device, non_blocking=True))
+        g, logits = self.graphs[b]
+        g.replay()
+        return logits[:n].clone()
+
+    # ------------------------------------------------------------------------------ scoring
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[list[int]], max_tokens_per_batch: int | None = None) -> list[Tensor]:
+        """Teacher-forced full-vocabulary log-probs: for each sequence a float32 CPU tensor `[L, V]` whose
+        row i is `log p(. | tokens[:i+1])`. Sequences are packed into forwards of at most
+        `max_tokens_per_batch` tokens (a longer sequence goes alone). The KV cache is not used."""
+        limit = max_tokens_per_batch or self.max_num_batched_tokens
+        for s in token_ids:
+            if not s:
+                raise ValueError("cannot score an empty sequence")
+            if len(s) > self.max_model_len:
+                raise ValueError(f"sequence of {len(s)} tokens exceeds max_model_len {self.max_model_len}")
+        results: list[Tensor | None] = [None] * len(token_ids)
+        order = list(range(len(token_ids)))
+        i = 0
+        while i < len(order):
+            group = [order[i]]
+            total = len(token_ids[order[i]])
+            i += 1
+            while i < len(order) and total + len(token_ids[order[i]]) <= limit:
+                group.append(order[i])
+                total += len(token_ids[order[i]])
+                i += 1
+            lens = [len(token_ids[j]) for j in group]
+            ids = torch.tensor([t for j in group for t in token_ids[j]], dtype=torch.long, device=self.device)
+            pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
+            logits = self.model(ids, pos, None, AttentionMetadata.no_cache(lens))
+            lp = torch.log_softmax(logits, dim=-1).cpu()
+            for j, part in zip(group, lp.split(lens)):
+                results[j] = part
+        return results  # type: ignore[return-value]

@@ -1,0 +1,193 @@
+"""Per-request sampling for a batch of logits rows.
+
+Order of operations for each row (as vLLM does it):
+1. logprobs (if requested) come from the RAW logits: `log_softmax(logits)` before penalties, bias,
+   temperature or top-k/top-p (vLLM's default `raw_logprobs` mode); prompt logprobs likewise;
+2. repetition_penalty over tokens of prompt and output (positive logits divided, negative multiplied);
+3. frequency / presence penalties over OUTPUT tokens (OpenAI: `l -= count * freq + (count > 0) * pres`);
+4. logit_bias added;
+5. min_tokens: EOS (unless ignore_eos) and stop_token_ids get -inf until `min_tokens` tokens exist;
+6. temperature 0 -> argmax; else divide by temperature, top-k then top-p (both on the sorted row),
+   and draw with the exponential race `argmax(p / q), q ~ Exp(1)`.
+
+Reproducibility: a request with a `seed` owns a `torch.Generator` (on the logits' device) and its
+row draws its own `Exp(1)` noise from it, so its tokens depend only on its seed and its logits, not on
+which other requests share the batch. Unseeded rows share one draw from the device's default RNG.
+Penalty tensors are built only for rows that use penalties, so plain requests cost nothing extra.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from server.engine.types import SamplingParams, TokenLogprob
+
+_EPS_TEMPERATURE = 1e-5
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads from a sequence."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def top_logprobs(logprobs: Tensor, token_ids: Sequence[int], num_top: Sequence[int]) -> list[TokenLogprob]:
+    """TokenLogprob per row of `logprobs [B, V]` for the chosen `token_ids` with `num_top[i]` alternatives.
+
+    One topk with the batch maximum, one device->host copy.
+    """
+    B = logprobs.shape[0]
+    if B == 0:
+        return []
+    ids = torch.as_tensor(list(token_ids), device=logprobs.device, dtype=torch.long)
+    chosen = logprobs.gather(1, ids[:, None])[:, 0]
+    k = min(max(num_top), logprobs.shape[1])
+    if k > 0:
+        tv, ti = logprobs.topk(k, dim=-1)
+        tv, ti = tv.tolist(), ti.tolist()
+    chosen = chosen.tolist()
+    out = []
+    for i in range(B):
+        n = min(num_top[i], k)
+        top = {} if n <= 0 else {int(t): float(v) for t, v in zip(ti[i][:n], tv[i][:n])}
+        top.setdefault(int(token_ids[i]), float(chosen[i]))
+        out.append(TokenLogprob(token_id=int(token_ids[i]), logprob=float(chosen[i]), top=top))
+    return out
+
+
+def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Mask (-inf) tokens outside top-k (`top_k [B]`, V for none) then outside the top-p nucleus."""
+    V = logits.shape[-1]
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(V, device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    cum = probs.cumsum(dim=-1)
+    remove = (cum - probs) > top_p[:, None]  # the mass before this token already covers top_p
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: Sequence[int] = ()):
+        self.eos_token_ids = [int(t) for t in eos_token_ids]
+
+    def stop_ids(self, params: SamplingParams) -> list[int]:
+        ids = list(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids += self.eos_token_ids
+        return ids
+
+    @torch.inference_mode()
+    def process_logits(self, logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
+        """Steps 2-5: penalties, logit_bias, min_tokens (returns a new tensor; temperature not applied)."""
+        B, V = logits.shape
+        dev = logits.device
+        params = [r.params for r in rows]
+        logits = logits.clone()
+
+        # 2-3. penalties (only rows that use them)
+        rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if rep:
+            r_idx, t_idx = [], []
+            for i in rep:
+                toks = set(rows[i].prompt_token_ids) | set(rows[i].output_token_ids)
+                r_idx += [i] * len(toks)
+                t_idx += list(toks)
+            seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+            if r_idx:
+                seen[torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)] = True
+            pen = torch.ones(B, device=dev)
+            pen[torch.tensor(rep, device=dev)] = torch.tensor([params[i].repetition_penalty for i in rep], device=dev)
+            pen = pen[:, None]
+            logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+        fp = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+        if fp:
+            r_idx, t_idx = [], []
+            for i in fp:
+                r_idx += [i] * len(rows[i].output_token_ids)
+                t_idx += rows[i].output_token_ids
+            counts = torch.zeros(B, V, device=dev)
+            if r_idx:
+                counts.index_put_((torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)),
+                                  torch.ones(len(r_idx), device=dev), accumulate=True)
+            freq = torch.zeros(B, device=dev)
+            pres = torch.zeros(B, device=dev)
+            fidx = torch.tensor(fp, device=dev)
+            freq[fidx] = torch.tensor([params[i].frequency_penalty for i in fp], device=dev)
+            pres[fidx] = torch.tensor([params[i].presence_penalty for i in fp], device=dev)
+            logits = logits - counts * freq[:, None] - (counts > 0).float() * pres[:, None]
+
+        # 4-5. logit bias, min_tokens
+        b_r, b_t, b_v, m_r, m_t = [], [], [], [], []
+        for i, p in enumerate(params):
+            for t, v in p.logit_bias.items():
+                if 0 <= int(t) < V:
+                    b_r.append(i), b_t.append(int(t)), b_v.append(float(v))
+            if len(rows[i].output_token_ids) < p.min_tokens:
+                for t in self.stop_ids(p):
+                    if 0 <= t < V:
+                        m_r.append(i), m_t.append(t)
+        if b_r:
+            logits.index_put_((torch.tensor(b_r, device=dev), torch.tensor(b_t, device=dev)),
+                              torch.tensor(b_v, device=dev), accumulate=True)
+        if m_r:
+            logits[torch.tensor(m_r, device=dev), torch.tensor(m_t, device=dev)] = float("-inf")
+
+        return logits
+
+    @torch.inference_mode()
+    def __call__(self, logits: Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Sample one token per row of `logits [B, V]` (float32). Returns token ids and logprobs."""
+        B, V = logits.shape
+        if B == 0:
+            return [], []
+        dev = logits.device
+        params = [r.params for r in rows]
+        want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
+        logits = self.process_logits(logits, rows)
+
+        # 6. greedy / random
+        greedy = torch.tensor([p.temperature < _EPS_TEMPERATURE for p in params], device=dev)
+        tokens = logits.argmax(dim=-1)
+        rand = [i for i, p in enumerate(params) if p.temperature >= _EPS_TEMPERATURE]
+        if rand:
+            temps = torch.tensor([max(p.temperature, _EPS_TEMPERATURE) for p in params], device=dev)
+            scaled = logits / temps[:, None]
+            if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+                top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=dev)
+                top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=dev)
+                scaled = apply_top_k_top_p(scaled, top_k, top_p)
+            probs = scaled.softmax(dim=-1)
+            q = torch.empty_like(probs)
+            unseeded = [i for i in rand if rows[i].generator is None]
+            if unseeded:
+                q[unseeded] = torch.empty(len(unseeded), V, device=dev).exponential_()
+            for i in rand:
+                g = rows[i].generator
+                if g is not None:
+                    q[i].exponential_(generator=g)
+            sampled = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
+            tokens = torch.where(greedy, tokens, sampled)
+        token_list = tokens.tolist()
+
+        lps: list[TokenLogprob | None] = [None] * B
+        if want_lp:
+            got = top_logprobs(raw_lp, [token_list[i] for i in want_lp], [params[i].logprobs for i in want_lp])
+            for i, lp in zip(want_lp, got):
+                lps[i] = lp
+        return token_list, lps

@@ -1,0 +1,412 @@
+"""Correctness of the custom ops (``kernels``) against float64 references written here.
+
+Every check draws fresh random inputs (seed printed in the failure message; ``MODEGPT_TEST_SEED``
+reproduces a run), fills the output with NaN first so unwritten elements fail, requires finite
+output, and bounds the relative error ||out - ref|| / ||ref|| per dtype.
+
+Where the Triton tests run:
+
+* CUDA available: in this process, on the GPU, at small odd shapes and at LLaMA-2-7B shapes.
+* CPU only: ``test_triton_suite_in_interpreter`` re-runs this file in a subprocess with
+  ``TRITON_INTERPRET=1`` (Triton reads it when kernels are decorated, so it cannot be switched on
+  inside a process that may already have imported them; a subprocess also keeps it away from every
+  other test file). In that child the ``test_triton_*`` tests run on small shapes.
+
+The PyTorch reference paths (what CPU serving uses) are checked here too, in process.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import _common, dispatch
+
+CUDA = torch.cuda.is_available()
+INTERPRET = _common.interpret_mode()
+TRITON_DEVICE = "cuda" if CUDA else ("cpu" if INTERPRET else None)
+needs_triton = pytest.mark.skipif(
+    TRITON_DEVICE is None, reason="CPU without TRITON_INTERPRET: covered by test_triton_suite_in_interpreter")
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOKENS = [1, 7, 300]
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def seed() -> int:
+    s = int(os.environ.get("MODEGPT_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    """Strict Triton dispatch (no silent fallback) and NaN-poisoned scratch buffers."""
+    monkeypatch.setenv("MODEGPT_KERNELS", "triton")
+    monkeypatch.setattr(_common, "POISON_WORKSPACES", True)
+
+
+def nan_like(shape, dtype, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, seed: int, what: str,
+                 tol: float | None = None) -> None:
+    tol = TOL[dtype] if tol is None else tol
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    bad = (~torch.isfinite(out)).sum().item()
+    assert bad == 0, f"{what}: {bad} non-finite (unwritten?) elements; seed={seed}"
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}; seed={seed} (MODEGPT_TEST_SEED={seed})"
+
+
+def randn(*shape, dtype, device, scale=1.0) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 references (independent of kernels.reference)
+# ------------------------------------------------------------------------------------------------
+def ref_lowrank(x, A, B, bias):
+    y = (x.double() @ A.double().t()) @ B.double().t()
+    return y + bias.double() if bias is not None else y
+
+
+def ref_rope(x, positions, inv_freq):
+    """HF formulation: x * cos + rotate_half(x) * sin over the full head, angle = fp32(pos * f)."""
+    T, heads, d = x.shape
+    hkv = inv_freq.shape[0]
+    out = torch.empty(T, heads, d, dtype=torch.float64, device=x.device)
+    for h in range(heads):
+        f = inv_freq[h // (heads // hkv)]
+        ang = (positions.float()[:, None] * f.float()[None, :]).double()  # fp32 product, as HF
+        ang = torch.cat([ang, ang], dim=-1)
+        xh = x[:, h].double()
+        rot = torch.cat([-xh[:, d // 2:], xh[:, : d // 2]], dim=-1)
+        out[:, h] = xh * torch.cos(ang) + rot * torch.sin(ang)
+    return out
+
+
+def ref_decode_attention(q, k_cache, v_cache, block_tables, lens, scale):
+    B, H, _ = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(B, H, v_cache.shape[-1], dtype=torch.float64, device=q.device)
+    for b in range(B):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        p = torch.arange(n, device=q.device)
+        blk = block_tables[b].long()[p // bs]
+        k = k_cache[blk, p % bs].double()  # [n, hkv, dqk]
+        v = v_cache[blk, p % bs].double()
+        for h in range(H):
+            g = h // (H // hkv)
+            w = torch.softmax((k[:, g] @ q[b, h].double()) * scale, dim=0)
+            out[b, h] = w @ v[:, g]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# cases
+# ------------------------------------------------------------------------------------------------
+# (in, out, rank): odd sizes whose tiles are ragged in every dim
+LOWRANK_SMALL = [(96, 80, 37), (70, 130, 19)]
+# LLaMA-2-7B linears (4096 -> 11008 up/gate, 11008 -> 4096 down) at 25 / 50 / 75 % rank
+LOWRANK_REAL = [(4096, 11008, 1024), (11008, 4096, 3072)]
+LOWRANK_SHAPES = LOWRANK_SMALL + (LOWRANK_REAL if CUDA else [])
+
+# (H, Hkv, d_qk, d_v): compressed attention with GQA groups of 3, then LLaMA-2-7B-like heads
+ATTN_SMALL = [(6, 2, 46, 38)]
+ATTN_REAL = [(32, 32, 128, 128), (32, 32, 96, 80), (32, 8, 46, 38)]
+ATTN_SHAPES = ATTN_SMALL + (ATTN_REAL if CUDA else [])
+
+
+def lowrank_inputs(M, K, N, R, dtype, device, bias=True, lead=()):
+    x = randn(*lead, M, K, dtype=dtype, device=device)
+    A = randn(R, K, dtype=dtype, device=device, scale=K ** -0.5)
+    B = randn(N, R, dtype=dtype, device=device, scale=R ** -0.5)
+    b = randn(N, dtype=dtype, device=device) if bias else None
+    return x, A, B, b
+
+
+def inv_freq_for(hkv, half, head_dim, device):
+    """Kept rotary pairs per KV head: a sorted random subset of the original head's pairs."""
+    base = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    rows = [base[torch.randperm(head_dim // 2)[:half].sort().values] for _ in range(hkv)]
+    return torch.stack(rows).float().to(device)
+
+
+def paged_cache(num_blocks, block_size, hkv, d, dtype, device):
+    return randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+
+
+def attention_inputs(B, H, hkv, dqk, dv, dtype, device, max_len, block_size=16, lens=None):
+    blocks_per_seq = math.ceil(max_len / block_size)
+    num_blocks = B * blocks_per_seq + 3
+    kc = paged_cache(num_blocks, block_size, hkv, dqk, dtype, device)
+    vc = paged_cache(num_blocks, block_size, hkv, dv, dtype, device)
+    tables = torch.randperm(num_blocks)[: B * blocks_per_seq].view(B, blocks_per_seq).int().to(device)
+    if lens is None:
+        lens = torch.randint(1, max_len + 1, (B,))
+        lens[0] = max_len  # one full-length sequence: the last partition is ragged
+    q = randn(B, H, dqk, dtype=dtype, device=device)
+    return q, kc, vc, tables, lens.int().to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch policy
+# ------------------------------------------------------------------------------------------------
+def test_dispatch_policy(monkeypatch):
+    cpu = torch.zeros(2)
+    monkeypatch.delenv("MODEGPT_KERNELS", raising=False)
+    assert dispatch.backend_for(cpu) == "torch"
+    monkeypatch.setenv("MODEGPT_KERNELS", "torch")
+    assert dispatch.backend_for(cpu) == "torch"
+    monkeypatch.setenv("MODEGPT_KERNELS", "triton")
+    assert dispatch.backend_for(cpu) == ("triton" if INTERPRET else "torch")
+    if CUDA:
+        gpu = cpu.cuda()
+        assert dispatch.backend_for(gpu) == "triton"
+        assert dispatch.backend_for(gpu, cpu) == "torch"
+        A, B = torch.zeros(4, 8, device="cuda"), torch.zeros(6, 4, device="cuda")
+        monkeypatch.setenv("MODEGPT_LOWRANK_TRITON_MAX_TOKENS", "16")
+        assert dispatch.lowrank_backend(torch.zeros(2, 8, 8, device="cuda"), A, B) == "triton"
+        monkeypatch.setenv("MODEGPT_KERNELS", "auto")
+        assert dispatch.lowrank_backend(torch.zeros(2, 8, 8, device="cuda"), A, B) == "triton"
+        assert dispatch.lowrank_backend(torch.zeros(17, 8, device="cuda"), A, B) == "torch"  # prefill: cuBLAS
+        monkeypatch.setenv("MODEGPT_KERNELS", "triton")  # strict: always the kernel
+        assert dispatch.lowrank_backend(torch.zeros(17, 8, device="cuda"), A, B) == "triton"
+        monkeypatch.setenv("MODEGPT_KERNELS", "torch")
+        assert dispatch.backend_for(gpu) == "torch"
+    monkeypatch.setenv("MODEGPT_KERNELS", "cuda-please")
+    with pytest.raises(ValueError):
+        dispatch.backend_for(cpu)
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch reference paths (CPU serving), in process
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_lowrank(seed, monkeypatch, dtype):
+    monkeypatch.setenv("MODEGPT_KERNELS", "torch")
+    x, A, B, b = lowrank_inputs(7, 96, 80, 37, dtype, "cpu", lead=(2,))
+    out = nan_like((2, 7, 80), dtype, "cpu")
+    assert kernels.lowrank_linear(x, A, B, b, out=out) is out
+    assert_close(out, ref_lowrank(x, A, B, b), dtype, seed, "torch lowrank")
+
+
+def test_torch_path_rope_and_attention(seed, monkeypatch):
+    monkeypatch.setenv("MODEGPT_KERNELS", "torch")
+    T, H, hkv, dqk, dv = 7, 6, 2, 46, 38
+    f = inv_freq_for(hkv, dqk // 2, 128, "cpu")
+    pos = torch.randint(0, 4096, (T,))
+    xq = randn(T, H * dqk, dtype=torch.float32, device="cpu")
+    qo = nan_like((T, H, dqk), torch.float32, "cpu")
+    kernels.rope_gather_(xq, pos, f, qo)
+    assert_close(qo, ref_rope(xq.view(T, H, dqk), pos, f), torch.float32, seed, "torch rope")
+    q, kc, vc, tables, lens = attention_inputs(3, H, hkv, dqk, dv, torch.float32, "cpu", max_len=50)
+    lens[1] = 0  # an empty context attends to nothing: zeros
+    out = nan_like((3, H, dv), torch.float32, "cpu")
+    kernels.decode_attention(q, kc, vc, tables, lens, 128 ** -0.5, out=out)
+    ref = ref_decode_attention(q, kc, vc, tables, lens, 128 ** -0.5)
+    assert_close(out, ref, torch.float32, seed, "torch decode attention")
+    assert torch.all(out[1] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: low-rank linear
+# ------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("shape", LOWRANK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("M", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_lowrank(seed, force_triton, shape, M, dtype):
+    K, N, R = shape
+    x, A, B, b = lowrank_inputs(M, K, N, R, dtype, TRITON_DEVICE, bias=(M != 7))
+    assert dispatch.lowrank_backend(x, A, B, b) == "triton"
+    out = nan_like((M, N), dtype, TRITON_DEVICE)
+    assert kernels.lowrank_linear(x, A, B, b, out=out) is out
+    assert_close(out, ref_lowrank(x, A, B, b), dtype, seed, f"lowrank M={M} {shape} {dtype}")
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [2, 3, 5])  # 5 > the K tiles of K=96: empty splits write zeros
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_lowrank_split_k(seed, force_triton, splits, dtype):
+    from kernels.lowrank import lowrank_linear_triton
+
+    x, A, B, b = lowrank_inputs(7, 96, 80, 37, dtype, TRITON_DEVICE)
+    out = nan_like((7, 80), dtype, TRITON_DEVICE)
+    lowrank_linear_triton(x, A, B, b, out, splits=splits)
+    assert_close(out, ref_lowrank(x, A, B, b), dtype, seed, f"lowrank split_k={splits}")
+
+
+@needs_triton
+def test_triton_lowrank_strided_and_batched(seed, force_triton):
+    """Leading batch dims, a non-contiguous x (column slice) and transposed-storage weights."""
+    dtype = torch.bfloat16
+    wide = randn(2, 5, 130, dtype=dtype, device=TRITON_DEVICE)
+    x = wide[..., 10:106]  # [2, 5, 96], row stride 130
+    A = randn(96, 37, dtype=dtype, device=TRITON_DEVICE, scale=96 ** -0.5).t()  # [37, 96], strides (1, 37)
+    B = randn(80, 37, dtype=dtype, device=TRITON_DEVICE, scale=37 ** -0.5)
+    y = kernels.lowrank_linear(x, A, B)
+    assert_close(y, ref_lowrank(x, A, B, None), dtype, seed, "lowrank strided")
+
+
+@needs_triton
+def test_triton_lowrank_deterministic(force_triton):
+    """Split-K partials are summed in a fixed order: bitwise identical reruns (batch invariance)."""
+    from kernels.lowrank import lowrank_linear_triton
+
+    x, A, B, b = lowrank_inputs(7, 96, 80, 37, torch.bfloat16, TRITON_DEVICE)
+    first = lowrank_linear_triton(x, A, B, b, splits=3)
+    assert torch.equal(first, lowrank_linear_triton(x, A, B, b, splits=3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: gathered RoPE into the KV cache
+# ------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("heads", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_rope_queries(seed, force_triton, heads, T, dtype):
+    H, hkv, dqk, _ = heads
+    f = inv_freq_for(hkv, dqk // 2, 128, TRITON_DEVICE)
+    pos = torch.randint(0, 8192, (T,)).to(TRITON_DEVICE)
+    fused = randn(T, H * dqk + 40, dtype=dtype, device=TRITON_DEVICE)  # q slice of a fused qkv row
+    x = fused[:, :H * dqk]
+    ref = ref_rope(x.reshape(T, H, dqk), pos, f)
+    out = nan_like((T, H, dqk), dtype, TRITON_DEVICE)
+    kernels.rope_gather_(x, pos, f, out)
+    assert_close(out, ref, dtype, seed, f"rope q T={T} {heads}")
+    xc = x.contiguous()
+    kernels.rope_gather_(xc, pos, f, xc)  # in place
+    assert_close(xc.view(T, H, dqk), ref, dtype, seed, f"rope q in place T={T}")
+
+
+@needs_triton
+@pytest.mark.parametrize("paged", [False, True], ids=["flat", "paged"])
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_rope_into_cache(seed, force_triton, paged, T, dtype):
+    H, hkv, dqk, dv = ATTN_SHAPES[-1]
+    block_size = 16
+    num_slots = (T + 40) // block_size * block_size + block_size
+    f = inv_freq_for(hkv, dqk // 2, 128, TRITON_DEVICE)
+    pos = torch.randint(0, 8192, (T,)).to(TRITON_DEVICE)
+    k = randn(T, hkv * dqk, dtype=dtype, device=TRITON_DEVICE)
+    v = randn(T, hkv * dv, dtype=dtype, device=TRITON_DEVICE)
+    slots = torch.randperm(num_slots)[:T]
+    slots[T // 2] = -1  # a padding token: skipped
+    slots = slots.to(TRITON_DEVICE)
+    shape_k = (num_slots // block_size, block_size, hkv, dqk) if paged else (num_slots, hkv, dqk)
+    shape_v = shape_k[:-1] + (dv,)
+    kc, vc = nan_like(shape_k, dtype, TRITON_DEVICE), nan_like(shape_v, dtype, TRITON_DEVICE)
+    kernels.rope_gather_(k, pos, f, kc, slot_mapping=slots, v=v, v_out=vc)
+
+    kflat, vflat = kc.reshape(num_slots, hkv, dqk), vc.reshape(num_slots, hkv, dv)
+    live = slots >= 0
+    written = torch.zeros(num_slots, dtype=torch.bool, device=TRITON_DEVICE)
+    written[slots[live].long()] = True
+    # exactly the mapped slots were written, nothing else
+    assert torch.isnan(kflat[~written]).all() and torch.isnan(vflat[~written]).all(), f"seed={seed}"
+    ref_k = ref_rope(k.view(T, hkv, dqk), pos, f)[live]
+    assert_close(kflat[slots[live].long()], ref_k, dtype, seed, f"rope k cache T={T} paged={paged}")
+    assert torch.equal(vflat[slots[live].long()], v.view(T, hkv, dv)[live]), f"v copy; seed={seed}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: decode attention
+# ------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("heads", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("B", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_decode_attention(seed, force_triton, heads, B, dtype):
+    H, hkv, dqk, dv = heads
+    real = dqk == 128 or H == 32
+    max_len = (2048 if B < 300 else 256) if real else (90 if B < 300 else 20)
+    q, kc, vc, tables, lens = attention_inputs(B, H, hkv, dqk, dv, dtype, TRITON_DEVICE, max_len)
+    out = nan_like((B, H, dv), dtype, TRITON_DEVICE)
+    scale = 128 ** -0.5  # the original head_dim, not d_qk
+    kernels.decode_attention(q, kc, vc, tables, lens, scale, out=out)
+    ref = ref_decode_attention(q, kc, vc, tables, lens, scale)
+    assert_close(out, ref, dtype, seed, f"decode attention B={B} {heads}")
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype):
+    """Forced partitionings, incl. partitions past a sequence's end and an empty context."""
+    from kernels.decode_attention import decode_attention_triton
+
+    H, hkv, dqk, dv = ATTN_SMALL[0]
+    lens = torch.tensor([1, 0, 77, 33])
+    q, kc, vc, tables, lens = attention_inputs(4, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
+    out = nan_like((4, H, dv), dtype, TRITON_DEVICE)
+    decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=num_splits)
+    ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
+    assert_close(out, ref, dtype, seed, f"decode attention splits={num_splits}")
+    assert torch.all(out[1] == 0), f"empty context must give zeros; seed={seed}"
+
+
+@needs_triton
+def test_triton_rope_then_attention_flat_cache(seed, force_triton):
+    """End to end on a flat [num_slots, Hkv, d] cache: keys written by rope_gather_ at scattered
+    slots, read back by decode_attention through a per-position slot table (block_size 1)."""
+    dtype = torch.float32
+    H, hkv, dqk, dv = ATTN_SMALL[0]
+    L, num_slots = 29, 64
+    f = inv_freq_for(hkv, dqk // 2, 128, TRITON_DEVICE)
+    pos = torch.arange(L, device=TRITON_DEVICE)
+    k = randn(L, hkv * dqk, dtype=dtype, device=TRITON_DEVICE)
+    v = randn(L, hkv * dv, dtype=dtype, device=TRITON_DEVICE)
+    slots = torch.randperm(num_slots)[:L].to(TRITON_DEVICE)
+    kc = nan_like((num_slots, hkv, dqk), dtype, TRITON_DEVICE)
+    vc = nan_like((num_slots, hkv, dv), dtype, TRITON_DEVICE)
+    kernels.rope_gather_(k, pos, f, kc, slot_mapping=slots, v=v, v_out=vc)
+    q_raw = randn(1, H * dqk, dtype=dtype, device=TRITON_DEVICE)
+    q = nan_like((1, H, dqk), dtype, TRITON_DEVICE)
+    kernels.rope_gather_(q_raw, pos[-1:], f, q)
+    out = nan_like((1, H, dv), dtype, TRITON_DEVICE)
+    lens = torch.tensor([L], dtype=torch.int32, device=TRITON_DEVICE)
+    kernels.decode_attention(q, kc, vc, slots.int().view(1, L), lens, 0.2, out=out)
+
+    qr = ref_rope(q_raw.view(1, H, dqk), pos[-1:], f)[0]
+    kr = ref_rope(k.view(L, hkv, dqk), pos, f)
+    ref = torch.stack([torch.softmax(kr[:, h // (H // hkv)] @ qr[h] * 0.2, 0) @ v.view(L, hkv, dv)[:, h // (H // hkv)].double()
+                       for h in range(H)])[None]
+    assert_close(out, ref, dtype, seed, "rope -> attention")
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: run the Triton tests above on Triton's interpreter, isolated in a subprocess
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(CUDA or INTERPRET, reason="the Triton tests run in process here")
+def test_triton_suite_in_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    env.pop("MODEGPT_KERNELS", None)
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
+           "-k", "triton and not in_interpreter"]
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    tail = (res.stdout[-8000:] + "\n" + res.stderr[-4000:]).strip()
+    assert res.returncode == 0, f"interpreter suite failed (rc={res.returncode}):\n{tail}"
+    assert " passed" in res.stdout and " failed" not in res.stdout, tail
+    print(f"interpreter suite: {res.stdout.strip().splitlines()[-1]} ({time.time() - t0:.0f}s)")
