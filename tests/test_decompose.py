@@ -132,3 +132,20 @@ def test_whitened_svd_baseline_is_optimal_for_the_whitened_error():
     err = torch.linalg.norm(x @ (w - b @ a).T)
     s = torch.linalg.svdvals(w @ x.T)
     torch.testing.assert_close(err, s[3:].pow(2).sum().sqrt(), rtol=1e-5, atol=1e-8)
+
+
+def test_damped_refit_interpolates_between_least_squares_and_selection():
+    gen = torch.Generator().manual_seed(11)
+    a = _activations(200, 10, gen)
+    c = a.T @ a / 200
+    down = torch.randn(4, 10, generator=gen)
+    ls = nystrom_mlp(c, down, 5, 1e-2)
+    sel = nystrom_mlp(c, down, 5, 1e-2, damping=float("inf"))
+    assert torch.equal(sel.down, down[:, sel.index])
+    mid = nystrom_mlp(c, down, 5, 1e-2, damping=0.1)
+    # the damped solution is the minimiser of its own objective (brute-force normal equations)
+    mu = 0.1 * torch.diagonal(c).mean()
+    s = mid.index
+    obj = lambda b: torch.trace((down.T - torch.eye(10)[:, s] @ b).T @ c @ (down.T - torch.eye(10)[:, s] @ b)) \
+        + mu * torch.linalg.norm(b - down.T[s]) ** 2
+    assert obj(mid.down.T) <= min(obj(ls.down.T), obj(sel.down.T)) + 1e-9

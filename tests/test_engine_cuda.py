@@ -15,8 +15,8 @@ from server.engine.types import GenerationRequest, SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def reqs(n, vocab, max_tokens=24, seed=0, **kw):
-    g = torch.Generator().manual_seed(seed)
+def reqs(n, vocab, max_tokens=24, prompt_seed=0, **kw):
+    g = torch.Generator().manual_seed(prompt_seed)
     out = []
     for i in range(n):
         p = torch.randint(0, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
