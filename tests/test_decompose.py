@@ -6,7 +6,15 @@ import torch
 
 from compressor.decompose import gather_qk, nystrom_mlp, qk_select, ridge_leverage_scores, svd_vo
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These checks run in float64; the default dtype is restored for the other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _activations(t: int, n: int, gen) -> torch.Tensor:
