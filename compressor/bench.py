@@ -4,8 +4,8 @@
 - ``bench quality``: the quality table of ``docs/COMPRESSION.md``: the original, MoDeGPT (BI and
   uniform allocation) and the two baselines at several ratios, evaluated with ``modegpt eval``'s
   harness, written as JSON and Markdown.
-The serving benchmarks (``bench engine``, ``bench serve``) and ``bench kernels`` are registered by
-the ``server`` and ``kernels`` packages when they are importable.
+- ``bench engine`` (``server/bench_engine.py``): decode/prefill throughput of models in our engine.
+- ``bench serve`` (``server/bench.py``): a load generator against a running server, like ``vllm bench serve``.
 """
 from __future__ import annotations
 
@@ -159,12 +159,13 @@ def add_bench_parser(sub) -> None:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=run_bench_quality)
 
-    for module in ("server.bench", "kernels.bench"):
-        try:
-            register = __import__(module, fromlist=["add_bench_subcommands"]).add_bench_subcommands
-        except (ImportError, AttributeError):
-            continue
-        register(bsub)
+    try:
+        from server.bench import add_serve_bench
+        from server.bench_engine import add_engine_bench
+    except ImportError:  # the server's dependencies are missing
+        return
+    add_engine_bench(bsub)
+    add_serve_bench(bsub)
 
 
 __all__ = ["add_bench_parser"]
