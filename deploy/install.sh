@@ -12,7 +12,16 @@ PIP=".venv/bin/python -m pip install --disable-pip-version-check -q"
 # the CPU build of torch first: a bare `torch` requirement would pull several GB of CUDA wheels
 $PIP "torch==${MODEGPT_TORCH:-2.13.0}"
 if [ "${1:-}" = "--test" ]; then
-  $PIP -e ".[test]"
+  $PIP -e ".[test,ops]"
+  # the ops tests check the alert rules with promtool and query a real Prometheus
+  if ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
+        >/dev/null || echo "warning: could not install prometheus; its tests will be skipped"
+    else
+      echo "note: install Debian's 'prometheus' package (promtool) to run the Prometheus tests"
+    fi
+  fi
 else
   $PIP -e .
 fi

@@ -1,13 +1,17 @@
-"""The FastAPI app: ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``.
+"""The FastAPI app: ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``, ``/admin/canary``.
 
 ``build_app(registry)`` serves whatever engines the registry holds; the registry may be filled (and
-marked ready) after the app is already listening, and ``/health`` answers 503 until then.
+marked ready) after the app is already listening, and ``/health`` answers 503 until then. A canary
+attached to the registry (``registry.set_canary``) routes its public id; its responses carry the
+header ``x-modegpt-variant`` (``original`` | ``compressed``) and the answering variant's id in ``model``.
+``admin_keys`` guard the admin API (``server.canary.admin``); ``review_queue`` mounts the review API.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,14 +68,48 @@ async def with_cancellation(request: Request, coro) -> Any:
     return None
 
 
-def build_app(registry: ModelRegistry) -> FastAPI:
+def _variant_header(plan) -> dict[str, str]:
+    from server.canary.router import VARIANT_HEADER
+
+    return {VARIANT_HEADER: plan.route.variant} if plan.route.variant else {}
+
+
+async def _prefetched(gen):
+    """``gen`` with its first item already produced (then re-yielded first)."""
+    try:
+        first = await gen.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def chained():
+        try:
+            if first is not None:
+                yield first
+            async for x in gen:
+                yield x
+        finally:
+            await gen.aclose()
+
+    return chained()
+
+
+def build_app(registry: ModelRegistry, *, admin_keys: Iterable[str] = (), review_queue: Any = None) -> FastAPI:
+    from server.canary.admin import build_admin_router
+    from server.canary.metrics import CanaryMetrics
+
     app = FastAPI(title="modegpt", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(lambda: [(m.name, m.engine) for m in registry.served()])
     service = CompletionService(registry, metrics)
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.canary_metrics = CanaryMetrics(metrics.registry)  # the modegpt_* family, same /metrics
     app.state.completions = service
     install_error_handlers(app)
+    app.include_router(build_admin_router(lambda: registry.canary, admin_keys))
+    if review_queue is not None:
+        from server.canary.review_api import build_review_router
+
+        app.include_router(build_review_router(review_queue, app.state.canary_metrics, admin_keys))
 
     @app.post("/v1/completions")
     async def create_completion(request: Request):
@@ -82,15 +120,20 @@ def build_app(registry: ModelRegistry) -> FastAPI:
             raise validation_error(list(e.errors())) from None
         if req.ignored_fields():
             log.warning("The following fields were present in the request but ignored: %s", req.ignored_fields())
-        plan = service.prepare(req)
+        plan = service.prepare(req, request.headers)
         if req.stream:
-            return StreamingResponse(service.stream(req, plan), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            body = service.stream(req, plan)
+            if plan.route.canary is not None:
+                # the variant that answers is known once the first event is out (a failed compressed
+                # attempt is retried on the original before that), so the header can say it
+                body = await _prefetched(body)
+            return StreamingResponse(body, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", **_variant_header(plan)})
         resp = await with_cancellation(request, service.complete(req, plan))
         if resp is None:
             return JSONResponse(error_body("Client disconnected", 499, err_type="ClientDisconnected"),
                                 status_code=499)
-        return JSONResponse(resp.model_dump())
+        return JSONResponse(resp.model_dump(), headers=_variant_header(plan))
 
     @app.get("/v1/models")
     async def list_models():

@@ -3,6 +3,12 @@
 Every prompt of a batch times every sample is one engine request; choice ``index = i_prompt * n +
 i_sample``. The engine requests run concurrently; their events are merged in arrival order. Leaving
 early (client disconnect, a stop string, an error) aborts every engine request still running.
+
+Canary routes (``Route.canary`` set): a request the router sent to the compressed model that fails
+(engine error, or no first event within the stall timeout) before any output was sent is retried on
+the original, invisibly; the outcome goes to the canary (rollout analysis, tripwire, metrics); after
+the response is complete, a sampled request is handed to the shadow worker (comparison, optional
+shadow run on the other variant). ``plan.route`` always names the variant that actually answered.
 """
 from __future__ import annotations
 
@@ -64,9 +70,10 @@ class CompletionService:
 
     # -- preparing ---------------------------------------------------------------------------------
 
-    def prepare(self, req: CompletionRequest) -> Plan:
-        """Resolve the model and validate everything (before any response byte is sent)."""
-        route = self.registry.resolve(req.model)
+    def prepare(self, req: CompletionRequest, headers: Any = None) -> Plan:
+        """Resolve the model and validate everything (before any response byte is sent). ``headers``
+        (the HTTP request's) feed the canary router."""
+        route = self.registry.resolve(req.model, headers, req.user)
         req.check()
         engine = route.served.engine
         prompts = self._tokenize(req, engine)
@@ -140,7 +147,8 @@ class CompletionService:
             self._texts[key] = TokenTexts(engine.tokenizer)
         return self._texts[key]
 
-    def build_runs(self, req: CompletionRequest, plan: Plan, cmpl_id: str, arrival: float) -> list[Run]:
+    def build_runs(self, req: CompletionRequest, plan: Plan, cmpl_id: str, arrival: float,
+                   timed: bool = True) -> list[Run]:
         served = plan.route.served
         engine = served.engine
         spec = ChoiceSpec(stop=req.stop_strings(), include_stop=req.include_stop_str_in_output,
@@ -157,7 +165,8 @@ class CompletionService:
                 gen = None
                 if params.max_tokens > 0 or params.prompt_logprobs is not None:
                     gen = GenerationRequest(f"{cmpl_id}-{i_prompt}-{i_sample}", p.ids, params)
-                runs.append(Run(state, gen, RequestTimer(self.metrics, served.name, arrival)))
+                timer = RequestTimer(self.metrics, served.name, arrival) if timed else _NullTimer()
+                runs.append(Run(state, gen, timer))
         return runs
 
     # -- running -----------------------------------------------------------------------------------
@@ -253,23 +262,46 @@ class CompletionService:
         return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
     async def complete(self, req: CompletionRequest, plan: Plan) -> CompletionResponse:
+        if plan.route.canary is not None:
+            return await self._complete_canary(req, plan)
+        resp, _ = await self._complete_runs(req, plan)
+        return resp
+
+    async def _complete_runs(self, req: CompletionRequest, plan: Plan,
+                             stall_s: float | None = None) -> tuple[CompletionResponse, list[Run]]:
         cmpl_id, created, arrival = completion_id(), int(time.time()), time.monotonic()
         route, prompts = plan.route, plan.prompts
         runs = self.build_runs(req, plan, cmpl_id, arrival)
-        async for _ in self.drive(route.served.engine, runs):
+        async for _ in _first_within(self.drive(route.served.engine, runs), stall_s):
             pass
         choices = []
         for s in self._select(req, runs, len(prompts)):
             choices.append(CompletionResponseChoice(index=s.index, text=s.full_text(),
                                                     logprobs=s.logprobs.out if s.logprobs else None,
                                                     finish_reason=s.finish_reason, stop_reason=s.stop_reason))
-        return CompletionResponse(id=cmpl_id, created=created, model=route.public_id, choices=choices,
+        resp = CompletionResponse(id=cmpl_id, created=created, model=route.public_id, choices=choices,
                                   usage=self.usage(prompts, runs))
+        return resp, runs
 
     async def stream(self, req: CompletionRequest, plan: Plan) -> AsyncIterator[str]:
+        if plan.route.canary is not None:
+            async for chunk in self._stream_canary(req, plan):
+                yield chunk
+            return
         cmpl_id, created, arrival = completion_id(), int(time.time()), time.monotonic()
+        try:
+            async for chunk in self._stream_body(req, plan, cmpl_id, created, arrival, []):
+                yield chunk
+        except APIError as e:
+            yield _sse_error(e)
+        yield "data: [DONE]\n\n"
+
+    async def _stream_body(self, req: CompletionRequest, plan: Plan, cmpl_id: str, created: int, arrival: float,
+                           runs_out: list, stall_s: float | None = None) -> AsyncIterator[str]:
+        """The data events of one attempt (errors are raised, not written)."""
         route, prompts = plan.route, plan.prompts
         runs = self.build_runs(req, plan, cmpl_id, arrival)
+        runs_out[:] = runs
 
         def event(choices: list[CompletionResponseChoice], usage: UsageInfo | None = None) -> str:
             chunk = CompletionStreamResponse(id=cmpl_id, object="text_completion", created=created,
@@ -278,16 +310,124 @@ class CompletionService:
                 chunk.usage = usage
             return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 
+        async for run in _first_within(self.drive(route.served.engine, runs), stall_s):
+            choice = self._stream_choice(run)
+            if choice is not None:
+                yield event([choice])
+        if req.include_usage():
+            yield event([], self.usage(prompts, runs))
+
+    # -- canary routes -----------------------------------------------------------------------------
+
+    def _fallback(self, plan: Plan) -> None:
+        """Point ``plan`` at the original (the compressed attempt failed before any output)."""
+        route = plan.route
+        fb = self.registry.canary_route(route.canary.fallback(), route.requested)
+        for p in plan.prompts:
+            self._check_length(len(p.ids), plan.params[0].max_tokens if plan.params else 0, fb.served.max_model_len)
+        plan.route = fb
+
+    async def _complete_canary(self, req: CompletionRequest, plan: Plan) -> CompletionResponse:
+        route = plan.route
+        canary, decision = route.canary, route.decision
+        arrival, wall = time.monotonic(), time.time()
+        failure = None
         try:
-            async for run in self.drive(route.served.engine, runs):
-                choice = self._stream_choice(run)
-                if choice is not None:
-                    yield event([choice])
-            if req.include_usage():
-                yield event([], self.usage(prompts, runs))
+            resp, runs = await self._complete_runs(req, plan, _stall_for(route))
+        except Exception as e:
+            if not _retryable(route, e):
+                if _server_error(e):
+                    canary.record(decision, route.variant, False, None, _describe(e))
+                raise
+            failure = _describe(e)
+            log.warning("compressed attempt failed (%s); retrying request on the original", failure)
+            self._fallback(plan)
+            try:
+                resp, runs = await self._complete_runs(req, plan)
+            except Exception as e2:
+                canary.record(decision, plan.route.variant, False, None, failure)
+                raise e2
+        canary.record(decision, plan.route.variant, True, time.monotonic() - arrival, failure)
+        if failure is None:
+            self._offer_comparison(req, plan, runs, resp.id, wall)
+        return resp
+
+    async def _stream_canary(self, req: CompletionRequest, plan: Plan) -> AsyncIterator[str]:
+        route = plan.route
+        canary, decision = route.canary, route.decision
+        cmpl_id, created, arrival, wall = completion_id(), int(time.time()), time.monotonic(), time.time()
+        failure = None
+        sent = False
+        runs: list[Run] = []
+        try:
+            try:
+                async for chunk in self._stream_body(req, plan, cmpl_id, created, arrival, runs, _stall_for(route)):
+                    sent = True
+                    yield chunk
+            except Exception as e:
+                if sent or not _retryable(route, e):
+                    raise
+                failure = _describe(e)
+                log.warning("compressed attempt failed (%s); retrying request on the original", failure)
+                self._fallback(plan)
+                async for chunk in self._stream_body(req, plan, cmpl_id, created, arrival, runs):
+                    yield chunk
+            canary.record(decision, plan.route.variant, True, time.monotonic() - arrival, failure)
+            if failure is None:
+                self._offer_comparison(req, plan, runs, cmpl_id, wall)
         except APIError as e:
-            yield f"data: {json.dumps(error_body(e.message, e.status, e.param, e.err_type))}\n\n"
+            if _server_error(e):
+                canary.record(decision, plan.route.variant, False, None, failure or _describe(e))
+            yield _sse_error(e)
+        except _Stall as e:
+            canary.record(decision, plan.route.variant, False, None, _describe(e))
+            yield _sse_error(APIError("Internal server error: the engine stalled", status=500))
         yield "data: [DONE]\n\n"
+
+    def _offer_comparison(self, req: CompletionRequest, plan: Plan, runs: list[Run], cmpl_id: str,
+                          started: float) -> None:
+        """Hand a sampled answered request to the canary's shadow worker (never raises)."""
+        from server.canary.shadow import Output, ShadowJob
+
+        route = plan.route
+        try:
+            compare, shadow = route.canary.sample(route.requested, route.decision)
+            if not compare or not runs or runs[0].request is None or not runs[0].state.token_ids:
+                return
+            first = runs[0].state
+            job = ShadowJob(request_id=cmpl_id, public_id=route.canary.public_id, route_reason=route.reason,
+                            served_variant=route.variant, prompt_text=plan.prompts[0].text,
+                            prompt_ids=list(plan.prompts[0].ids),
+                            served=Output(first.text, list(first.token_ids), first.finish_reason),
+                            started_at=started, finished_at=time.time(),
+                            run_other=self._other_runner(req, plan, cmpl_id) if shadow else None)
+            route.canary.submit(job)
+        except Exception:
+            log.exception("canary: could not queue a comparison of %s", cmpl_id)
+
+    def _other_runner(self, req: CompletionRequest, plan: Plan, cmpl_id: str):
+        """A coroutine factory: the request's first prompt and first sample on the other variant, with the
+        same sampling params (seed included), not timed in the vLLM metrics."""
+        from server.canary.router import COMPRESSED, ORIGINAL
+        from server.canary.shadow import Output
+
+        route = plan.route
+        other_variant = ORIGINAL if route.variant == COMPRESSED else COMPRESSED
+        other = route.canary.served(other_variant)
+        sub = Plan(Route(other.name, other, variant=other_variant), [plan.prompts[0]], [plan.params[0]])
+
+        async def run() -> Output:
+            engine = other.engine
+            if not getattr(engine, "is_running", True):
+                raise RuntimeError(f"{other.name}: engine is not running")
+            self._check_length(len(sub.prompts[0].ids), sub.params[0].max_tokens, other.max_model_len)
+            runs = self.build_runs(req, sub, f"{cmpl_id}-shadow", time.monotonic(), timed=False)
+            async for _ in self.drive(engine, runs):
+                pass
+            s = runs[0].state
+            return Output(s.text, list(s.token_ids), s.finish_reason)
+
+        return run
 
     @staticmethod
     def _stream_choice(run: Run) -> CompletionResponseChoice | None:
@@ -302,3 +442,60 @@ class CompletionService:
         run.finish_sent = run.finish_sent or finish is not None
         return CompletionResponseChoice(index=s.index, text=delta, logprobs=lp, finish_reason=finish,
                                         stop_reason=s.stop_reason if finish else None)
+
+
+class _NullTimer:
+    """A timer that records nothing (shadow runs stay out of the vLLM latency metrics)."""
+
+    def token(self, now: float) -> None:
+        pass
+
+    def finished(self, reason: str, now: float) -> None:
+        pass
+
+
+class _Stall(Exception):
+    """No first event from the engine within the stall timeout."""
+
+
+async def _first_within(events: AsyncIterator, timeout: float | None) -> AsyncIterator:
+    """``events``, where the first item must come within ``timeout`` seconds (else ``_Stall``)."""
+    it = events.__aiter__()
+    first = timeout is not None
+    try:
+        while True:
+            try:
+                item = await (asyncio.wait_for(it.__anext__(), timeout) if first else it.__anext__())
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise _Stall(f"no output within {timeout:g} s") from None
+            first = False
+            yield item
+    finally:
+        await it.aclose()
+
+
+def _stall_for(route: Route) -> float | None:
+    return route.canary.stall_timeout_s if route.variant == "compressed" else None
+
+
+def _server_error(e: Exception) -> bool:
+    return not isinstance(e, APIError) or e.status >= 500
+
+
+def _retryable(route: Route, e: Exception) -> bool:
+    """A compressed attempt that failed on the server side (not on the request) is retried."""
+    return route.variant == "compressed" and _server_error(e)
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, _Stall):
+        return f"stall: {e}"
+    if isinstance(e, APIError):
+        return f"error: {e.message}"
+    return f"error: {type(e).__name__}: {e}"
+
+
+def _sse_error(e: APIError) -> str:
+    return f"data: {json.dumps(error_body(e.message, e.status, e.param, e.err_type))}\n\n"

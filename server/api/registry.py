@@ -2,7 +2,8 @@
 
 ``ModelRegistry`` is the one object that resolves the ``model`` field of a request: the served models
 (original, compressed) under their own names plus aliases (the public NAME, which points at the
-original for now). Canary routing replaces ``resolve`` later; nothing else in the API looks engines up.
+original). With a canary attached (``set_canary``), ``resolve`` hands the public id and the two variants'
+ids to ``server.canary.canary.Canary.route`` instead; nothing else in the API looks engines up.
 """
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ class ServedModel:
 class Route:
     """The outcome of resolving a request's ``model``: the id to echo back and the engine to use."""
 
-    public_id: str
+    public_id: str  # the id the response's `model` field says (the variant's own id on a canary route)
     served: ServedModel
+    variant: str | None = None  # "original" | "compressed" on a canary route
+    reason: str | None = None  # the canary router's reason label
+    canary: Any = None  # the Canary that routed it (None: a plain model id or alias)
+    decision: Any = None  # server.canary.router.Decision
+    requested: str | None = None  # the model id the request named
 
 
 class ModelRegistry:
@@ -43,6 +49,7 @@ class ModelRegistry:
         self._aliases: dict[str, str] = {}
         self._ready = False
         self.load_error: str | None = None
+        self.canary: Any = None  # server.canary.canary.Canary routing the public id, if any
 
     # -- building --------------------------------------------------------------------------------
 
@@ -60,6 +67,13 @@ class ModelRegistry:
         if alias in self._models or alias in self._aliases:
             raise ValueError(f"model id {alias!r} is already registered")
         self._aliases[alias] = target
+
+    def set_canary(self, canary: Any) -> None:
+        """Route the canary's public id (and its two variants' ids) through ``canary.route``."""
+        for v in ("original", "compressed"):
+            if canary.served(v).name not in self._models:
+                raise ValueError(f"canary variant {canary.served(v).name!r} is not a served model")
+        self.canary = canary
 
     def mark_ready(self) -> None:
         self._ready = True
@@ -90,10 +104,14 @@ class ModelRegistry:
     def public_ids(self) -> list[str]:
         return list(self._models) + list(self._aliases)
 
-    def resolve(self, model_id: str | None) -> Route:
+    def resolve(self, model_id: str | None, headers: Any = None, user: str | None = None) -> Route:
+        """The engine for a request's ``model``; ``headers`` (lower-case names) and ``user`` feed the
+        canary router when the id is the canary's."""
         if not self.ready:
             msg = f"model loading failed: {self.load_error}" if self.load_error else "models are still loading"
             raise APIError(msg, status=503)
+        if self.canary is not None and self.canary.handles(model_id):
+            return self.canary_route(self.canary.route(model_id, headers, user), model_id)
         if model_id is None:
             first = next(iter(self._models.values()))
             return Route(first.name, first)
@@ -102,6 +120,11 @@ class ModelRegistry:
         if model_id in self._aliases:
             return Route(model_id, self._models[self._aliases[model_id]])
         raise APIError(f"The model `{model_id}` does not exist.", status=404, param="model")
+
+    def canary_route(self, decision: Any, requested: str | None) -> Route:
+        served = self._models[decision.model_id]
+        return Route(decision.model_id, served, variant=decision.variant, reason=decision.reason,
+                     canary=self.canary, decision=decision, requested=requested)
 
     def cards(self) -> list[ModelCard]:
         cards = [ModelCard(id=m.name, created=m.created, root=m.root or m.name, parent=m.parent,
