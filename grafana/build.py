@@ -17,7 +17,8 @@ Dashboard queries use Grafana's ``$__rate_interval`` for range vectors and ``$mo
 multi-value variable over ``vllm:*``'s ``model_name`` label); ``substitute()`` turns them into plain
 PromQL (the real-Prometheus test does that with a 30 s range). Variant-aware queries join the vLLM
 metrics to ``modegpt_variant_info{variant, model_name}`` on ``model_name``, so they work whatever the
-served model names are.
+served model names are (the ``vllm:*`` series carry a ``variant`` label of their own too; the join's
+``group_left (variant)`` overrides it with the same value, and keeps older scrapes without it working).
 """
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ def load_engines(args, registry, config=None, canary_metrics=None, review_queue=
                                  max_model_len=args.max_model_len)
             engine.start()
             parent = served[0].name if role == "compressed" and served else None
-            served.append(ServedModel(model_id, engine, root=str(spec), parent=parent))
+            served.append(ServedModel(model_id, engine, root=str(spec), parent=parent, variant=role))
         if not served:
             raise ValueError("nothing to serve")
         for s in served:

@@ -104,8 +104,8 @@ def test_serve_original_and_compressed(checkpoints):
         c = client.completions.create(model="tiny-comp", prompt="hello", max_tokens=11, temperature=0)
         assert c.choices[0].text == " é漢🙂!"
         metrics = httpx.get(f"{url}/metrics").text
-        assert 'vllm:generation_tokens_total{model_name="tiny-comp"} 11.0' in metrics
-        assert 'vllm:generation_tokens_total{model_name="tiny-orig"} 12.0' in metrics
+        assert 'vllm:generation_tokens_total{model_name="tiny-comp",variant="compressed"} 11.0' in metrics
+        assert 'vllm:generation_tokens_total{model_name="tiny-orig",variant="original"} 12.0' in metrics
     finally:
         code = srv.stop()
     assert code in (0, 130), srv.output  # 130: SIGINT, re-raised by uvicorn after a graceful shutdown

@@ -121,7 +121,7 @@ def test_health_503_until_ready_then_200(stack):
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == script_after_hello(stack, 3)
             # a second app in the same process has its own metrics registry
             m = c.get("/metrics").text
-            assert 'vllm:request_success_total{finished_reason="length",model_name="a"} 1.0' in m
+            assert 'vllm:request_success_total{finished_reason="length",model_name="a",variant="a"} 1.0' in m
             assert 'model_name="tiny-script"' not in m
     finally:
         srv.stop()
@@ -494,7 +494,7 @@ def test_concurrent_streams_from_threads(stack, client):
 
 def _abort_count(http, model="tiny-script") -> float:
     return scrape(http).get(("vllm:request_success_total",
-                             (("finished_reason", "abort"), ("model_name", model))), 0.0)
+                             (("finished_reason", "abort"), ("model_name", model), ("variant", model))), 0.0)
 
 
 def test_streaming_disconnect_aborts(stack, http):
@@ -530,7 +530,7 @@ def test_non_streaming_disconnect_aborts(stack, http):
 
 def test_metrics_move(stack, client, http):
     wait_idle(stack.script_engine, stack.random_engine)
-    lab = (("model_name", "tiny-script"),)
+    lab = (("model_name", "tiny-script"), ("variant", "tiny-script"))  # no canary: variant = model id
     before = scrape(http)
     client.completions.create(model="tiny-script", prompt="hello é", max_tokens=7, temperature=0)
     after = scrape(http)
@@ -546,7 +546,7 @@ def test_metrics_move(stack, client, http):
     assert delta("vllm:e2e_request_latency_seconds_count") == 1
     assert delta("vllm:e2e_request_latency_seconds_sum") > 0
     for model in ("tiny-script", "tiny-random"):
-        ml = (("model_name", model),)
+        ml = (("model_name", model), ("variant", model))
         assert after[("vllm:num_requests_running", ml)] == 0
         assert after[("vllm:num_requests_waiting", ml)] == 0
         assert 0.0 <= after[("vllm:kv_cache_usage_perc", ml)] <= 1.0
@@ -560,7 +560,7 @@ def test_metrics_move(stack, client, http):
 
 def test_kv_usage_gauge_reflects_a_running_request(stack, http):
     body = {"model": "tiny-script", "prompt": "hello", "max_tokens": 4000, "temperature": 0, "stream": True}
-    lab = (("model_name", "tiny-script"),)
+    lab = (("model_name", "tiny-script"), ("variant", "tiny-script"))  # no canary: variant = model id
     with httpx.Client(base_url=stack.url, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()

@@ -143,6 +143,12 @@ def test_http_split_sticky_and_metrics(engines):
         assert m[("modegpt_requests_total", (("reason", "weight"), ("variant", "compressed")))] == k
         assert m[("modegpt_requests_total", (("reason", "weight"), ("variant", "original")))] == n - k
         assert m[("modegpt_canary_weight", ())] == 0.25
+        # the vLLM-named metrics carry the variant beside model_name
+        assert m[("vllm:generation_tokens_total", (("model_name", "tiny-comp"), ("variant", "compressed")))] > 0
+        assert m[("vllm:request_success_total", (("finished_reason", "length"), ("model_name", "tiny-orig"),
+                                                 ("variant", "original")))] >= n - k
+        assert not [key for key in m if key[0].startswith("vllm:") and dict(key[1]).get("variant") not in
+                    ("original", "compressed")]
         # streaming: the header names the variant too, and the chunks' model field agrees
         r = s.http.post("/v1/completions", json={"model": "tiny-pub", "prompt": "hello", "max_tokens": 3,
                                                  "stream": True, "user": users[0]})

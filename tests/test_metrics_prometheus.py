@@ -200,7 +200,7 @@ def test_real_prometheus_returns_data_for_every_query(tmp_path):
     from server.canary.review import ReviewQueue, ReviewRules
     from server.canary.review_api import build_review_router
 
-    stack = TinyStack()
+    stack = TinyStack(variants={"tiny-random": "original", "tiny-script": "compressed"})
     proc = None
     queue = None
     try:
@@ -288,6 +288,14 @@ def test_real_prometheus_returns_data_for_every_query(tmp_path):
 
         gen = value('sum by (model_name) (rate(vllm:generation_tokens_total[30s]))')
         assert len(gen) == 2 and all(v > 0 for v in gen.values()), gen
+        # every vllm:* series carries the variant label itself, too (no join needed)
+        gen_v = value('sum by (model_name, variant) (rate(vllm:generation_tokens_total[30s]))')
+        assert {(json.loads(k)["model_name"], json.loads(k)["variant"]) for k in gen_v} == {
+            ("tiny-random", "original"), ("tiny-script", "compressed")}, gen_v
+        for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
+                     "vllm:request_success_total", "vllm:time_to_first_token_seconds_bucket",
+                     "vllm:e2e_request_latency_seconds_count"):
+            assert query(f'{name}{{variant="compressed",model_name="tiny-script"}}'), name
         err = value(build.error_rate("30s", None))
         assert sorted(json.loads(k)["variant"] for k in err) == ["compressed", "original"]
         assert all(v == 0 for v in err.values()), err

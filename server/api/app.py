@@ -1,4 +1,5 @@
-"""The FastAPI app: ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``, ``/admin/canary``.
+"""The FastAPI app: ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``, ``/admin/canary``,
+``/dashboard`` (a built-in HTML dashboard, ``server.api.dashboard``).
 
 ``build_app(registry)`` serves whatever engines the registry holds; the registry may be filled (and
 marked ready) after the app is already listening, and ``/health`` answers 503 until then. A canary
@@ -97,8 +98,10 @@ def build_app(registry: ModelRegistry, *, admin_keys: Iterable[str] = (), review
     from server.canary.admin import build_admin_router
     from server.canary.metrics import CanaryMetrics
 
+    from .dashboard import build_dashboard_router
+
     app = FastAPI(title="modegpt", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = ServerMetrics(lambda: [(m.name, m.engine) for m in registry.served()])
+    metrics = ServerMetrics(lambda: [(m.name, m.engine) for m in registry.served()], registry.variant_of)
     service = CompletionService(registry, metrics)
     app.state.registry = registry
     app.state.metrics = metrics
@@ -106,6 +109,7 @@ def build_app(registry: ModelRegistry, *, admin_keys: Iterable[str] = (), review
     app.state.completions = service
     install_error_handlers(app)
     app.include_router(build_admin_router(lambda: registry.canary, admin_keys))
+    app.include_router(build_dashboard_router(registry, metrics))  # /dashboard, /dashboard/data (public)
     if review_queue is not None:
         from server.canary.review_api import build_review_router
 

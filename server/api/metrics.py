@@ -1,4 +1,5 @@
-"""Prometheus metrics under vLLM's names, one ``model_name`` label value per served model.
+"""Prometheus metrics under vLLM's names, labelled ``model_name`` (one value per served model) and
+``variant`` (``original`` | ``compressed`` for the canary's two models, else the model id itself).
 
 What the engine counts (running/waiting requests, KV usage, prompt and generation tokens, preemptions)
 is read from ``engine.stats()`` at scrape time by a custom collector; request outcomes and latency
@@ -21,19 +22,27 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 EngineSource = Callable[[], Iterable[tuple[str, Any]]]  # yields (model_name, engine)
+VariantOf = Callable[[str], str]  # model_name -> "original" | "compressed" | the model_name itself
+
+LABELS = ["model_name", "variant"]
+
+
+def _identity(name: str) -> str:
+    return name
 
 
 class EngineStatsCollector:
     """Reads ``EngineStats`` from every engine when Prometheus scrapes."""
 
-    def __init__(self, engines: EngineSource):
+    def __init__(self, engines: EngineSource, variant_of: VariantOf = _identity):
         self._engines = engines
+        self._variant_of = variant_of
 
     def describe(self):
         return []
 
     def collect(self):
-        lab = ["model_name"]
+        lab = LABELS
         running = GaugeMetricFamily("vllm:num_requests_running",
                                     "Number of requests in model execution batches.", labels=lab)
         waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
@@ -45,19 +54,24 @@ class EngineStatsCollector:
         preempt = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemptions.", labels=lab)
         for name, engine in self._engines():
             s = engine.stats()
-            running.add_metric([name], s.num_running)
-            waiting.add_metric([name], s.num_waiting)
-            kv.add_metric([name], s.kv_cache_usage)
-            prompt.add_metric([name], s.prompt_tokens_total)
-            gen.add_metric([name], s.generation_tokens_total)
-            preempt.add_metric([name], s.num_preemptions_total)
+            lv = [name, self._variant_of(name)]
+            running.add_metric(lv, s.num_running)
+            waiting.add_metric(lv, s.num_waiting)
+            kv.add_metric(lv, s.kv_cache_usage)
+            prompt.add_metric(lv, s.prompt_tokens_total)
+            gen.add_metric(lv, s.generation_tokens_total)
+            preempt.add_metric(lv, s.num_preemptions_total)
         yield from (running, waiting, kv, prompt, gen, preempt)
 
 
 class ServerMetrics:
-    def __init__(self, engines: EngineSource):
+    """``variant_of`` maps a served model name to its ``variant`` label value (the app passes
+    ``ModelRegistry.variant_of``: the canary's roles, else ``ServedModel.variant``, else the name)."""
+
+    def __init__(self, engines: EngineSource, variant_of: VariantOf = _identity):
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model_name"]
+        self.variant_of = variant_of
+        labels = LABELS
         r = self.registry
         self.request_success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                        labels + ["finished_reason"], registry=r)
@@ -68,7 +82,7 @@ class ServerMetrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds",
                              "Histogram of e2e request latency in seconds.", labels,
                              buckets=REQUEST_LATENCY_BUCKETS, registry=r)
-        r.register(EngineStatsCollector(engines))
+        r.register(EngineStatsCollector(engines, variant_of))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -79,17 +93,17 @@ class RequestTimer:
 
     def __init__(self, metrics: ServerMetrics, model_name: str, arrival: float):
         self._m = metrics
-        self._model = model_name
+        self._labels = (model_name, metrics.variant_of(model_name))
         self._arrival = arrival
         self._last: float | None = None
 
     def token(self, now: float) -> None:
         if self._last is None:
-            self._m.ttft.labels(self._model).observe(now - self._arrival)
+            self._m.ttft.labels(*self._labels).observe(now - self._arrival)
         else:
-            self._m.itl.labels(self._model).observe(now - self._last)
+            self._m.itl.labels(*self._labels).observe(now - self._last)
         self._last = now
 
     def finished(self, reason: str, now: float) -> None:
-        self._m.request_success.labels(self._model, reason).inc()
-        self._m.e2e.labels(self._model).observe(now - self._arrival)
+        self._m.request_success.labels(*self._labels, reason).inc()
+        self._m.e2e.labels(*self._labels).observe(now - self._arrival)

@@ -23,6 +23,7 @@ class ServedModel:
     engine: Any  # server.engine.async_engine.AsyncEngine
     root: str | None = None  # where the weights came from (HF id, checkpoint path)
     parent: str | None = None  # the model this one derives from (the original, for a compressed one)
+    variant: str | None = None  # "original" | "compressed": the ``variant`` metrics label (None: the name)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -100,6 +101,19 @@ class ModelRegistry:
 
     def served(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    def variant_of(self, name: str) -> str:
+        """The ``variant`` label of served model ``name``: its role in the canary (``original`` |
+        ``compressed``), else the ``variant`` it was registered with, else ``name`` itself."""
+        canary = self.canary
+        if canary is not None:
+            for v in ("original", "compressed"):
+                if canary.served(v).name == name:
+                    return v
+        m = self._models.get(name)
+        if m is not None and m.variant:
+            return m.variant
+        return name
 
     def public_ids(self) -> list[str]:
         return list(self._models) + list(self._aliases)

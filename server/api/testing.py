@@ -96,7 +96,8 @@ class TinyStack:
     - ``tiny``: an alias of ``tiny-random`` (the public NAME).
     """
 
-    def __init__(self):
+    def __init__(self, variants: dict[str, str] | None = None):
+        """``variants``: served model name -> ``variant`` metrics label (default: the name itself)."""
         from server.engine.async_engine import AsyncEngine
         from server.engine.testing import byte_tokenizer
 
@@ -113,8 +114,11 @@ class TinyStack:
         self.random_engine.start()
         self.script_engine.start()
         self.registry = ModelRegistry()
-        self.registry.add(ServedModel("tiny-random", self.random_engine, root="random:tiny-llama"))
-        self.registry.add(ServedModel("tiny-script", self.script_engine, root="scripted", parent="tiny-random"))
+        variants = variants or {}
+        self.registry.add(ServedModel("tiny-random", self.random_engine, root="random:tiny-llama",
+                                      variant=variants.get("tiny-random")))
+        self.registry.add(ServedModel("tiny-script", self.script_engine, root="scripted", parent="tiny-random",
+                                      variant=variants.get("tiny-script")))
         self.registry.add_alias("tiny", "tiny-random")
         self.registry.mark_ready()
         self.app = build_app(self.registry)
