@@ -13,13 +13,16 @@ PIP=".venv/bin/python -m pip install --disable-pip-version-check -q"
 $PIP "torch==${MODEGPT_TORCH:-2.13.0}"
 if [ "${1:-}" = "--test" ]; then
   $PIP -e ".[test,ops]"
-  # the ops tests check the alert rules with promtool and query a real Prometheus
-  if ! command -v promtool >/dev/null 2>&1; then
+  # system packages of the ops tests: a real Prometheus (and promtool) and headless Chromium for /dashboard
+  missing=""
+  command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+  command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+  if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
-        >/dev/null || echo "warning: could not install prometheus; its tests will be skipped"
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing) \
+        >/dev/null || echo "warning: could not install$missing; those tests will be skipped"
     else
-      echo "note: install Debian's 'prometheus' package (promtool) to run the Prometheus tests"
+      echo "note: install Debian's packages$missing to run the Prometheus and dashboard tests"
     fi
   fi
 else
