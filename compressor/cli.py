@@ -19,9 +19,10 @@ def _add_compress(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--eps", type=float, default=0.1, help="entropic softmax temperature of the BI allocation")
     p.add_argument("--cap", type=float, default=0.8, help="maximum sparsity of one layer")
-    p.add_argument("--ridge", type=float, default=1e-2, help="ridge of the leverage scores, relative to the mean eigenvalue")
+    p.add_argument("--ridge", type=float, default=0.1, help="ridge of the leverage scores, relative to the mean eigenvalue")
     p.add_argument("--align", type=int, default=8, help="round kept MLP widths to this multiple")
-    p.add_argument("--no-sequential", action="store_true", help="calibrate every layer on original activations (the paper)")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each layer on the outputs of the already compressed layers before it")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
     p.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     p.add_argument("--quiet", action="store_true")
@@ -47,7 +48,7 @@ def run_compress(args) -> int:
     opts = CompressOptions(
         ratio=args.ratio, calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         allocation=args.allocation, device=args.device, eps=args.eps, cap=args.cap, ridge=args.ridge,
-        align=args.align, sequential=not args.no_sequential, batch_size=args.batch_size, progress=not args.quiet,
+        align=args.align, sequential=args.sequential, batch_size=args.batch_size, progress=not args.quiet,
     )
     report = compress(args.model, args.out, opts, overwrite=args.force)
     t = report["timings"]
