@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from server.cli import add_serve_parser
     except ImportError as e:  # the server's dependencies are missing
-        serve = sub.add_parser("serve", help=f"unavailable: {e}")
-        serve.set_defaults(func=lambda _args: sys.exit(f"error: modegpt serve is unavailable: {e}"))
+        reason = str(e)
+        serve = sub.add_parser("serve", help=f"unavailable: {reason}")
+        serve.set_defaults(func=lambda _args: sys.exit(f"error: modegpt serve is unavailable: {reason}"))
     else:
         add_serve_parser(sub)
     add_bench_parser(sub)

@@ -14,7 +14,6 @@ state does not allow. Every successful call answers the status object (as GET do
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.api.errors import error_body
+from server.api.auth import bearer_ok, json_error as _error
 
 from .rollout import TransitionError
 
@@ -33,21 +32,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024
 
 
-def _error(message: str, status: int, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
-
-
-def admin_key_ok(header: str | None, keys: Iterable[bytes]) -> bool:
-    if not header:
-        return False
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return False
-    presented = token.strip().encode("utf-8", "surrogateescape")
-    ok = False
-    for k in keys:
-        ok |= hmac.compare_digest(presented, k)
-    return ok
 
 
 class _Unavailable(Exception):
@@ -83,7 +67,7 @@ def build_admin_router(canary: Any, admin_keys: Iterable[str] = ()) -> APIRouter
     get = canary if callable(canary) and not hasattr(canary, "rollout") else (lambda: canary)
 
     def denied(request: Request) -> JSONResponse | None:
-        if keys and admin_key_ok(request.headers.get("authorization"), keys):
+        if keys and bearer_ok(request.headers.get("authorization"), keys):
             return None
         msg = ("The admin API is disabled: no admin key is configured" if not keys
                else "Invalid or missing admin API key (Authorization: Bearer <key>)")

@@ -12,7 +12,6 @@ every configured key; with no key configured every call is refused). Errors are 
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Iterable
@@ -22,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.api.errors import error_body
+from server.api.auth import bearer_ok, json_error as _error
 
 from .review import MAX_LIST_LIMIT, STATUSES, ReviewError, ReviewQueue
 
@@ -31,22 +30,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 
 
-def _error(message: str, status: int, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
-
-
-def bearer_ok(header: str | None, keys: Iterable[bytes]) -> bool:
-    """True when ``header`` is ``Bearer <k>`` for one of ``keys``; constant time in the key compared."""
-    if not header:
-        return False
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return False
-    presented = token.strip().encode("utf-8", "surrogateescape")
-    ok = False
-    for k in keys:  # no early exit: the time does not tell which key matched
-        ok |= hmac.compare_digest(presented, k)
-    return ok
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int | None) -> int:
