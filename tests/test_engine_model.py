@@ -28,7 +28,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 def ref_inv_freq(cfg: dict) -> list[float]:
     d = cfg["head_dim"]
     freqs = [1.0 / cfg["rope_theta"] ** (2 * i / d) for i in range(d // 2)]
-    rs = cfg.get("rope_scaling")
+    rs = cfg.get("rope_scaling_params")
     if not rs:
         return freqs
     assert rs["rope_type"] == "llama3"

@@ -17,12 +17,12 @@ Design decisions:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from compressor.rope import rope_inv_freq
 from server.engine import ops
 from server.engine.ops import OPS
 
@@ -54,35 +54,6 @@ class AttentionMetadata:
 
 
 # ---------------------------------------------------------------------------------------- rope
-
-
-def rope_inv_freq(config: dict) -> Tensor:
-    """`inv_freq [head_dim/2]` (float32) as transformers computes it: default, linear or llama3."""
-    d = int(config["head_dim"])
-    base = float(config.get("rope_theta", 10000.0))
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d))
-    rs = config.get("rope_scaling") or None
-    if rs is None:
-        return inv_freq
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / float(rs["factor"])
-    if kind == "llama3":
-        factor = float(rs["factor"])
-        low = float(rs["low_freq_factor"])
-        high = float(rs["high_freq_factor"])
-        old_len = float(rs["original_max_position_embeddings"])
-        low_wavelen = old_len / low
-        high_wavelen = old_len / high
-        wavelen = 2 * math.pi / inv_freq
-        inv_l = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
-        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        return torch.where(is_medium, smoothed, inv_l)
-    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
 def layer_rope_freqs(inv_freq: Tensor, qk_index: list[list[int]], head_dim: int) -> Tensor:
@@ -257,7 +228,8 @@ class ModeGPTModel(nn.Module):
         if self.learned_positions:
             self.embed_positions = nn.Parameter(sd["model.embed_positions.weight"].to(device=device, dtype=dtype),
                                                 requires_grad=False)
-        inv_freq = rope_inv_freq(config) if config["position_type"] == "rope" else None
+        inv_freq = rope_inv_freq(int(config["head_dim"]), float(config.get("rope_theta", 10000.0)),
+                                 config.get("rope_scaling_params")) if config["position_type"] == "rope" else None
         self.layers = nn.ModuleList(
             DecoderLayer(config, config["layers"][i], sd, i, inv_freq, device, dtype) for i in range(n))
         self.norm = Norm(sd, "model.norm", config["norm_type"], float(config.get("norm_eps", 1e-5)), device, dtype)

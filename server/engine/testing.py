@@ -38,7 +38,7 @@ def llama_like_config(vocab_size: int = 300, rope_scaling: dict | None = None, s
         "vocab_size": vocab_size, "hidden_size": 64, "num_hidden_layers": len(layers),
         "num_attention_heads": 4, "num_key_value_heads": n_kv, "head_dim": head_dim,
         "max_position_embeddings": 256, "norm_type": "rms", "norm_eps": 1e-5, "mlp_type": "gated",
-        "hidden_act": "silu", "position_type": "rope", "rope_theta": 10000.0, "rope_scaling": rope_scaling,
+        "hidden_act": "silu", "position_type": "rope", "rope_theta": 10000.0, "rope_scaling_params": rope_scaling,
         "qkv_bias": False, "o_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "layers": layers,
         "linear_ranks": linear_ranks if linear_ranks is not None else {
