@@ -179,7 +179,7 @@ class MLP(nn.Module):
             raise ValueError(f"mlp_type must be 'gated' or 'plain', got {config['mlp_type']!r}")
         self.act = config["hidden_act"]
         if self.act not in ops.ACTIVATIONS:
-            raise NotImplementedError(f"hidden_act {self.act!r} not supported: {sorted(ops.ACTIVATIONS)}")
+            raise ValueError(f"hidden_act {self.act!r} not supported: {sorted(ops.ACTIVATIONS)}")
         self.gate_proj = Linear(sd, f"{prefix}.gate_proj", device, dtype) if self.gated else None
         self.up_proj = Linear(sd, f"{prefix}.up_proj", device, dtype)
         self.down_proj = Linear(sd, f"{prefix}.down_proj", device, dtype)
