@@ -23,6 +23,15 @@ def bearer_ok(header: str | None, keys: Iterable[bytes]) -> bool:
     return ok
 
 
+def bearer_denied(request, keys: list[bytes], api_name: str) -> JSONResponse | None:
+    """None when the request carries one of ``keys`` as a bearer token, else the 401 response."""
+    if keys and bearer_ok(request.headers.get("authorization"), keys):
+        return None
+    msg = (f"The {api_name} is disabled: no admin key is configured" if not keys
+           else "Invalid or missing admin API key (Authorization: Bearer <key>)")
+    return json_error(msg, 401, headers={"WWW-Authenticate": "Bearer"})
+
+
 def json_error(message: str, status: int, param: str | None = None, headers: dict | None = None) -> JSONResponse:
     """An OpenAI-style error object as a response."""
     return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)

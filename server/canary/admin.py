@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.api.auth import bearer_ok, json_error as _error
+from server.api.auth import bearer_denied, json_error as _error
 
 from .rollout import TransitionError
 
@@ -67,11 +67,7 @@ def build_admin_router(canary: Any, admin_keys: Iterable[str] = ()) -> APIRouter
     get = canary if callable(canary) and not hasattr(canary, "rollout") else (lambda: canary)
 
     def denied(request: Request) -> JSONResponse | None:
-        if keys and bearer_ok(request.headers.get("authorization"), keys):
-            return None
-        msg = ("The admin API is disabled: no admin key is configured" if not keys
-               else "Invalid or missing admin API key (Authorization: Bearer <key>)")
-        return _error(msg, 401, headers={"WWW-Authenticate": "Bearer"})
+        return bearer_denied(request, keys, "admin API")
 
     def current():
         c = get()

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.api.auth import bearer_ok, json_error as _error
+from server.api.auth import bearer_denied, bearer_ok, json_error as _error  # noqa: F401 (bearer_ok re-exported)
 
 from .review import MAX_LIST_LIMIT, STATUSES, ReviewError, ReviewQueue
 
@@ -54,11 +54,7 @@ def build_review_router(queue: ReviewQueue, metrics: Any = None, admin_keys: Ite
     router = APIRouter()
 
     def unauthorized(request: Request) -> JSONResponse | None:
-        if keys and bearer_ok(request.headers.get("authorization"), keys):
-            return None
-        msg = ("The review API is disabled: no admin key is configured" if not keys
-               else "Invalid or missing admin API key (Authorization: Bearer <key>)")
-        return _error(msg, 401, headers={"WWW-Authenticate": "Bearer"})
+        return bearer_denied(request, keys, "review API")
 
     def item_id(raw: str) -> int:
         try:
