@@ -5,11 +5,13 @@ Block Influence scores ``s`` (ShortGPT: ``1 - E[cos(x_l, x_{l+1})]``): layers th
 stream little are compressed more. The closed form has no upper bound, so a per-layer cap is applied
 and the excess is redistributed over the uncapped layers in proportion to their share.
 
-Kept sizes are then rounded (MLP widths to a hardware-friendly multiple, q/k dims to whole RoPE pairs)
+Kept sizes are then rounded (MLP widths and head dims to hardware-friendly multiples, q/k dims to whole RoPE pairs)
 and the MLP widths are nudged so that the removed fraction of decoder-block linear parameters matches
 the requested ratio.
 """
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
@@ -63,13 +65,20 @@ def _layer_params(d_h: int, heads: int, kv: int, mlp_mats: int, s: LayerSizes) -
     return (mlp_mats * d_h * s.intermediate_size + (heads + kv) * d_h * s.qk_dim + (kv + heads) * d_h * s.v_dim)
 
 
-def kept_sizes(phi: list[float], cfg: dict, align: int = 8, rope_pairs: bool = True) -> list[LayerSizes]:
-    """Round ``(1 - phi_l)`` of each module's inner size, then hold the total ratio with MLP widths."""
+def kept_sizes(phi: list[float], cfg: dict, align: int = 8, rope_pairs: bool = True,
+               head_align: int = 8) -> list[LayerSizes]:
+    """Round ``(1 - phi_l)`` of each module's inner size, then hold the total ratio with MLP widths.
+
+    MLP widths round to multiples of ``align``; kept q/k and v head dims to multiples of ``head_align``
+    (q/k also to whole rotary pairs): a 16-byte-aligned bf16 cache row is what lets the decode
+    attention kernel stream the cache at full bandwidth (kernels/NOTES.md: 46/38 dims ran at 0.42 TB/s
+    against 4 TB/s for 64). ``head_align=1`` gives the finest sizes."""
     d_h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg["head_dim"]
     mlp_mats = 3 if cfg["mlp_type"] == "gated" else 2
     widths = [layer["intermediate_size"] for layer in cfg["layers"]]
     pair = 2 if rope_pairs else 1
+    qk_step = math.lcm(pair, head_align)
 
     def round_to(x: float, m: int, hi: int) -> int:
         return int(min(hi, max(m, m * round(x / m))))
@@ -79,8 +88,8 @@ def kept_sizes(phi: list[float], cfg: dict, align: int = 8, rope_pairs: bool = T
         keep = 1.0 - p
         sizes.append(LayerSizes(
             intermediate_size=width if p == 0 else round_to(keep * width, align, width),
-            qk_dim=round_to(keep * head_dim, pair, head_dim),
-            v_dim=round_to(keep * head_dim, 1, head_dim),
+            qk_dim=round_to(keep * head_dim, qk_step, head_dim),
+            v_dim=round_to(keep * head_dim, head_align, head_dim),
         ))
     full = [LayerSizes(w, head_dim, head_dim) for w in widths]
     target = sum((1 - p) * _layer_params(d_h, heads, kv, mlp_mats, f) for p, f in zip(phi, full))

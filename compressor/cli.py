@@ -21,6 +21,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--cap", type=float, default=0.8, help="maximum sparsity of one layer")
     p.add_argument("--ridge", type=float, default=0.1, help="ridge of the leverage scores, relative to the mean eigenvalue")
     p.add_argument("--align", type=int, default=8, help="round kept MLP widths to this multiple")
+    p.add_argument("--head-align", type=int, default=8,
+                   help="round kept q/k and v head dims to this multiple (8: 16-byte bf16 cache rows; 1: finest)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each layer on the outputs of the already compressed layers before it")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
@@ -48,7 +50,8 @@ def run_compress(args) -> int:
     opts = CompressOptions(
         ratio=args.ratio, calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         allocation=args.allocation, device=args.device, eps=args.eps, cap=args.cap, ridge=args.ridge,
-        align=args.align, sequential=args.sequential, batch_size=args.batch_size, progress=not args.quiet,
+        align=args.align, head_align=args.head_align, sequential=args.sequential, batch_size=args.batch_size,
+        progress=not args.quiet,
     )
     report = compress(args.model, args.out, opts, overwrite=args.force)
     t = report["timings"]

@@ -47,6 +47,7 @@ class CompressOptions:
     ridge: float = 0.1
     refit_damping: float = 0.0
     align: int = 8
+    head_align: int = 8
     sequential: bool = False
     batch_size: int = 4
     seed: int = 0
@@ -228,7 +229,8 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
         del stream
         timings["block_influence_s"] = time.perf_counter() - t
     phi = allocate(bi, opts.ratio, opts.eps, opts.cap, opts.allocation)
-    sizes = kept_sizes(phi, cfg_full, align=opts.align, rope_pairs=cfg_full["position_type"] == "rope")
+    sizes = kept_sizes(phi, cfg_full, align=opts.align, rope_pairs=cfg_full["position_type"] == "rope",
+                       head_align=opts.head_align)
 
     # pass 2: compress layer by layer
     t = time.perf_counter()
@@ -281,6 +283,7 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
         "ridge": opts.ridge,
         "refit_damping": opts.refit_damping,
         "align": opts.align,
+        "head_align": opts.head_align,
     }
     timings["total_s"] = time.perf_counter() - t_start
     report = {

@@ -36,7 +36,11 @@ def test_kept_sizes_hold_the_ratio_within_one_percent(preset, ratio):
     phi = allocate([0.02 + 0.01 * (i % 5) for i in range(n)], ratio, eps=0.05)
     sizes = kept_sizes(phi, cfg, align=64)
     assert realised_ratio(cfg, sizes) == pytest.approx(ratio, abs=0.01)
-    assert all(s.intermediate_size % 64 == 0 and s.qk_dim % 2 == 0 for s in sizes)
+    assert all(s.intermediate_size % 64 == 0 and s.qk_dim % 8 == 0 and s.v_dim % 8 == 0 for s in sizes)
+    fine = kept_sizes(phi, cfg, align=64, head_align=1)  # whole rotary pairs only
+    assert realised_ratio(cfg, fine) == pytest.approx(ratio, abs=0.01)
+    assert all(s.qk_dim % 2 == 0 for s in fine)
+    assert any(s.qk_dim % 8 or s.v_dim % 8 for s in fine)  # the alignment did change something
 
 
 def test_block_influence_matches_definition():

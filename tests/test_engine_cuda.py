@@ -96,7 +96,7 @@ def test_triton_kernels_bridge_matches_reference_ops():
     cfg = llama_like_config()  # has factorized linears
     sd = random_state_dict(cfg, seed=43)
     kw = dict(device="cuda", dtype=torch.float32, kv_cache_bytes=1 << 22, max_num_seqs=16, max_model_len=128)
-    ref = LLMEngine(cfg, sd, **kw).run_to_completion(reqs(10, cfg["vocab_size"], temperature=0.0))
+    ref = LLMEngine(cfg, sd, use_kernels=False, **kw).run_to_completion(reqs(10, cfg["vocab_size"], temperature=0.0))
     try:
         eng = LLMEngine(cfg, sd, use_kernels=True, **kw)
         if not eng.runner.kernels:

@@ -43,7 +43,7 @@ class AsyncEngine:
                  *, block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  eos_token_id: int | list[int] | None = None, kv_cache_dtype: torch.dtype | None = None,
                  cuda_graphs: bool = True, compile: bool = False, cuda_graph_max_len: int = 4096,
-                 use_kernels: bool = False,
+                 use_kernels: bool | None = None,
                  score_interleave: int = 8):
         self.model_id = model_id
         self.tokenizer = tokenizer

@@ -37,7 +37,7 @@ class LLMEngine:
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  eos_token_id: int | list[int] | None = None, kv_cache_dtype: torch.dtype | None = None,
                  cuda_graphs: bool = True, compile: bool = False, cuda_graph_max_len: int = 4096,
-                 use_kernels: bool = False):
+                 use_kernels: bool | None = None):
         mpe = int(config["max_position_embeddings"])
         self.max_model_len = min(int(max_model_len or mpe), mpe) if config["position_type"] == "learned" \
             else int(max_model_len or mpe)

@@ -141,17 +141,26 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> Tensor:
         T = x.shape[0]
         Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        q = self.q_proj(x).view(T, Hkv, G, self.qk_dim)
-        k = self.k_proj(x).view(T, Hkv, 1, self.qk_dim)
-        v = self.v_proj(x).view(T, Hkv, self.v_dim)
-        if self.use_rope and self.qk_dim > 0:
-            cos, sin = OPS["rope_angles"](positions, self.rope_freqs)
-            q = OPS["apply_rope"](q, cos, sin)
-            k = OPS["apply_rope"](k, cos, sin)
-        q = q.reshape(T, self.num_heads, self.qk_dim)
-        k = k.reshape(T, Hkv, self.qk_dim)
-        if kv_cache is not None:
-            OPS["store_kv"](k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        rope = self.use_rope and self.qk_dim > 0
+        if kv_cache is not None:  # K/V go to the cache; attention reads them back from there
+            if rope:
+                q = OPS["rope_store_kv"](q, k, v, positions, self.rope_freqs, kv_cache[0], kv_cache[1],
+                                         meta.slot_mapping)
+            else:
+                OPS["store_kv"](k.view(T, Hkv, self.qk_dim), v.view(T, Hkv, self.v_dim), kv_cache[0], kv_cache[1],
+                                meta.slot_mapping)
+            q = q.reshape(T, self.num_heads, self.qk_dim)
+        else:
+            q = q.view(T, Hkv, G, self.qk_dim)
+            k = k.view(T, Hkv, 1, self.qk_dim)
+            if rope:
+                cos, sin = OPS["rope_angles"](positions, self.rope_freqs)
+                q = OPS["apply_rope"](q, cos, sin)
+                k = OPS["apply_rope"](k, cos, sin)
+            q = q.reshape(T, self.num_heads, self.qk_dim)
+            k = k.reshape(T, Hkv, self.qk_dim)
+            v = v.view(T, Hkv, self.v_dim)
         outs = []
         nd = meta.num_decode
         if nd:
@@ -160,10 +169,11 @@ class Attention(nn.Module):
         start = nd
         for i, (ql, cl) in enumerate(zip(meta.prefill_query_lens, meta.prefill_context_lens)):
             qi = q[start:start + ql]
-            if kv_cache is None or ql == cl:  # no prefix in the cache: attend to this chunk's own K/V
+            if kv_cache is None:  # scoring: the chunk is the whole sequence
                 ki, vi = k[start:start + ql], v[start:start + ql]
             else:
-                slots = ops.gather_slots(meta.prefill_block_tables[i], meta.block_size)[:cl]
+                slots = meta.slot_mapping[start:start + ql] if ql == cl else \
+                    ops.gather_slots(meta.prefill_block_tables[i], meta.block_size)[:cl]
                 ki, vi = kv_cache[0][slots], kv_cache[1][slots]
             outs.append(OPS["prefill_attention"](qi, ki, vi, self.scale))
             start += ql

@@ -101,6 +101,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+def rope_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, freqs: Tensor, k_cache: Tensor,
+                  v_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+    """The attention input step with a KV cache, as one op: rotate queries and keys at the kept
+    frequencies `freqs [Hkv, Dk/2]`, write the rotated keys and the values into the caches at
+    `slot_mapping`, return the rotated queries `[T, H, Dk]`.
+
+    q `[T, H * Dk]`, k `[T, Hkv * Dk]`, v `[T, Hkv * Dv]` are the projection outputs. The Triton
+    version (`kernels.dispatch.rope_gather_`) rotates q in place and writes k and v straight into the
+    cache in one pass, without materialising the rotated keys.
+    """
+    T = q.shape[0]
+    Hkv, m = freqs.shape
+    cos, sin = rope_angles(positions, freqs)
+    qr = apply_rope(q.view(T, Hkv, -1, 2 * m), cos, sin).reshape(T, -1, 2 * m)
+    kr = apply_rope(k.view(T, Hkv, 1, 2 * m), cos, sin).reshape(T, Hkv, 2 * m)
+    store_kv(kr, v.view(T, Hkv, -1), k_cache, v_cache, slot_mapping)
+    return qr
+
+
 # -------------------------------------------------------------------------------------- kv cache
 
 
@@ -189,6 +208,7 @@ OPS: dict[str, Callable] = {
     "rope_angles": rope_angles,
     "apply_rope": apply_rope,
     "store_kv": store_kv,
+    "rope_store_kv": rope_store_kv,
     "prefill_attention": prefill_attention,
     "decode_attention": decode_attention,
 }
@@ -211,7 +231,8 @@ def reset_ops() -> None:
 def use_kernels() -> bool:
     """Route the ops the `kernels` package implements through `kernels.dispatch` (PROCESS-WIDE: the op
     table is global, so every engine of the process uses them). Covered: factorized linears
-    (`lowrank_linear`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
+    (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_gather_`)
+    and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
     `[num_blocks, block_size, Hkv, D]`, the layout the kernels read). `kernels.dispatch` still decides
     per call (Triton on CUDA, PyTorch elsewhere, `MODEGPT_KERNELS=torch` to force PyTorch).
     Returns False (and changes nothing) when the package is not importable."""
@@ -228,8 +249,15 @@ def use_kernels() -> bool:
     def lowrank(x, weight_a, weight_b, bias):
         return dispatch.lowrank_linear(x, weight_a, weight_b, bias)
 
+    def rope_store(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping):
+        qh = q.view(q.shape[0], -1, 2 * freqs.shape[1])
+        dispatch.rope_gather_(qh, positions, freqs, qh)  # queries: in place
+        dispatch.rope_gather_(k, positions, freqs, k_cache, slot_mapping, v, v_cache)  # keys + values: cache
+        return qh
+
     register_op("decode_attention", decode)
     register_op("factorized_linear", lowrank)
+    register_op("rope_store_kv", rope_store)
     return True
 
 

@@ -10,8 +10,11 @@ Design decisions:
   `cuda_graph_max_len` (default 4096 tokens) to bound the gather's memory; steps whose longest context
   is beyond it, and every step with a prefill in it, run eagerly. All buckets share one memory pool.
 - `torch.compile` only behind `compile=True` (applied to the decode forward, the hot path).
-- Triton kernels (`kernels` package) only behind `use_kernels=True` or env `MODEGPT_ENGINE_KERNELS=1`
-  (process-wide, see `ops.use_kernels`).
+- Triton kernels (`kernels` package: fused RoPE + K/V cache write, paged decode attention, low-rank
+  linears) are used on CUDA by default (`use_kernels=None`); `use_kernels=False` or env
+  `MODEGPT_KERNELS=torch` keeps the PyTorch ops, `True` forces them on. The op table is process-wide
+  (`ops.use_kernels`): the last engine built sets it, and `kernels.dispatch` still sends CPU tensors to
+  PyTorch.
 - On CPU it is the same code without graphs.
 - `score()` runs teacher-forced full-sequence forwards without touching the KV cache.
 """
@@ -36,6 +39,15 @@ def cuda_graphs_enabled(flag: bool, device: torch.device) -> bool:
     return bool(flag) and device.type == "cuda" and os.environ.get("MODEGPT_CUDA_GRAPHS", "1") != "0"
 
 
+def kernels_wanted(flag: bool | None, device: torch.device) -> bool:
+    """`flag`, or by default: on CUDA unless `MODEGPT_KERNELS=torch` (or legacy `MODEGPT_ENGINE_KERNELS=0`)."""
+    if flag is not None:
+        return bool(flag)
+    if os.environ.get("MODEGPT_ENGINE_KERNELS") in ("0", "1"):
+        return os.environ["MODEGPT_ENGINE_KERNELS"] == "1"
+    return device.type == "cuda" and os.environ.get("MODEGPT_KERNELS", "auto").strip().lower() != "torch"
+
+
 @dataclass
 class StepResult:
     logits: Tensor  # [R, V] float32
@@ -48,9 +60,12 @@ class ModelRunner:
     def __init__(self, config: dict, state_dict: dict[str, Tensor], *, device="cpu", dtype=torch.float32,
                  kv_cache_bytes: int, block_size: int = 16, max_num_seqs: int = 256, max_model_len: int = 2048,
                  kv_cache_dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False,
-                 cuda_graph_max_len: int = 4096, max_num_batched_tokens: int = 2048, use_kernels: bool = False):
+                 cuda_graph_max_len: int = 4096, max_num_batched_tokens: int = 2048,
+                 use_kernels: bool | None = None):
         self.device = torch.device(device)
-        self.kernels = ops.use_kernels() if (use_kernels or os.environ.get("MODEGPT_ENGINE_KERNELS") == "1") else False
+        self.kernels = kernels_wanted(use_kernels, self.device) and ops.use_kernels()
+        if use_kernels is False:
+            ops.reset_ops()
         self.dtype = dtype
         self.model = ModeGPTModel(config, state_dict, device=self.device, dtype=dtype)
         self.kv = PagedKVCache(self.model.kv_shapes(), kv_cache_bytes, block_size, self.device,
