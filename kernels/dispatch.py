@@ -10,11 +10,12 @@ Policy (read per call, so tests and operators can flip it at run time):
 * Inputs a kernel does not support (dtypes other than fp32/fp16/bf16, mixed dtypes, odd rotary
   dims, no unit inner stride) take the PyTorch path.
 * ``lowrank_linear`` in ``auto`` mode uses Triton only up to ``MODEGPT_LOWRANK_TRITON_MAX_TOKENS``
-  tokens (default 16) and two cuBLAS matmuls above. Measured on the H200 (``kernels.bench``,
-  bf16, LLaMA-2 7B/13B MLP shapes): cuBLAS beat the Triton GEMMs at every prefill size (Triton
-  at 0.52-0.85x for 2048-8192 tokens); the fused decode path is where a kernel can win (split-K
-  over the tiny rank, one graph node pair, no cuBLAS heuristics), so the Triton path is kept
-  for small token counts. Re-measure and move the threshold with the bench (``speedup`` column).
+  tokens (default **0**: never) and two cuBLAS matmuls above. Measured on the H200 on 2026-11-28 and
+  again on 2026-11-29 (``kernels.bench``, bf16, LLaMA-2 7B/13B MLP shapes, ranks 25-75 %): the fused
+  kernel ran at 0.57-0.82x of two cuBLAS calls at 1-64 tokens and 0.40-0.87x at 256-8192, so
+  ``auto`` never picks it; that keeps the promise "never slower than two cuBLAS calls" by
+  dispatch while the kernel stays available (``MODEGPT_KERNELS=triton`` or a positive threshold)
+  for the work in kernels/NOTES.md.
 * In ``auto`` mode an unexpected Triton failure (e.g. a compiler resource error on an untested
   GPU) is reported once as a warning and the call falls back to PyTorch; ``MODEGPT_KERNELS=triton``
   is strict and raises, so tests and benchmarks never measure the fallback by accident.
@@ -62,7 +63,7 @@ def backend_for(*tensors: torch.Tensor | None) -> str:
 
 
 def lowrank_triton_max_tokens() -> int:
-    return int(os.environ.get(_LOWRANK_MAX_ENV, "16"))
+    return int(os.environ.get(_LOWRANK_MAX_ENV, "0"))
 
 
 def _run(name: str, triton_fn, torch_fn, tensors, supported: bool):

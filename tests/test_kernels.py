@@ -180,9 +180,10 @@ def test_dispatch_policy(monkeypatch):
         assert dispatch.backend_for(gpu) == "triton"
         assert dispatch.backend_for(gpu, cpu) == "torch"
         A, B = torch.zeros(4, 8, device="cuda"), torch.zeros(6, 4, device="cuda")
-        monkeypatch.setenv("MODEGPT_LOWRANK_TRITON_MAX_TOKENS", "16")
-        assert dispatch.lowrank_backend(torch.zeros(2, 8, 8, device="cuda"), A, B) == "triton"
         monkeypatch.setenv("MODEGPT_KERNELS", "auto")
+        monkeypatch.delenv("MODEGPT_LOWRANK_TRITON_MAX_TOKENS", raising=False)
+        assert dispatch.lowrank_backend(torch.zeros(1, 8, device="cuda"), A, B) == "torch"  # default: cuBLAS
+        monkeypatch.setenv("MODEGPT_LOWRANK_TRITON_MAX_TOKENS", "16")
         assert dispatch.lowrank_backend(torch.zeros(2, 8, 8, device="cuda"), A, B) == "triton"
         assert dispatch.lowrank_backend(torch.zeros(17, 8, device="cuda"), A, B) == "torch"  # prefill: cuBLAS
         monkeypatch.setenv("MODEGPT_KERNELS", "triton")  # strict: always the kernel
