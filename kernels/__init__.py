@@ -6,11 +6,13 @@ Public API (all in :mod:`kernels.dispatch`, which picks Triton or PyTorch per ca
 * :func:`rope_gather_` - gathered RoPE written straight into a (paged) KV cache (``kernels.rope``)
 * :func:`decode_attention` - split-K decode attention with ``d_qk != d_v`` and GQA
   (``kernels.decode_attention``)
+* :func:`add_rms_norm`, :func:`silu_mul` - residual add + RMSNorm and the SwiGLU epilogue, one pass
+  each (``kernels.fused_norm``)
 
 ``kernels.bench.run_kernel_bench(path)`` times them against the PyTorch sequences they replace.
 Importing this package imports (does not compile) the Triton kernels when Triton is installed;
 without Triton everything runs on the PyTorch paths.
 """
-from .dispatch import backend_for, decode_attention, lowrank_linear, rope_gather_
+from .dispatch import add_rms_norm, backend_for, decode_attention, lowrank_linear, rope_gather_, silu_mul
 
-__all__ = ["backend_for", "decode_attention", "lowrank_linear", "rope_gather_"]
+__all__ = ["add_rms_norm", "backend_for", "decode_attention", "lowrank_linear", "rope_gather_", "silu_mul"]

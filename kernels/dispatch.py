@@ -34,6 +34,7 @@ if HAVE_TRITON:
     # Imported eagerly: a lazy ``from .decode_attention import ...`` would rebind the package
     # attribute ``kernels.decode_attention`` from this module's function to the submodule.
     from .decode_attention import decode_attention_triton
+    from .fused_norm import add_rms_norm_triton, silu_mul_triton
     from .lowrank import lowrank_linear_triton
     from .rope import rope_gather_triton_
 
@@ -162,3 +163,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return reference.decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, out)
 
     return _run("decode_attention", tri, ref, (q, k_cache, v_cache, block_tables, context_lens, out), ok)
+
+
+_MAX_NORM_COLS = 1 << 16  # one program holds a whole row
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 residual_out: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm: ``(s, rms_norm(s) * weight)`` with ``s = x + delta`` (``x`` when
+    ``delta`` is None). ``x``/``delta`` ``[..., n]``, ``weight`` ``[n]``, one dtype. The two outputs
+    may be given (``residual_out``, ``out``)."""
+    ok = (x.dtype in SUPPORTED_DTYPES and weight.dtype == x.dtype and weight.is_contiguous()
+          and (delta is None or (delta.dtype == x.dtype and delta.shape == x.shape))
+          and 0 < x.shape[-1] <= _MAX_NORM_COLS)
+
+    def tri():
+        return add_rms_norm_triton(x, delta, weight, eps, residual_out, out)
+
+    return _run("add_rms_norm", tri, lambda: reference.add_rms_norm_torch(x, delta, weight, eps, residual_out, out),
+                (x, delta, weight, residual_out, out), ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The SwiGLU epilogue ``silu(gate) * up`` in one pass (``gate``/``up`` ``[..., n]``, one dtype)."""
+    ok = gate.dtype in SUPPORTED_DTYPES and up.dtype == gate.dtype and gate.shape == up.shape
+
+    def tri():
+        return silu_mul_triton(gate, up, out)
+
+    return _run("silu_mul", tri, lambda: reference.silu_mul_torch(gate, up, out), (gate, up, out), ok)

@@ -1,4 +1,4 @@
-"""Plain PyTorch implementations of the three kernels' contracts.
+"""Plain PyTorch implementations of the kernels' contracts.
 
 These are the CPU path (and the fallback whenever Triton is unavailable or disabled with
 ``MODEGPT_KERNELS=torch``). They define the semantics the Triton kernels must match, compute in
@@ -104,3 +104,24 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return o.to(q.dtype)
     out.copy_(o)
     return out
+
+
+def add_rms_norm_torch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       residual_out: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + delta`` (rounded to x's dtype; ``x`` itself when ``delta`` is None) and HF Llama's
+    RMSNorm of it: normalise in fp32, round, scale by ``weight``. Returns ``(s, h)``."""
+    s = x if delta is None else x + delta
+    sf = s.float()
+    h = weight * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    if residual_out is not None and delta is not None:
+        s = residual_out.copy_(s)
+    if out is not None:
+        h = out.copy_(h)
+    return s, h
+
+
+def silu_mul_torch(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up``, each step rounded to the input dtype (the unfused PyTorch sequence)."""
+    y = torch.nn.functional.silu(gate) * up
+    return y if out is None else out.copy_(y)

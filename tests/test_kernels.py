@@ -122,8 +122,9 @@ def ref_decode_attention(q, k_cache, v_cache, block_tables, lens, scale):
 # ------------------------------------------------------------------------------------------------
 # (in, out, rank): odd sizes whose tiles are ragged in every dim
 LOWRANK_SMALL = [(96, 80, 37), (70, 130, 19)]
-# LLaMA-2-7B linears (4096 -> 11008 up/gate, 11008 -> 4096 down) at 25 / 50 / 75 % rank
-LOWRANK_REAL = [(4096, 11008, 1024), (11008, 4096, 3072)]
+# LLaMA-2-7B linears (4096 -> 11008 up/gate, 11008 -> 4096 down) at 25 / 50 / 75 % rank, and
+# SmolLM2's LM head (576 -> 49152 vocab) at 50 % rank (`modegpt compress --head-rank-ratio 0.5`)
+LOWRANK_REAL = [(4096, 11008, 1024), (11008, 4096, 3072), (576, 49152, 288)]
 LOWRANK_SHAPES = LOWRANK_SMALL + (LOWRANK_REAL if CUDA else [])
 
 # (H, Hkv, d_qk, d_v): compressed attention with GQA groups of 3, then LLaMA-2-7B-like heads
@@ -393,11 +394,56 @@ def test_triton_rope_then_attention_flat_cache(seed, force_triton):
     assert_close(out, ref, dtype, seed, "rope -> attention")
 
 
+def ref_add_rms_norm(x, delta, weight, eps):
+    s = x.double() + (delta.double() if delta is not None else 0)
+    return s, weight.double() * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+
+
+NORM_COLS = [37, 576] + ([4096, 5120] if CUDA else [])
+
+
+@needs_triton
+@pytest.mark.parametrize("n", NORM_COLS)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("with_delta", [True, False], ids=["add", "noadd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_add_rms_norm(seed, force_triton, n, T, with_delta, dtype):
+    x = randn(T, n, dtype=dtype, device=TRITON_DEVICE)
+    d = randn(T, n, dtype=dtype, device=TRITON_DEVICE) if with_delta else None
+    w = randn(n, dtype=dtype, device=TRITON_DEVICE, scale=0.5)
+    s_out, h_out = nan_like((T, n), dtype, TRITON_DEVICE), nan_like((T, n), dtype, TRITON_DEVICE)
+    s, h = kernels.add_rms_norm(x, d, w, 1e-5, residual_out=s_out if with_delta else None, out=h_out)
+    rs, rh = ref_add_rms_norm(x, d, w, 1e-5)
+    assert h.data_ptr() == h_out.data_ptr()
+    assert_close(h, rh, dtype, seed, f"add_rms_norm h n={n} T={T}")
+    assert_close(s, rs, dtype, seed, f"add_rms_norm s n={n} T={T}")
+    # it rounds like the PyTorch sequence it replaces: within an ulp or two of the 16-bit result (Triton's
+    # CPU interpreter truncates where the GPU rounds to nearest)
+    ts, th = kernels.reference.add_rms_norm_torch(x, d, w, 1e-5)
+    ulp = 1e-5 if dtype == torch.float32 else 2 ** -6
+    for got, want in ((s, ts), (h, th)):
+        assert (got.float() - want.float()).abs().max().item() <= ulp * want.float().abs().max().item()
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [37, 1500] + ([11008] if CUDA else []))
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_silu_mul_on_fused_halves(seed, force_triton, n, T, dtype):
+    gu = randn(T, 2 * n, dtype=dtype, device=TRITON_DEVICE, scale=2.0)  # one fused gate/up output
+    g, u = gu.split([n, n], dim=-1)  # row-strided views
+    out = nan_like((T, n), dtype, TRITON_DEVICE)
+    y = kernels.silu_mul(g, u, out=out)
+    gd = g.double()
+    assert_close(y, gd * torch.sigmoid(gd) * u.double(), dtype, seed, f"silu_mul n={n} T={T}")
+
+
 @needs_triton
 def test_triton_engine_kernels_on_off_same_generation(force_triton):
     """A compressed model (odd per-layer q/k and v dims, GQA, factorized linears) in the engine: greedy
     tokens are identical with the Triton kernels (fused RoPE + cache write, paged decode attention,
-    low-rank linear) and with the PyTorch ops, and logprobs agree within float32 tolerance."""
+    low-rank linear, add + RMSNorm, SwiGLU) and with the PyTorch ops, and logprobs agree within float32
+    tolerance."""
     from server.engine import ops
     from server.engine.engine import LLMEngine
     from server.engine.testing import llama_like_config, random_state_dict
@@ -416,7 +462,7 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton):
     try:
         ref = LLMEngine(cfg, sd, use_kernels=False, **kw).run_to_completion(reqs())
         eng = LLMEngine(cfg, sd, use_kernels=True, **kw)
-        assert ops.OPS["rope_store_kv"] is not ops.rope_store_kv
+        assert ops.OPS["rope_store_kv"] is not ops.rope_store_kv and ops.OPS["add_norm"] is not ops.add_norm
         got = eng.run_to_completion(reqs())
     finally:
         ops.reset_ops()

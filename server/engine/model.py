@@ -98,6 +98,43 @@ class Linear(nn.Module):
             return OPS["linear"](x, self.weight, self.bias)
         return OPS["factorized_linear"](x, self.weight_a, self.weight_b, self.bias)
 
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows `ids` of the `[out, in]` weight, i.e. an embedding lookup (factorized: `B[ids] @ A`)."""
+        if self.weight is not None:
+            return self.weight[ids]
+        return self.weight_b[ids] @ self.weight_a
+
+
+class FusedLinear(nn.Module):
+    """Several dense linears that read the same input, as ONE matmul over their concatenated weights
+    (q/k/v; gate/up): one GEMM launch instead of three or two, which matters at decode, where a
+    step is hundreds of small launches (docs/BENCHMARKS.md, H200 step profile). `forward` returns the
+    parts as views of one output. `of(...)` returns None when a part is factorized (low-rank), so the
+    caller keeps separate `Linear`s."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, sizes: list[int]):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.sizes = sizes
+
+    @staticmethod
+    def of(sd: dict[str, Tensor], names: list[str], device, dtype) -> "FusedLinear | None":
+        ws = [sd.get(f"{n}.weight") for n in names]
+        if any(w is None for w in ws):
+            return None
+        bs = [sd.get(f"{n}.bias") for n in names]
+        if any(b is not None for b in bs):
+            bs = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) for b, w in zip(bs, ws)]
+            bias = torch.cat([b.to(device=device, dtype=dtype) for b in bs])
+        else:
+            bias = None
+        weight = torch.cat([w.to(device=device, dtype=dtype) for w in ws])
+        return FusedLinear(weight, bias, [w.shape[0] for w in ws])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return OPS["linear"](x, self.weight, self.bias).split(self.sizes, dim=-1)
+
 
 class Norm(nn.Module):
     def __init__(self, sd: dict[str, Tensor], name: str, norm_type: str, eps: float, device, dtype):
@@ -113,6 +150,10 @@ class Norm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return OPS[self.op](x, self.weight, self.bias, self.eps)
 
+    def add(self, x: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor]:
+        """`(x + delta, norm(x + delta))` as one op (`delta` None: `(x, norm(x))`)."""
+        return OPS["add_norm"](x, delta, self.weight, self.bias, self.eps, self.op)
+
 
 class Attention(nn.Module):
     def __init__(self, config: dict, layer_cfg: dict, sd: dict[str, Tensor], prefix: str, inv_freq, device, dtype):
@@ -124,14 +165,18 @@ class Attention(nn.Module):
         self.qk_dim = int(layer_cfg["qk_dim"])
         self.v_dim = int(layer_cfg["v_dim"])
         self.scale = ops.softmax_scale(int(config["head_dim"]))
-        self.q_proj = Linear(sd, f"{prefix}.q_proj", device, dtype)
-        self.k_proj = Linear(sd, f"{prefix}.k_proj", device, dtype)
-        self.v_proj = Linear(sd, f"{prefix}.v_proj", device, dtype)
+        names = [f"{prefix}.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        self.qkv = FusedLinear.of(sd, names, device, dtype)  # None when a projection is factorized
+        if self.qkv is None:
+            self.q_proj, self.k_proj, self.v_proj = (Linear(sd, n, device, dtype) for n in names)
+            widths = [lin.out_features for lin in (self.q_proj, self.k_proj, self.v_proj)]
+        else:
+            widths = self.qkv.sizes
         self.o_proj = Linear(sd, f"{prefix}.o_proj", device, dtype)
-        for lin, n, d in ((self.q_proj, self.num_heads, self.qk_dim), (self.k_proj, self.num_kv_heads, self.qk_dim),
-                          (self.v_proj, self.num_kv_heads, self.v_dim)):
-            if lin.out_features != n * d:
-                raise ValueError(f"{prefix}: projection width {lin.out_features} != {n} heads x {d}")
+        for w, n, d in zip(widths, (self.num_heads, self.num_kv_heads, self.num_kv_heads),
+                           (self.qk_dim, self.qk_dim, self.v_dim)):
+            if w != n * d:
+                raise ValueError(f"{prefix}: projection width {w} != {n} heads x {d}")
         self.use_rope = config["position_type"] == "rope"
         if self.use_rope:
             freqs = layer_rope_freqs(inv_freq, layer_cfg["qk_index"], int(config["head_dim"]))
@@ -141,7 +186,7 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> Tensor:
         T = x.shape[0]
         Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         rope = self.use_rope and self.qk_dim > 0
         if kv_cache is not None:  # K/V go to the cache; attention reads them back from there
             if rope:
@@ -190,12 +235,17 @@ class MLP(nn.Module):
         self.act = config["hidden_act"]
         if self.act not in ops.ACTIVATIONS:
             raise ValueError(f"hidden_act {self.act!r} not supported: {sorted(ops.ACTIVATIONS)}")
-        self.gate_proj = Linear(sd, f"{prefix}.gate_proj", device, dtype) if self.gated else None
-        self.up_proj = Linear(sd, f"{prefix}.up_proj", device, dtype)
+        self.gate_up = FusedLinear.of(sd, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], device, dtype) \
+            if self.gated else None
+        if self.gate_up is None:
+            self.gate_proj = Linear(sd, f"{prefix}.gate_proj", device, dtype) if self.gated else None
+            self.up_proj = Linear(sd, f"{prefix}.up_proj", device, dtype)
         self.down_proj = Linear(sd, f"{prefix}.down_proj", device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
+        if self.gate_up is not None:
+            h = OPS["gated_mlp_act"](*self.gate_up(x), self.act)
+        elif self.gated:
             h = OPS["gated_mlp_act"](self.gate_proj(x), self.up_proj(x), self.act)
         else:
             h = OPS["plain_mlp_act"](self.up_proj(x), self.act)
@@ -212,9 +262,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = Norm(sd, f"{p}.post_attention_norm", nt, eps, device, dtype)
         self.mlp = MLP(config, sd, f"{p}.mlp", device, dtype)
 
-    def forward(self, x, positions, kv_cache, meta):
-        x = x + self.self_attn(self.input_norm(x), positions, kv_cache, meta)
-        return x + self.mlp(self.post_attention_norm(x))
+    def forward(self, x, delta, positions, kv_cache, meta):
+        """`x` the residual stream, `delta` the previous layer's output not yet added to it (None for
+        the first layer): each add is fused with the norm after it. Returns the same pair."""
+        x, h = self.input_norm.add(x, delta)
+        x, h = self.post_attention_norm.add(x, self.self_attn(h, positions, kv_cache, meta))
+        return x, self.mlp(h)
 
 
 class ModeGPTModel(nn.Module):
@@ -229,8 +282,8 @@ class ModeGPTModel(nn.Module):
         if len(config["layers"]) != n:
             raise ValueError(f"config has {len(config['layers'])} layer entries for {n} layers")
         sd = state_dict
-        self.embed_tokens = nn.Parameter(sd["model.embed_tokens.weight"].to(device=device, dtype=dtype),
-                                         requires_grad=False)
+        # [vocab, hidden], dense or factorized; a tied LM head is this same module (logits = h @ E.T)
+        self.embed_tokens = Linear(sd, "model.embed_tokens", device, dtype)
         self.learned_positions = config["position_type"] == "learned"
         if config["position_type"] not in ("rope", "learned"):
             raise ValueError(f"position_type must be 'rope' or 'learned', got {config['position_type']!r}")
@@ -243,16 +296,10 @@ class ModeGPTModel(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, config["layers"][i], sd, i, inv_freq, device, dtype) for i in range(n))
         self.norm = Norm(sd, "model.norm", config["norm_type"], float(config.get("norm_eps", 1e-5)), device, dtype)
-        if config.get("tie_word_embeddings", False) or "lm_head.weight" not in sd:
-            if not config.get("tie_word_embeddings", False) and "lm_head.weight" not in sd:
-                raise KeyError("lm_head.weight missing and tie_word_embeddings is false")
-            self.lm_head_weight = self.embed_tokens
-        else:
-            self.lm_head_weight = nn.Parameter(sd["lm_head.weight"].to(device=device, dtype=dtype),
-                                               requires_grad=False)
-        lb = sd.get("lm_head.bias")
-        self.lm_head_bias = None if lb is None else nn.Parameter(lb.to(device=device, dtype=dtype),
-                                                                 requires_grad=False)
+        if config.get("tie_word_embeddings", False):
+            self.lm_head = self.embed_tokens
+        else:  # dense or factorized (lm_head.weight_a / weight_b): the low-rank kernel applies on CUDA
+            self.lm_head = Linear(sd, "lm_head", device, dtype)
 
     # ---- shapes the KV cache needs
     def kv_shapes(self) -> list[tuple[int, int, int]]:
@@ -261,18 +308,19 @@ class ModeGPTModel(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.lm_head_weight.shape[0]
+        return self.lm_head.out_features
 
     def hidden_states(self, input_ids: Tensor, positions: Tensor, kv_caches, meta: AttentionMetadata) -> Tensor:
-        x = self.embed_tokens[input_ids]
+        x = self.embed_tokens.rows(input_ids)
         if self.learned_positions:
             x = x + self.embed_positions[positions + self.position_offset]
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if kv_caches is None else kv_caches[i], meta)
-        return self.norm(x)
+            x, delta = layer(x, delta, positions, None if kv_caches is None else kv_caches[i], meta)
+        return self.norm.add(x, delta)[1]
 
     def compute_logits(self, h: Tensor) -> Tensor:
-        return OPS["linear"](h, self.lm_head_weight, self.lm_head_bias).float()
+        return self.lm_head(h).float()
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]] | None,

@@ -37,6 +37,17 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Te
     return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
+NORMS = {"rms_norm": rms_norm, "layer_norm": layer_norm}
+
+
+def add_norm(x: Tensor, delta: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float,
+             norm: str) -> tuple[Tensor, Tensor]:
+    """Residual add then norm: `(s, norm(s))` with `s = x + delta` (`x` when `delta` is None), `norm`
+    one of `NORMS`. One fusable op: the Triton version does the add and the RMSNorm in one pass."""
+    s = x if delta is None else x + delta
+    return s, NORMS[norm](s, weight, bias, eps)
+
+
 # ---------------------------------------------------------------------------------------- linears
 
 
@@ -201,6 +212,7 @@ def decode_attention(
 OPS: dict[str, Callable] = {
     "rms_norm": rms_norm,
     "layer_norm": layer_norm,
+    "add_norm": add_norm,
     "linear": linear,
     "factorized_linear": factorized_linear,
     "gated_mlp_act": gated_mlp_act,
@@ -231,8 +243,8 @@ def reset_ops() -> None:
 def use_kernels() -> bool:
     """Route the ops the `kernels` package implements through `kernels.dispatch` (PROCESS-WIDE: the op
     table is global, so every engine of the process uses them). Covered: factorized linears
-    (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_gather_`)
-    and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
+    (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_gather_`),
+    residual add + RMSNorm (`add_rms_norm`), the SwiGLU epilogue (`silu_mul`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
     `[num_blocks, block_size, Hkv, D]`, the layout the kernels read). `kernels.dispatch` still decides
     per call (Triton on CUDA, PyTorch elsewhere, `MODEGPT_KERNELS=torch` to force PyTorch).
     Returns False (and changes nothing) when the package is not importable."""
@@ -255,9 +267,21 @@ def use_kernels() -> bool:
         dispatch.rope_gather_(k, positions, freqs, k_cache, slot_mapping, v, v_cache)  # keys + values: cache
         return qh
 
+    def add_norm_k(x, delta, weight, bias, eps, norm):
+        if norm != "rms_norm" or bias is not None:
+            return add_norm(x, delta, weight, bias, eps, norm)
+        return dispatch.add_rms_norm(x, delta, weight, eps)
+
+    def gated_act_k(gate, up, act):
+        if act not in ("silu", "swish"):
+            return gated_mlp_act(gate, up, act)
+        return dispatch.silu_mul(gate, up)
+
     register_op("decode_attention", decode)
     register_op("factorized_linear", lowrank)
     register_op("rope_store_kv", rope_store)
+    register_op("add_norm", add_norm_k)
+    register_op("gated_mlp_act", gated_act_k)
     return True
 
 
