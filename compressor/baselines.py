@@ -22,21 +22,12 @@ from . import __version__
 from .allocation import allocate, kept_sizes
 from .calibration import calibration_ids
 from .checkpoint import write_checkpoint
+from .decompose import whitened_svd
 from .loading import source_config, source_globals, source_layer
 from .modeling import ModeGPTConfig
 from .pipeline import CompressOptions, _attention_stats, _embed, _layer_module, _mlp_stats, _positions, _Stream
 from .schema import block_linear_params, total_params
 from .sources import resolve
-
-
-def whitened_svd(w: torch.Tensor, c: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors ``(A [r, in], B [out, r])`` minimising ``||(W - B A) C^1/2||_F``."""
-    n = c.shape[0]
-    eye = torch.eye(n, dtype=c.dtype, device=c.device)
-    chol = torch.linalg.cholesky(c + 1e-6 * torch.diagonal(c).mean() * eye)
-    u, s, vh = torch.linalg.svd(w.to(c.dtype) @ chol, full_matrices=False)
-    a = torch.linalg.solve_triangular(chol, vh[:rank], upper=False, left=False)  # V_r^T L^-1
-    return a, u[:, :rank] * s[:rank]
 
 
 @torch.inference_mode()

@@ -75,12 +75,14 @@ def run_bench_quality(args) -> int:
         if mc:
             res.update(evaluate(model, tok, mc, limit=args.limit, batch_size=args.batch_size, seqlen=args.seqlen,
                                 progress=not args.quiet))
-        row = {"method": method, "ratio": ratio, "results": res}
+        row = {"method": method, "ratio": ratio, "params": sum(p.numel() for p in model.parameters()), "results": res}
         if mc:
             row.update(avg_acc=average_accuracy(res, "acc"), avg_acc_norm=average_accuracy(res, "acc_norm"))
         if report:
             row.update(block_linear_ratio=report["block_linear_ratio"], whole_model_ratio=report["whole_model_ratio"],
                        compress_s=report["timings"]["total_s"])
+            if report.get("lm_head"):
+                row["lm_head"] = report["lm_head"]
         results["rows"].append(row)
         _write(args.json, {**results, "bench": "quality", "model": args.model, "tasks": tasks, "limit": args.limit,
                            "ppl_limit": args.ppl_limit, "device": _hardware(args.device)})

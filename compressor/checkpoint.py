@@ -21,6 +21,8 @@ from .schema import all_weights
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 MANIFEST = "manifest.json"
+# weight files that would be unpickled by torch.load / pickle: a checkpoint holding one is refused
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 class CheckpointError(ValueError):
@@ -79,21 +81,29 @@ def verify_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a checkpoint: no config.json")
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
-        raise CheckpointError(f"{path} holds pickled weights; ModeGPT checkpoints load from safetensors only")
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise CheckpointError(f"{path} holds pickled weights ({', '.join(pickled)}); ModeGPT checkpoints load "
+                              "from safetensors only and never unpickle")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST}: partial or foreign checkpoint")
-    files = json.loads(manifest_path.read_text())["files"]
-    for name, entry in files.items():
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        entries = [(str(name), str(e["sha256"]), int(e["bytes"])) for name, e in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: {MANIFEST} is not a valid manifest ({type(e).__name__}: {e})") from None
+    for name, sha, size in entries:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{path}: {MANIFEST} names {name!r}, which is not a file of the checkpoint")
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing (partial checkpoint)")
-        if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
+        if f.stat().st_size != size or sha256_file(f) != sha:
             raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST} (tampered or corrupt)")
-    unlisted = [p.name for p in path.glob("*.safetensors") if p.name not in files]
+    unlisted = [p.name for p in [path / "config.json", *sorted(path.glob("*.safetensors"))] if p.name not in files]
     if unlisted:
-        raise CheckpointError(f"{path}: weight files not in the manifest: {unlisted}")
+        raise CheckpointError(f"{path}: config or weight files not in the manifest: {unlisted}")
     return json.loads((path / "config.json").read_text())
 
 

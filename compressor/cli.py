@@ -25,6 +25,9 @@ def _add_compress(sub) -> None:
                    help="round kept q/k and v head dims to this multiple (8: 16-byte bf16 cache rows; 1: finest)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each layer on the outputs of the already compressed layers before it")
+    p.add_argument("--head-rank-ratio", type=float, default=None, metavar="F",
+                   help="also factorize the LM head (whitened SVD) and the embedding, keeping the fraction F in "
+                        "(0, 1] of their rank (tied: one shared factorization); default off, see docs/COMPRESSION.md")
     p.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward")
     p.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     p.add_argument("--quiet", action="store_true")
@@ -47,16 +50,22 @@ def run_compress(args) -> int:
 
     if not 0.0 <= args.ratio <= args.cap:
         raise SystemExit(f"error: --ratio must be in [0, {args.cap}] (got {args.ratio})")
+    if args.head_rank_ratio is not None and not 0 < args.head_rank_ratio <= 1:
+        raise SystemExit(f"error: --head-rank-ratio must be in (0, 1] (got {args.head_rank_ratio})")
     opts = CompressOptions(
         ratio=args.ratio, calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         allocation=args.allocation, device=args.device, eps=args.eps, cap=args.cap, ridge=args.ridge,
         align=args.align, head_align=args.head_align, sequential=args.sequential, batch_size=args.batch_size,
-        progress=not args.quiet,
+        head_rank_ratio=args.head_rank_ratio, progress=not args.quiet,
     )
     report = compress(args.model, args.out, opts, overwrite=args.force)
     t = report["timings"]
     print(f"wrote {args.out}: removed {report['block_linear_ratio']:.2%} of decoder-block linear parameters "
           f"({report['whole_model_ratio']:.2%} of the whole model) in {t['total_s']:.1f} s")
+    if report.get("lm_head"):
+        h = report["lm_head"]
+        print(f"LM head {'and embedding ' if h['shared'] else ''}factorized at rank {h['rank']} "
+              f"(relative logit error {h['head_output_error']:.3f})")
     return 0
 
 

@@ -12,6 +12,9 @@ original weights untouched when asked to keep everything, so ratio 0 is the iden
 - Type III (value-output, SVD): per KV head, the rank-k optimum of the whitened product
   ``||C^1/2 (W_V W_O - W_V' W_O')||_F`` (Eckart-Young), with one basis shared by all query heads of
   the group (their ``W_O`` blocks concatenated); the value bias folds into the output bias exactly.
+
+Also the activation-whitened truncated SVD of one linear (SVD-LLM), shared by the ``svd`` baseline
+(``baselines.py``) and the optional LM head / embedding factorization (``head.py``).
 """
 from __future__ import annotations
 
@@ -167,6 +170,20 @@ def svd_vo(c: torch.Tensor, v_w: torch.Tensor, v_b: torch.Tensor | None, o_w: to
         sigmas.append(s)
     v_bias = None if v_b is None else torch.zeros(n_kv * keep, dtype=dt, device=c.device)
     return VoResult(torch.cat(new_v), v_bias, torch.cat(new_o, dim=1), o_bias, sigmas)
+
+
+def whitened_svd(w: torch.Tensor, c: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(A [r, in], B [out, r])`` minimising ``||(W - B A) C^1/2||_F`` (SVD-LLM whitening).
+
+    With ``C = L L^T`` (Cholesky, a vanishing ridge), ``W ~ U_r S_r V_r^T L^-1`` where ``W L = U S V^T``: the
+    rank-r optimum of the output error ``||(W - W') X^T||`` on inputs with correlation ``C``. ``C = I`` gives
+    the plain truncated SVD. Used by the ``svd`` baseline and the LM head factorization (``head.py``)."""
+    n = c.shape[0]
+    eye = torch.eye(n, dtype=c.dtype, device=c.device)
+    chol = torch.linalg.cholesky(c + 1e-6 * torch.diagonal(c).mean() * eye)
+    u, s, vh = torch.linalg.svd(w.to(c.dtype) @ chol, full_matrices=False)
+    a = torch.linalg.solve_triangular(chol, vh[:rank], upper=False, left=False)  # V_r^T L^-1
+    return a, u[:, :rank] * s[:rank]
 
 
 def _opt(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:

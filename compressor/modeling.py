@@ -2,9 +2,10 @@
 
 One architecture covers every supported family (the family adapters map their weights onto it):
 per-layer MLP widths, per-layer q/k and v head dimensions, GQA, RoPE at kept original frequencies or
-learned positions, RMS or layer norm, optional biases and factorized linears. The format is specified
-in ``docs/CHECKPOINT.md``. ``import compressor`` registers it with the ``Auto*`` classes, so
-``AutoModelForCausalLM.from_pretrained(dir)`` loads a checkpoint without ``trust_remote_code``.
+learned positions, RMS or layer norm, optional biases, factorized linears and a factorized embedding /
+LM head (shared when tied). The format is specified in ``docs/CHECKPOINT.md``. ``import compressor``
+registers it with the ``Auto*`` classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads a
+checkpoint without ``trust_remote_code``.
 
 This class is the reference implementation (evaluation, ``generate()``, calibration forwards). The
 serving engine in ``server/engine`` has its own lean implementation of the same formula.
@@ -93,9 +94,30 @@ class LowRankLinear(nn.Module):
         return F.linear(F.linear(x, self.weight_a), self.weight_b, self.bias)
 
 
+class LowRankEmbedding(nn.Module):
+    """``E[ids]`` for an embedding ``E ~ B A`` stored as factors ``A [r, dim]``, ``B [num, r]``: ``B[ids] @ A``.
+    The same factors serve a tied LM head as a ``LowRankLinear`` (``logits = (h @ A.T) @ B.T``)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.weight_a = nn.Parameter(torch.empty(rank, embedding_dim))
+        self.weight_b = nn.Parameter(torch.empty(num_embeddings, rank))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight_b) @ self.weight_a
+
+
 def make_linear(config: ModeGPTConfig, path: str, n_in: int, n_out: int, bias: bool) -> nn.Module:
     rank = config.linear_ranks.get(path)
     return LowRankLinear(n_in, n_out, rank, bias) if rank is not None else nn.Linear(n_in, n_out, bias=bias)
+
+
+def make_embedding(config: ModeGPTConfig) -> nn.Module:
+    rank = config.linear_ranks.get("model.embed_tokens")
+    if rank is None:
+        return nn.Embedding(config.vocab_size, config.hidden_size)
+    return LowRankEmbedding(config.vocab_size, config.hidden_size, rank)
 
 
 class RMSNorm(nn.Module):
@@ -193,10 +215,10 @@ class ModeGPTPreTrainedModel(PreTrainedModel):
             module.weight.data.normal_(0.0, std)
             if module.bias is not None:
                 module.bias.data.zero_()
-        elif isinstance(module, LowRankLinear):
+        elif isinstance(module, (LowRankLinear, LowRankEmbedding)):
             module.weight_a.data.normal_(0.0, std)
             module.weight_b.data.normal_(0.0, std)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 module.bias.data.zero_()
         elif isinstance(module, nn.Embedding):
             module.weight.data.normal_(0.0, std)
@@ -224,7 +246,7 @@ def causal_mask(attention_mask: torch.Tensor, past: int, t: int) -> torch.Tensor
 class ModeGPTModel(ModeGPTPreTrainedModel):
     def __init__(self, config: ModeGPTConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = make_embedding(config)
         if config.position_type == "learned":
             n_pos = config.max_position_embeddings + config.position_offset
             self.embed_positions = nn.Embedding(n_pos, config.hidden_size)
@@ -252,12 +274,15 @@ class ModeGPTModel(ModeGPTPreTrainedModel):
 
 
 class ModeGPTForCausalLM(ModeGPTPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # every parameter of lm_head (weight, or weight_a / weight_b) ties to the embedding's of the same name
+    _tied_weights_keys = {"lm_head": "model.embed_tokens"}
 
     def __init__(self, config: ModeGPTConfig):
         super().__init__(config)
         self.model = ModeGPTModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # a tied head has the embedding's shape and factorization (docs/CHECKPOINT.md)
+        head = "model.embed_tokens" if config.tie_word_embeddings else "lm_head"
+        self.lm_head = make_linear(config, head, config.hidden_size, config.vocab_size, False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -288,8 +313,9 @@ class ModeGPTForCausalLM(ModeGPTPreTrainedModel, GenerationMixin):
             model = cls(config)
         missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
         if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-            missing = [m for m in missing if m != "lm_head.weight"]
+            for name, _ in list(model.lm_head.named_parameters()):
+                setattr(model.lm_head, name, getattr(model.model.embed_tokens, name))
+            missing = [m for m in missing if not m.startswith("lm_head.")]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model.eval()

@@ -13,6 +13,8 @@ Passes:
    calibrated on the output of this compressed layer, so later layers see (and correct for) the
    error of earlier ones; with ``sequential=False`` (default, as in the paper: it measured as well or
    better, docs/COMPRESSION.md) every layer sees the original model's activations.
+3. (``head_rank_ratio``, off by default) factorize the LM head by whitened SVD on the correlation of
+   the final normed hidden states of the same stream, and the embedding with it (``head.py``).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .allocation import LayerSizes, allocate, block_influence, kept_sizes, reali
 from .calibration import calibration_ids
 from .checkpoint import write_checkpoint
 from .decompose import gather_qk, nystrom_mlp, qk_select, svd_vo
+from .head import factorize_head, final_hidden_correlation, head_rank
 from .loading import source_config, source_globals, source_layer
 from .modeling import ModeGPTConfig, ModeGPTDecoderLayer
 from .schema import block_linear_params, total_params
@@ -49,6 +52,9 @@ class CompressOptions:
     align: int = 8
     head_align: int = 8
     sequential: bool = False
+    head_rank_ratio: float | None = None  # factorize the LM head + embedding keeping this rank fraction (head.py)
+    head_untie: bool = False  # tied models: factorize head and embedding separately instead of sharing
+    head_whiten: bool = True  # head: activation-whitened SVD (False: plain SVD)
     batch_size: int = 4
     seed: int = 0
     progress: bool = True
@@ -270,6 +276,14 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
     cfg = dict(cfg_full)
     cfg["layers"] = layers_cfg
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    head = None
+    if opts.head_rank_ratio:
+        t = time.perf_counter()
+        c_head = final_hidden_correlation(hf_cfg, globals_, stream)
+        cfg, state, head = factorize_head(cfg, state, c_head, head_rank(cfg, opts.head_rank_ratio, opts.align),
+                                          opts.head_untie, opts.head_whiten)
+        head["rank_ratio"] = opts.head_rank_ratio
+        timings["head_s"] = time.perf_counter() - t
     cfg["modegpt"] = {
         "version": __version__,
         "source": {"spec": spec, **source.fingerprint},
@@ -285,12 +299,15 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
         "align": opts.align,
         "head_align": opts.head_align,
     }
+    if head is not None:
+        cfg["modegpt"]["lm_head"] = {k: head[k] for k in ("rank_ratio", "rank", "shared", "untied", "whiten")}
     timings["total_s"] = time.perf_counter() - t_start
     report = {
         "ratio": opts.ratio,
         "block_linear_params": {"original": block_linear_params(cfg_full), "compressed": block_linear_params(cfg)},
         "total_params": {"original": total_params(cfg_full), "compressed": total_params(cfg)},
         "layers": per_layer,
+        "lm_head": head,
         "timings": timings,
         "device": str(device),
         "peak_device_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

@@ -40,14 +40,18 @@ def layer_weights(cfg: dict, i: int) -> dict[str, tuple[int, ...]]:
 
 
 def global_weights(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of the weights outside the decoder layers."""
-    out = {"model.embed_tokens.weight": (cfg["vocab_size"], cfg["hidden_size"])}
+    """Name -> shape of the weights outside the decoder layers. The embedding ``[vocab, hidden]`` and the
+    LM head are factorized like a linear when ``linear_ranks`` lists them (``weight ~ weight_b @ weight_a``);
+    a tied head has no weights of its own."""
+    d, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    out: dict[str, tuple[int, ...]] = {}
+    _linear(out, cfg, "model.embed_tokens", d, vocab, False)
     if cfg.get("position_type") == "learned":
         n_pos = cfg["max_position_embeddings"] + cfg.get("position_offset", 0)
-        out["model.embed_positions.weight"] = (n_pos, cfg["hidden_size"])
+        out["model.embed_positions.weight"] = (n_pos, d)
     _norm(out, cfg, "model.norm")
     if not cfg.get("tie_word_embeddings"):
-        out["lm_head.weight"] = (cfg["vocab_size"], cfg["hidden_size"])
+        _linear(out, cfg, "lm_head", d, vocab, False)
     return out
 
 

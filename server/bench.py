@@ -24,6 +24,7 @@ def run_serve_bench(args) -> int:
     else:
         requests = loadgen.random_requests(args.num_prompts, args.input_len, args.output_len,
                                            vocab_size=args.vocab_size, seed=args.seed)
+    requests = loadgen.with_streaming(requests, args.stream_fraction, args.seed)
     model = args.model or loadgen.fetch_model_id(args.base_url, timeout=min(args.timeout, 10.0))
     if model is None:
         print(f"warning: no model id from {args.base_url}/v1/models; sending requests without one",
@@ -47,14 +48,14 @@ def run_serve_bench(args) -> int:
             "temperature": args.temperature,
             "dataset": str(args.dataset) if args.dataset is not None else None,
             "input_len": None if args.dataset is not None else args.input_len,
-            "output_len": args.output_len,
+            "output_len": args.output_len, "stream_fraction": args.stream_fraction,
             **summary,
             "errors": errors,
             "requests": loadgen.per_request_records(load),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1) + "\n")
-    return 0 if summary["completed"] else 1
+    return 0 if summary["completed"] and not (args.strict and summary["failed"]) else 1
 
 
 def add_serve_bench(bsub) -> None:
@@ -72,10 +73,13 @@ def add_serve_bench(bsub) -> None:
     p.add_argument("--vocab-size", type=int, default=1000, help="random prompt ids are drawn from [100, V)")
     p.add_argument("--dataset", type=Path, default=None,
                    help='JSONL file of {"prompt": str, "output_len": int} (instead of random prompts)')
+    p.add_argument("--stream-fraction", type=float, default=1.0, metavar="F",
+                   help="share of requests streamed (default 1: all); the rest are plain JSON requests")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="seeds the random prompts and the arrivals")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request limit, seconds")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any request failed (CI)")
     p.set_defaults(func=run_serve_bench)
 
 

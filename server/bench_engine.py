@@ -33,7 +33,8 @@ def weight_bytes_per_step(state_dict: dict[str, torch.Tensor], config: dict, bat
     size = torch.tensor([], dtype=dtype).element_size()
     total = 0
     for name, t in state_dict.items():
-        if name == "model.embed_tokens.weight" and not config.get("tie_word_embeddings"):
+        lookup = name in ("model.embed_tokens.weight", "model.embed_tokens.weight_b")  # B of a factorized one
+        if lookup and not config.get("tie_word_embeddings"):
             total += batch * t.shape[1] * size
         elif name == "model.embed_positions.weight":
             total += batch * t.shape[1] * size

@@ -1,14 +1,18 @@
 """A load generator for an OpenAI-compatible server, measuring what ``vllm bench serve`` measures.
 
-Every request is a streamed ``/v1/completions`` call (SSE, ``stream_options.include_usage``,
-``ignore_eos``) so that the server generates exactly ``max_tokens`` tokens. Requests arrive as a
-seeded Poisson process at ``request_rate`` req/s, or all at once (``inf``); ``max_concurrency``
-caps how many are in flight, so ``inf`` with a cap is a fixed-concurrency load.
+Every request is a ``/v1/completions`` call with ``ignore_eos``, so that the server generates exactly
+``max_tokens`` tokens; by default all are streamed (SSE, ``stream_options.include_usage``), and a
+``stream_fraction`` below 1 makes a seeded share of them plain JSON requests instead (a mixed load).
+Requests arrive as a seeded Poisson process at ``request_rate`` req/s, or all at once (``inf``);
+``max_concurrency`` caps how many are in flight, so ``inf`` with a cap is a fixed-concurrency load.
 
-Per request: TTFT (send to the first chunk with non-empty text), ITL (gaps between consecutive
-non-empty chunks), E2E (send to the end of the stream), TPOT ((E2E - TTFT) / (output tokens - 1))
-and the token counts of the final usage chunk. A request fails on a non-200 status, an error event
-in the stream, a stream without a usage chunk or ``[DONE]``, a connection error or its timeout.
+Per request: the HTTP status, E2E (send to the end of the response), the token counts of the usage
+object and the variant that answered (the ``x-modegpt-variant`` header of a canary-routed request, and
+the response's ``model``); for a streamed one also TTFT (send to the first chunk with non-empty text),
+ITL (gaps between consecutive non-empty chunks) and TPOT ((E2E - TTFT) / (output tokens - 1)). A
+request fails on a non-200 status, an error event in the stream, a stream without a usage chunk or
+``[DONE]``, a response without a finish reason or with fewer tokens than asked for (incomplete), a
+connection error or its timeout.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +40,15 @@ LATENCY_METRICS = (("ttft", "Time to First Token"), ("tpot", "Time per Output To
 class BenchRequest:
     prompt: str | list[int]  # text, or token ids (a prompt of exactly len(prompt) tokens)
     output_len: int
+    stream: bool = True
+
+
+def with_streaming(requests: list[BenchRequest], stream_fraction: float, seed: int = 0) -> list[BenchRequest]:
+    """``requests`` where a seeded ``stream_fraction`` of them stream (the others are plain requests)."""
+    if not 0.0 <= stream_fraction <= 1.0:
+        raise ValueError("--stream-fraction must be between 0 and 1")
+    rng = random.Random(f"stream-{seed}")
+    return [BenchRequest(r.prompt, r.output_len, rng.random() < stream_fraction) for r in requests]
 
 
 def random_requests(num: int, input_len: int, output_len: int, vocab_size: int = 1000,
@@ -91,8 +105,12 @@ def arrival_times(num: int, request_rate: float, seed: int = 0) -> list[float]:
 class RequestResult:
     ok: bool = False
     error: str = ""
+    stream: bool = True
+    status: int | None = None  # HTTP status (None: no response)
+    variant: str | None = None  # the x-modegpt-variant header
+    model: str | None = None  # the response's model field
     start: float = 0.0  # send time, seconds after the benchmark start
-    ttft: float = 0.0  # seconds
+    ttft: float | None = None  # seconds (streamed requests)
     e2e: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds
     prompt_tokens: int = 0
@@ -100,14 +118,17 @@ class RequestResult:
 
     @property
     def tpot(self) -> float | None:
-        if not self.ok or self.output_tokens < 2:
+        if not self.ok or self.ttft is None or self.output_tokens < 2:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
-def completion_body(model: str | None, req: BenchRequest, temperature: float) -> dict:
+def completion_body(model: str | None, req: BenchRequest, temperature: float,
+                    extra_body: dict | None = None) -> dict:
     body = {"prompt": req.prompt, "max_tokens": req.output_len, "temperature": temperature,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": req.stream, **(extra_body or {})}
+    if req.stream:
+        body["stream_options"] = {"include_usage": True}
     if model is not None:
         body["model"] = model
     return body
@@ -117,7 +138,7 @@ async def _read_stream(resp: httpx.Response, t0: float, out: RequestResult) -> N
     """Fill ``out`` from an SSE completion stream; raise ``RuntimeError`` on a malformed stream."""
     last = None
     first_any = None  # the first chunk with choices, the TTFT when no chunk carries text
-    done = usage = False
+    done = usage = finished = False
     async for line in resp.aiter_lines():
         if not line.startswith("data:"):
             continue  # blank separators, comments
@@ -133,6 +154,8 @@ async def _read_stream(resp: httpx.Response, t0: float, out: RequestResult) -> N
         choices = event.get("choices") or []
         if choices and first_any is None:
             first_any = now
+            out.model = event.get("model")
+        finished = finished or any(c.get("finish_reason") for c in choices)
         if any(c.get("text") for c in choices):
             if last is None:
                 out.ttft = now - t0
@@ -148,23 +171,48 @@ async def _read_stream(resp: httpx.Response, t0: float, out: RequestResult) -> N
         raise RuntimeError("stream ended without [DONE]")
     if not usage:
         raise RuntimeError("no usage chunk")
+    if not finished:
+        raise RuntimeError("incomplete: no finish_reason")
     if last is None:
         out.ttft = (first_any - t0) if first_any is not None else out.e2e
 
 
+def _read_json(data: bytes, out: RequestResult) -> None:
+    """Fill ``out`` from a plain completion response; raise ``RuntimeError`` when it is incomplete."""
+    resp = json.loads(data)
+    choices = resp.get("choices") or []
+    usage = resp.get("usage") or {}
+    if not choices or not all(c.get("finish_reason") for c in choices):
+        raise RuntimeError("incomplete: no finish_reason")
+    if not usage:
+        raise RuntimeError("no usage")
+    out.model = resp.get("model")
+    out.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    out.output_tokens = int(usage.get("completion_tokens") or 0)
+
+
 async def send_request(client: httpx.AsyncClient, url: str, body: dict, timeout: float,
                        bench_start: float) -> RequestResult:
-    """One streamed completion; never raises (a failure is ``ok=False`` with ``error``)."""
-    out = RequestResult()
+    """One completion, streamed or not as ``body`` says; never raises (a failure is ``ok=False`` with
+    ``error``)."""
+    out = RequestResult(stream=bool(body.get("stream")))
     t0 = time.perf_counter()
     out.start = t0 - bench_start
     try:
         async with asyncio.timeout(timeout):
             async with client.stream("POST", url, json=body) as resp:
+                out.status = resp.status_code
+                out.variant = resp.headers.get("x-modegpt-variant")
                 if resp.status_code != 200:
                     text = (await resp.aread()).decode(errors="replace")[:300]
                     raise RuntimeError(f"HTTP {resp.status_code}: {text}")
-                await _read_stream(resp, t0, out)
+                if out.stream:
+                    await _read_stream(resp, t0, out)
+                else:
+                    _read_json(await resp.aread(), out)
+                    out.e2e = time.perf_counter() - t0
+        if out.output_tokens != body["max_tokens"]:
+            raise RuntimeError(f"incomplete: {out.output_tokens} of {body['max_tokens']} tokens")
         out.ok = True
     except TimeoutError:
         out.error = f"timeout after {timeout:g} s"
@@ -185,8 +233,10 @@ class LoadResult:
 
 async def run_load(base_url: str, model: str | None, requests: list[BenchRequest],
                    request_rate: float = math.inf, max_concurrency: int | None = None,
-                   seed: int = 0, timeout: float = 300.0, temperature: float = 0.0) -> LoadResult:
-    """Send every request at its arrival time (at most ``max_concurrency`` in flight) and wait for all."""
+                   seed: int = 0, timeout: float = 300.0, temperature: float = 0.0,
+                   extra_body: dict | None = None) -> LoadResult:
+    """Send every request at its arrival time (at most ``max_concurrency`` in flight) and wait for all;
+    ``extra_body``: more request fields for every request."""
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError("--max-concurrency must be >= 1")
     if timeout <= 0:
@@ -201,7 +251,7 @@ async def run_load(base_url: str, model: str | None, requests: list[BenchRequest
         start = time.perf_counter()
 
         async def one(req: BenchRequest) -> RequestResult:
-            body = completion_body(model, req, temperature)
+            body = completion_body(model, req, temperature, extra_body)
             if gate is None:
                 return await send_request(client, url, body, timeout, start)
             async with gate:
@@ -245,6 +295,7 @@ def _stats_ms(values: list[float]) -> dict[str, float | None]:
 def summarize(load: LoadResult) -> dict:
     """vLLM's ``BenchmarkMetrics``: counts, throughputs and latency statistics (ms)."""
     done = [r for r in load.results if r.ok]
+    streamed = [r for r in done if r.stream]
     dur = load.duration
     inp = sum(r.prompt_tokens for r in done)
     outp = sum(r.output_tokens for r in done)
@@ -254,12 +305,21 @@ def summarize(load: LoadResult) -> dict:
         "request_throughput": len(done) / dur if dur > 0 else 0.0,
         "output_throughput": outp / dur if dur > 0 else 0.0,
         "total_token_throughput": (inp + outp) / dur if dur > 0 else 0.0,
+        "streamed": len(streamed), "non_streamed": len(done) - len(streamed),
+        "http_status": _counts(str(r.status) if r.status is not None else "none" for r in load.results),
+        "by_variant": _counts(r.variant or "unattributed" for r in done),
     }
-    series = {"ttft": [r.ttft for r in done], "tpot": [r.tpot for r in done if r.tpot is not None],
-              "itl": [g for r in done for g in r.itl], "e2el": [r.e2e for r in done]}
+    series = {"ttft": [r.ttft for r in streamed], "tpot": [r.tpot for r in streamed if r.tpot is not None],
+              "itl": [g for r in streamed for g in r.itl], "e2el": [r.e2e for r in done]}
     for name, values in series.items():
         summary[f"{name}_ms"] = _stats_ms(values)
+    summary["e2el_ms_by_variant"] = {v: _stats_ms([r.e2e for r in done if (r.variant or "unattributed") == v])
+                                     for v in summary["by_variant"]}
     return summary
+
+
+def _counts(keys) -> dict[str, int]:
+    return dict(sorted(Counter(keys).items()))
 
 
 def format_report(summary: dict, max_concurrency: int | None = None, request_rate: float = math.inf) -> str:
@@ -276,7 +336,12 @@ def format_report(summary: dict, max_concurrency: int | None = None, request_rat
              row("Total generated tokens:", summary["total_output_tokens"], "{}"),
              row("Request throughput (req/s):", summary["request_throughput"]),
              row("Output token throughput (tok/s):", summary["output_throughput"]),
-             row("Total token throughput (tok/s):", summary["total_token_throughput"])]
+             row("Total token throughput (tok/s):", summary["total_token_throughput"]),
+             row("Streamed / non-streamed requests:", f"{summary['streamed']} / {summary['non_streamed']}", "{}"),
+             row("HTTP status counts:", ", ".join(f"{k}: {v}" for k, v in summary["http_status"].items()), "{}")]
+    if set(summary["by_variant"]) != {"unattributed"}:
+        lines.append(row("Answered by variant:", ", ".join(f"{k}: {v}" for k, v in summary["by_variant"].items()),
+                         "{}"))
     for name, title in LATENCY_METRICS:
         stats = summary[f"{name}_ms"]
         lines.append(f"{title:-^50}")
@@ -292,7 +357,7 @@ def per_request_records(load: LoadResult) -> list[dict]:
     out = []
     for r in load.results:
         d = asdict(r)
-        d.update(start_ms=r.start * 1000, ttft_ms=r.ttft * 1000, e2e_ms=r.e2e * 1000,
+        d.update(start_ms=r.start * 1000, ttft_ms=None if r.ttft is None else r.ttft * 1000, e2e_ms=r.e2e * 1000,
                  itl_ms=[g * 1000 for g in r.itl], tpot_ms=None if r.tpot is None else r.tpot * 1000)
         for k in ("start", "ttft", "e2e", "itl"):
             del d[k]
@@ -301,4 +366,4 @@ def per_request_records(load: LoadResult) -> list[dict]:
 
 
 __all__ = ["HEADER", "BenchRequest", "RequestResult", "LoadResult", "random_requests", "dataset_requests",
-           "arrival_times", "run_load", "fetch_model_id", "summarize", "format_report", "per_request_records"]
+           "with_streaming", "arrival_times", "run_load", "fetch_model_id", "summarize", "format_report", "per_request_records"]

@@ -155,3 +155,32 @@ def test_timeouts_and_rejections_count_as_failures(stack):
     assert all(not r.ok and r.error.startswith("HTTP 400") for r in rejected.results)
     summary = summarize(LoadResult(slow.results + rejected.results, slow.duration + rejected.duration))
     assert (summary["completed"], summary["failed"]) == (0, 5)
+
+
+def test_mixed_streaming_and_plain_requests(stack, tmp_path):
+    out = tmp_path / "mixed.json"
+    rc = bench(["--base-url", stack.url, "--model", "tiny-random", "--num-prompts", "30", "--max-concurrency", "6",
+                "--input-len", "8", "--output-len", "5", "--vocab-size", "300", "--stream-fraction", "0.5",
+                "--strict", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0 and (res["completed"], res["failed"], res["stream_fraction"]) == (30, 0, 0.5)
+    assert res["streamed"] + res["non_streamed"] == 30 and 5 < res["streamed"] < 25
+    assert res["http_status"] == {"200": 30}
+    assert res["by_variant"] == {"unattributed": 30}  # no canary in front of tiny-random
+    for r in res["requests"]:
+        assert r["ok"] and r["status"] == 200 and r["model"] == "tiny-random" and r["output_tokens"] == 5
+        if r["stream"]:
+            assert 0 < r["ttft_ms"] <= r["e2e_ms"] and r["tpot_ms"] is not None
+        else:
+            assert r["ttft_ms"] is None and r["tpot_ms"] is None and r["itl_ms"] == []
+    assert res["e2el_ms"]["mean"] > 0 and res["ttft_ms"]["mean"] > 0
+
+
+def test_an_incomplete_answer_is_a_failure(stack):
+    # a stop token the scripted model reaches after 3 tokens: 200 OK, but fewer tokens than asked for
+    body_ids = stack.tokenizer("hello", add_special_tokens=False)["input_ids"]
+    third = stack.chain[(stack.chain.index(body_ids[-1]) + 3) % len(stack.chain)]
+    load = asyncio.run(run_load(stack.url, "tiny-script", [BenchRequest("hello", 8), BenchRequest("hello", 8, False)],
+                                timeout=30, extra_body={"stop_token_ids": [third]}))
+    assert [r.error for r in load.results] == ["incomplete: 3 of 8 tokens"] * 2
+    assert [r.status for r in load.results] == [200, 200]

@@ -8,7 +8,13 @@ Canary routes (``Route.canary`` set): a request the router sent to the compresse
 (engine error, or no first event within the stall timeout) before any output was sent is retried on
 the original, invisibly; the outcome goes to the canary (rollout analysis, tripwire, metrics); after
 the response is complete, a sampled request is handed to the shadow worker (comparison, optional
-shadow run on the other variant). ``plan.route`` always names the variant that actually answered.
+shadow run on the other variant). ``plan.route`` always names the variant that actually answered. A
+failed original attempt of a request the router placed itself (weight, sticky, fallback) is retried on
+the compressed model when that is up (``failover``).
+
+Remote models (``route.served.remote``): ``plan_for`` leaves tokenizing and length checks to the
+backend, and the one attempt of ``_complete_runs`` / ``_stream_body`` forwards the request
+(``server.remote.forward``); the canary logic around attempts is the same for both kinds.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from server.canary.shadow import Output
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from server.remote.forward import RemoteCompletions
 
 from .choice import ChoiceSpec, ChoiceState
 from .errors import APIError, error_body
@@ -66,6 +74,7 @@ class CompletionService:
     def __init__(self, registry: ModelRegistry, metrics: ServerMetrics):
         self.registry = registry
         self.metrics = metrics
+        self.remote = RemoteCompletions()
         self._texts: dict[int, TokenTexts] = {}
 
     # -- preparing ---------------------------------------------------------------------------------
@@ -75,6 +84,13 @@ class CompletionService:
         (the HTTP request's) feed the canary router."""
         route = self.registry.resolve(req.model, headers, req.user)
         req.check()
+        return self.plan_for(req, route)
+
+    def plan_for(self, req: CompletionRequest, route: Route) -> Plan:
+        """``req`` checked against ``route``'s model. An in-process model tokenizes and checks lengths
+        here; a remote model's backend does that itself (its 4xx answers reach the client as they are)."""
+        if route.served.remote is not None:
+            return Plan(route, [Prompt(p if isinstance(p, str) else "", []) for p in req.prompts()], [])
         engine = route.served.engine
         prompts = self._tokenize(req, engine)
         for p in prompts:
@@ -215,6 +231,7 @@ class CompletionService:
                     run.timer.token(time.monotonic())
                 run.state.add(item)
                 if item.finish_reason == "error":
+                    self._finish(engine, run, "error", engine_done=True)  # counted as an error in the metrics
                     raise APIError("Internal server error: the engine failed on this request", status=500)
                 if run.state.finished:
                     self._finish(engine, run, run.state.finish_reason, engine_done=item.finished)
@@ -267,11 +284,15 @@ class CompletionService:
         resp, _ = await self._complete_runs(req, plan)
         return resp
 
-    async def _complete_runs(self, req: CompletionRequest, plan: Plan,
-                             stall_s: float | None = None) -> tuple[CompletionResponse, list[Run]]:
+    async def _complete_runs(self, req: CompletionRequest, plan: Plan, stall_s: float | None = None,
+                             timed: bool = True) -> tuple[CompletionResponse, Output | None]:
+        """One attempt: the response, and its first choice as an ``Output`` (for comparisons). A remote
+        model's attempt has no stall timeout (its backend's read timeout applies)."""
         cmpl_id, created, arrival = completion_id(), int(time.time()), time.monotonic()
         route, prompts = plan.route, plan.prompts
-        runs = self.build_runs(req, plan, cmpl_id, arrival)
+        if route.served.remote is not None:
+            return await self.remote.complete(req, route, cmpl_id)
+        runs = self.build_runs(req, plan, cmpl_id, arrival, timed)
         async for _ in _first_within(self.drive(route.served.engine, runs), stall_s):
             pass
         choices = []
@@ -281,7 +302,7 @@ class CompletionService:
                                                     finish_reason=s.finish_reason, stop_reason=s.stop_reason))
         resp = CompletionResponse(id=cmpl_id, created=created, model=route.public_id, choices=choices,
                                   usage=self.usage(prompts, runs))
-        return resp, runs
+        return resp, _first_output(runs)
 
     async def stream(self, req: CompletionRequest, plan: Plan) -> AsyncIterator[str]:
         if plan.route.canary is not None:
@@ -297,11 +318,15 @@ class CompletionService:
         yield "data: [DONE]\n\n"
 
     async def _stream_body(self, req: CompletionRequest, plan: Plan, cmpl_id: str, created: int, arrival: float,
-                           runs_out: list, stall_s: float | None = None) -> AsyncIterator[str]:
-        """The data events of one attempt (errors are raised, not written)."""
+                           first_out: list, stall_s: float | None = None) -> AsyncIterator[str]:
+        """The data events of one attempt (errors are raised, not written); once it is complete,
+        ``first_out`` holds its first choice as an ``Output``."""
         route, prompts = plan.route, plan.prompts
+        if route.served.remote is not None:
+            async for chunk in _first_within(self.remote.stream(req, route, cmpl_id, first_out), stall_s):
+                yield chunk
+            return
         runs = self.build_runs(req, plan, cmpl_id, arrival)
-        runs_out[:] = runs
 
         def event(choices: list[CompletionResponseChoice], usage: UsageInfo | None = None) -> str:
             chunk = CompletionStreamResponse(id=cmpl_id, object="text_completion", created=created,
@@ -316,16 +341,18 @@ class CompletionService:
                 yield event([choice])
         if req.include_usage():
             yield event([], self.usage(prompts, runs))
+        first_out[:] = [_first_output(runs)]
 
     # -- canary routes -----------------------------------------------------------------------------
 
-    def _fallback(self, plan: Plan) -> None:
-        """Point ``plan`` at the original (the compressed attempt failed before any output)."""
+    def _retry_elsewhere(self, req: CompletionRequest, plan: Plan, failure: str) -> None:
+        """Point ``plan`` at the variant the canary retries a failed attempt on (nothing was sent yet)."""
         route = plan.route
-        fb = self.registry.canary_route(route.canary.fallback(), route.requested)
-        for p in plan.prompts:
-            self._check_length(len(p.ids), plan.params[0].max_tokens if plan.params else 0, fb.served.max_model_len)
-        plan.route = fb
+        new = self.plan_for(req, self.registry.canary_route(route.canary.retry_decision(route.decision),
+                                                            route.requested))
+        log.warning("%s attempt failed (%s); retrying the request on the %s", route.variant, failure,
+                    new.route.variant)
+        plan.route, plan.prompts, plan.params = new.route, new.prompts, new.params
 
     async def _complete_canary(self, req: CompletionRequest, plan: Plan) -> CompletionResponse:
         route = plan.route
@@ -333,23 +360,22 @@ class CompletionService:
         arrival, wall = time.monotonic(), time.time()
         failure = None
         try:
-            resp, runs = await self._complete_runs(req, plan, _stall_for(route))
+            resp, first = await self._complete_runs(req, plan, _stall_for(route))
         except Exception as e:
             if not _retryable(route, e):
                 if _server_error(e):
                     canary.record(decision, route.variant, False, None, _describe(e))
                 raise
             failure = _describe(e)
-            log.warning("compressed attempt failed (%s); retrying request on the original", failure)
-            self._fallback(plan)
+            self._retry_elsewhere(req, plan, failure)
             try:
-                resp, runs = await self._complete_runs(req, plan)
+                resp, first = await self._complete_runs(req, plan)
             except Exception as e2:
                 canary.record(decision, plan.route.variant, False, None, failure)
                 raise e2
         canary.record(decision, plan.route.variant, True, time.monotonic() - arrival, failure)
         if failure is None:
-            self._offer_comparison(req, plan, runs, resp.id, wall)
+            self._offer_comparison(req, plan, first, resp.id, wall)
         return resp
 
     async def _stream_canary(self, req: CompletionRequest, plan: Plan) -> AsyncIterator[str]:
@@ -358,23 +384,22 @@ class CompletionService:
         cmpl_id, created, arrival, wall = completion_id(), int(time.time()), time.monotonic(), time.time()
         failure = None
         sent = False
-        runs: list[Run] = []
+        first: list[Output | None] = []
         try:
             try:
-                async for chunk in self._stream_body(req, plan, cmpl_id, created, arrival, runs, _stall_for(route)):
+                async for chunk in self._stream_body(req, plan, cmpl_id, created, arrival, first, _stall_for(route)):
                     sent = True
                     yield chunk
             except Exception as e:
                 if sent or not _retryable(route, e):
                     raise
                 failure = _describe(e)
-                log.warning("compressed attempt failed (%s); retrying request on the original", failure)
-                self._fallback(plan)
-                async for chunk in self._stream_body(req, plan, cmpl_id, created, arrival, runs):
+                self._retry_elsewhere(req, plan, failure)
+                async for chunk in self._stream_body(req, plan, cmpl_id, created, arrival, first):
                     yield chunk
             canary.record(decision, plan.route.variant, True, time.monotonic() - arrival, failure)
             if failure is None:
-                self._offer_comparison(req, plan, runs, cmpl_id, wall)
+                self._offer_comparison(req, plan, first[0] if first else None, cmpl_id, wall)
         except APIError as e:
             if _server_error(e):
                 canary.record(decision, plan.route.variant, False, None, failure or _describe(e))
@@ -384,22 +409,21 @@ class CompletionService:
             yield _sse_error(APIError("Internal server error: the engine stalled", status=500))
         yield "data: [DONE]\n\n"
 
-    def _offer_comparison(self, req: CompletionRequest, plan: Plan, runs: list[Run], cmpl_id: str,
+    def _offer_comparison(self, req: CompletionRequest, plan: Plan, first: Output | None, cmpl_id: str,
                           started: float) -> None:
-        """Hand a sampled answered request to the canary's shadow worker (never raises)."""
-        from server.canary.shadow import Output, ShadowJob
+        """Hand a sampled answered request (``first``: its first choice) to the canary's shadow worker
+        (never raises). A remote answer to a token-id prompt has no prompt text to score: not compared."""
+        from server.canary.shadow import ShadowJob
 
         route = plan.route
         try:
             compare, shadow = route.canary.sample(route.requested, route.decision)
-            if not compare or not runs or runs[0].request is None or not runs[0].state.token_ids:
+            prompt = plan.prompts[0]
+            if not compare or first is None or not (first.token_ids or first.text) or not (prompt.ids or prompt.text):
                 return
-            first = runs[0].state
             job = ShadowJob(request_id=cmpl_id, public_id=route.canary.public_id, route_reason=route.reason,
-                            served_variant=route.variant, prompt_text=plan.prompts[0].text,
-                            prompt_ids=list(plan.prompts[0].ids),
-                            served=Output(first.text, list(first.token_ids), first.finish_reason),
-                            started_at=started, finished_at=time.time(),
+                            served_variant=route.variant, prompt_text=prompt.text, prompt_ids=list(prompt.ids),
+                            served=first, started_at=started, finished_at=time.time(),
                             run_other=self._other_runner(req, plan, cmpl_id) if shadow else None)
             route.canary.submit(job)
         except Exception:
@@ -407,25 +431,24 @@ class CompletionService:
 
     def _other_runner(self, req: CompletionRequest, plan: Plan, cmpl_id: str):
         """A coroutine factory: the request's first prompt and first sample on the other variant, with the
-        same sampling params (seed included), not timed in the vLLM metrics."""
+        same sampling params (seed included), not timed in the vLLM metrics (a remote backend counts it in
+        its own)."""
         from server.canary.router import COMPRESSED, ORIGINAL
-        from server.canary.shadow import Output
 
         route = plan.route
         other_variant = ORIGINAL if route.variant == COMPRESSED else COMPRESSED
         other = route.canary.served(other_variant)
-        sub = Plan(Route(other.name, other, variant=other_variant), [plan.prompts[0]], [plan.params[0]])
+        one = req.model_copy(update={"prompt": req.prompts()[0], "n": 1, "best_of": None, "echo": False,
+                                     "logprobs": None, "stream": False, "stream_options": None})
 
         async def run() -> Output:
-            engine = other.engine
-            if not getattr(engine, "is_running", True):
-                raise RuntimeError(f"{other.name}: engine is not running")
-            self._check_length(len(sub.prompts[0].ids), sub.params[0].max_tokens, other.max_model_len)
-            runs = self.build_runs(req, sub, f"{cmpl_id}-shadow", time.monotonic(), timed=False)
-            async for _ in self.drive(engine, runs):
-                pass
-            s = runs[0].state
-            return Output(s.text, list(s.token_ids), s.finish_reason)
+            if not other.up:
+                raise RuntimeError(f"{other.name}: not in service")
+            sub = self.plan_for(one, Route(other.name, other, variant=other_variant))
+            _, out = await self._complete_runs(one, sub, timed=False)
+            if out is None:
+                raise RuntimeError(f"{other.name}: the shadow run produced no comparable output")
+            return out
 
         return run
 
@@ -485,8 +508,18 @@ def _server_error(e: Exception) -> bool:
 
 
 def _retryable(route: Route, e: Exception) -> bool:
-    """A compressed attempt that failed on the server side (not on the request) is retried."""
-    return route.variant == "compressed" and _server_error(e)
+    """A canary attempt that failed on the server side (not on the request) is retried where the canary
+    says (``Canary.retry_decision``: compressed -> original; original -> compressed when that is up)."""
+    return (_server_error(e) and route.canary is not None
+            and route.canary.retry_decision(route.decision) is not None)
+
+
+def _first_output(runs: list[Run]) -> Output | None:
+    """The first run (prompt 0, sample 0) as a compared output; None when nothing was generated."""
+    if not runs or runs[0].request is None:
+        return None
+    s = runs[0].state
+    return Output(s.text, list(s.token_ids), s.finish_reason)
 
 
 def _describe(e: Exception) -> str:

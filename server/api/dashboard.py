@@ -113,7 +113,7 @@ def build_dashboard_router(registry: ModelRegistry, metrics: Any) -> APIRouter:
     """``metrics``: the app's ``ServerMetrics`` (its ``registry`` holds the vllm:* and modegpt_* families)."""
     router = APIRouter()
 
-    @router.get("/dashboard")
+    @router.get("/dashboard", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(dashboard_html(), headers=_HEADERS)
 

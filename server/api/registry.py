@@ -3,7 +3,9 @@
 ``ModelRegistry`` is the one object that resolves the ``model`` field of a request: the served models
 (original, compressed) under their own names plus aliases (the public NAME, which points at the
 original). With a canary attached (``set_canary``), ``resolve`` hands the public id and the two variants'
-ids to ``server.canary.canary.Canary.route`` instead; nothing else in the API looks engines up.
+ids to ``server.canary.canary.Canary.route`` instead; nothing else in the API looks engines up. A served
+model is an in-process engine or a remote backend (``ServedModel.remote``); the completion service
+forwards the requests of the latter (``server.remote``).
 """
 from __future__ import annotations
 
@@ -17,18 +19,35 @@ from .protocol import ModelCard
 
 @dataclass
 class ServedModel:
-    """One engine and its identity."""
+    """One model and its identity: an in-process ``engine``, or a ``remote`` backend that its requests
+    are forwarded to (``server.remote``; ``engine`` is then None)."""
 
     name: str  # served model name; also the ``model_name`` metrics label
-    engine: Any  # server.engine.async_engine.AsyncEngine
-    root: str | None = None  # where the weights came from (HF id, checkpoint path)
+    engine: Any  # server.engine.async_engine.AsyncEngine (None for a remote model)
+    root: str | None = None  # where the weights came from (HF id, checkpoint path; a remote model's own id)
     parent: str | None = None  # the model this one derives from (the original, for a compressed one)
     variant: str | None = None  # "original" | "compressed": the ``variant`` metrics label (None: the name)
     created: int = field(default_factory=lambda: int(time.time()))
+    remote: Any = None  # server.remote.backend.RemoteBackend
 
     @property
-    def max_model_len(self) -> int:
+    def max_model_len(self) -> int | None:
+        if self.remote is not None:
+            return self.remote.max_model_len
         return int(self.engine.max_model_len)
+
+    @property
+    def up(self) -> bool:
+        """Can it serve now: the engine runs, or the remote backend is in service (not ejected)."""
+        if self.remote is not None:
+            return self.remote.health.up
+        return bool(getattr(self.engine, "is_running", True))
+
+    def shutdown(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+        else:
+            self.engine.shutdown()
 
 
 @dataclass
@@ -94,9 +113,11 @@ class ModelRegistry:
             return f"model loading failed: {self.load_error}"
         if not self.ready:
             return "models are loading"
-        stopped = [m.name for m in self._models.values() if not m.engine.is_running]
+        stopped = [m.name for m in self._models.values() if m.remote is None and not m.engine.is_running]
         if stopped:
             return f"engine not running: {', '.join(stopped)}"
+        if not any(m.up for m in self._models.values()):  # only remote models, all out of service
+            return f"no backend in service: {', '.join(self._models)}"
         return None
 
     def served(self) -> list[ServedModel]:

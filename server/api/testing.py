@@ -96,8 +96,9 @@ class TinyStack:
     - ``tiny``: an alias of ``tiny-random`` (the public NAME).
     """
 
-    def __init__(self, variants: dict[str, str] | None = None):
-        """``variants``: served model name -> ``variant`` metrics label (default: the name itself)."""
+    def __init__(self, variants: dict[str, str] | None = None, admission=None):
+        """``variants``: served model name -> ``variant`` metrics label (default: the name itself);
+        ``admission``: the app's ``server.api.admission.Admission`` (default limits when None)."""
         from server.engine.async_engine import AsyncEngine
         from server.engine.testing import byte_tokenizer
 
@@ -121,7 +122,7 @@ class TinyStack:
                                       variant=variants.get("tiny-script")))
         self.registry.add_alias("tiny", "tiny-random")
         self.registry.mark_ready()
-        self.app = build_app(self.registry)
+        self.app = build_app(self.registry, admission=admission)
         self.server = ServerThread(self.app).start()
 
     @property

@@ -3,10 +3,15 @@ shadow worker for one (original, compressed) pair under one public id, and wires
 (``server.canary.metrics.CanaryMetrics``) and, optionally, to the review queue.
 
 - ``route(model_id, headers, user)``: a ``Decision``; a decision for the compressed variant whose
-  engine is not running disables the canary at once (``engine_failure``) and falls back to the original.
+  engine is not running (or whose remote backend is ejected) disables the canary at once
+  (``engine_failure``) and falls back to the original; a weight / sticky / fallback decision for an
+  original that is down goes to a compressed variant that is up (``failover``).
+- ``retry_decision(decision)``: where a request goes whose attempt failed before any output: a failed
+  compressed attempt to the original, a failed original attempt (not critical, not pinned) to a
+  compressed variant that is up.
 - ``sample(decision)``: whether to compare this request's answer (score it under both models) and
   whether to also shadow-run it on the other variant. Only requests to the public id, not critical,
-  not fallback, and only while the compressed engine is up.
+  not fallback or failover, and only while both variants are up.
 - ``record(...)``: a request's outcome (rollout analysis, error / stall tripwire, request counter).
 - comparisons from the shadow worker go to the rollout window, the metrics and the subscribers.
 """
@@ -27,7 +32,8 @@ from .shadow import Comparison, ShadowJob, ShadowWorker
 
 log = logging.getLogger(__name__)
 
-NO_COMPARE = ("critical", "fallback", "pinned_model")
+NO_COMPARE = ("critical", "fallback", "pinned_model", "failover")
+FAILOVER_FROM = ("weight", "sticky", "fallback")  # the router's own choices; never critical or pinned
 
 
 class Canary:
@@ -42,9 +48,19 @@ class Canary:
                                    enabled=config.enabled)
         self.rollout = RolloutController(config.rollout, self.router, clock=clock, on_change=self._state_changed,
                                          on_rollback=self._rolled_back)
+        scorer = None
+        if original.remote is not None or compressed.remote is not None:
+            from server.remote.scoring import scorer_for
+
+            scorer = scorer_for(original, compressed)  # top-k echo scoring over the API
+            for variant, served in self.models.items():
+                if served.remote is not None:
+                    served.remote.health.subscribe(
+                        lambda up, reason, variant=variant: self._backend_changed(variant, up, reason))
+        self.scoring_top_k: int | None = scorer.k if scorer is not None else None
         self.shadow = ShadowWorker(original.engine, compressed.engine, original.name, compressed.name,
                                    queue_size=config.shadow.queue_size, workers=config.shadow.workers,
-                                   on_shadow_result=self._shadow_result)
+                                   on_shadow_result=self._shadow_result, scorer=scorer)
         self.shadow.subscribe(self._on_comparison)
         self._rng = random.Random(None if config.seed is None else config.seed + 1)
         self._rng_lock = threading.Lock()
@@ -56,8 +72,9 @@ class Canary:
         self.review_queue = None
         if review_queue is not None:
             self.attach_review(review_queue)
-        if metrics is not None:
-            metrics.set_variant_models(original.name, compressed.name)
+        if metrics is not None:  # the model_name of the variant's vllm:* series (a remote backend's own id)
+            metrics.set_variant_models(*(m.remote.model_id if m.remote is not None else m.name
+                                         for m in (original, compressed)))
         if config.enabled and config.rollout.auto_start:
             self.rollout.start()
         self._state_changed(self.rollout)
@@ -90,23 +107,42 @@ class Canary:
     # -- routing -------------------------------------------------------------------------------------
 
     def compressed_up(self) -> bool:
-        return bool(getattr(self.models[COMPRESSED].engine, "is_running", True))
+        return self.models[COMPRESSED].up
+
+    def original_up(self) -> bool:
+        return self.models[ORIGINAL].up
 
     def route(self, model_id: str | None, headers=None, user: str | None = None) -> Decision:
         d = self.router.decide(model_id, headers or {}, user)
         if d.variant == COMPRESSED and not self.compressed_up():
-            self.rollout.engine_failure("compressed engine is not running")
-            d = Decision(ORIGINAL, "fallback", self.models[ORIGINAL].name)
+            remote = self.models[COMPRESSED].remote is not None
+            self.rollout.engine_failure("compressed backend is out of service" if remote
+                                        else "compressed engine is not running")
+            d = self.fallback()
+        elif d.variant == ORIGINAL and d.reason in FAILOVER_FROM and not self.original_up() and self.compressed_up():
+            d = self.failover()
         return d
 
     def fallback(self) -> Decision:
         return Decision(ORIGINAL, "fallback", self.models[ORIGINAL].name)
 
+    def failover(self) -> Decision:
+        return Decision(COMPRESSED, "failover", self.models[COMPRESSED].name)
+
+    def retry_decision(self, decision: Decision) -> Decision | None:
+        """Where to retry a request whose attempt per ``decision`` failed before any output (None: it
+        fails)."""
+        if decision.variant == COMPRESSED:
+            return self.fallback()
+        if decision.reason in FAILOVER_FROM and self.compressed_up():
+            return self.failover()
+        return None
+
     def sample(self, model_id: str | None, decision: Decision) -> tuple[bool, bool]:
         """(compare, shadow) for a request to ``model_id`` answered per ``decision``."""
         if model_id != self.public_id or decision.reason in NO_COMPARE or not self.router.enabled:
             return False, False
-        if not self.compressed_up():
+        if not (self.compressed_up() and self.original_up()):
             return False, False
         with self._rng_lock:
             u, v = self._rng.random(), self._rng.random()
@@ -132,7 +168,10 @@ class Canary:
             if variant != decision.variant or failure is None:
                 self.rollout.record_outcome(variant, ok, latency_s)
             if self.metrics is not None:
-                reason = decision.reason if variant == decision.variant else "fallback"
+                if variant == decision.variant:
+                    reason = decision.reason
+                else:
+                    reason = "fallback" if variant == ORIGINAL else "failover"
                 self.metrics.count_request(variant, reason)
         except Exception:
             log.exception("canary: recording an outcome failed")
@@ -160,6 +199,11 @@ class Canary:
                                 variant=c.served_variant, route_reason=c.route_reason, prompt=c.prompt_text,
                                 original_output=c.original_text, compressed_output=c.compressed_text,
                                 divergence=div)
+
+    def _backend_changed(self, variant: str, up: bool, reason: str) -> None:
+        """A remote backend's health changed: an ejected compressed backend is an engine failure."""
+        if variant == COMPRESSED and not up:
+            self.rollout.engine_failure(f"compressed backend: {reason}")
 
     def _shadow_result(self, result: str) -> None:
         if self.metrics is not None:
@@ -198,7 +242,8 @@ class Canary:
         s = self.rollout.snapshot()
         s.update(public_id=self.public_id, original=self.models[ORIGINAL].name,
                  compressed=self.models[COMPRESSED].name, shadow_fraction=self.config.shadow_fraction,
-                 sticky=self.router.sticky, compressed_up=self.compressed_up(),
+                 sticky=self.router.sticky, compressed_up=self.compressed_up(), original_up=self.original_up(),
+                 divergence_top_k=self.scoring_top_k,
                  shadow={"submitted": self.shadow.submitted, "dropped": self.shadow.dropped,
                          "errors": self.shadow.errors, "compared": self.shadow.compared,
                          "shadow_runs": self.shadow.shadow_runs, "pending": self.shadow.pending})

@@ -11,7 +11,7 @@ Metric (as scraped)                              type       labels / values
 ``modegpt_rollout_step``                         gauge      index of the current rollout step (-1: none)
 ``modegpt_variant_info{variant,model_name}``     gauge=1    which served ``model_name`` is the original / compressed
 ``modegpt_requests_total{variant,reason}``       counter    variant original|compressed;
-                                                            reason pinned_model|pinned_header|critical|sticky|weight|fallback
+                                                            reason pinned_model|pinned_header|critical|sticky|weight|fallback|failover
 ``modegpt_shadow_runs_total{result}``            counter    ok|error|dropped
 ``modegpt_comparisons_total``                    counter    compared (original, compressed) outputs
 ``modegpt_exact_match_total``                    counter    shadow comparisons whose two output texts were identical
@@ -39,8 +39,12 @@ Buckets (``le``), chosen so that ``histogram_quantile`` is meaningful around the
   agreement of exactly 1.0 falls in ``le="1.0"``.
 - first divergence position: powers of two 0, 1, 2, 4, ... 4096 tokens (POSITION_BUCKETS).
 
-The divergence metrics are computed in process from the full next-token distributions of both
-models on the same prefix (teacher forcing), not from top-k logprobs returned over HTTP.
+The divergence metrics of two in-process models are computed from their full next-token
+distributions on the same prefix (teacher forcing). When a variant is remote (an OpenAI-compatible
+backend, ``server/remote``) only the top-k logprobs of echo scoring are available (k <= 20 with vLLM and
+this server; ``modegpt_divergence_top_k``): the KL is then computed on the tokens both top-k lists hold
+plus one merged "rest" outcome, which is a LOWER BOUND of the full-vocabulary KL (``kl_max`` too);
+top-1 agreement, the log-prob gap and the first divergence stay exact.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ import math
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 VARIANTS = ("original", "compressed")
-ROUTE_REASONS = ("pinned_model", "pinned_header", "critical", "sticky", "weight", "fallback")
+ROUTE_REASONS = ("pinned_model", "pinned_header", "critical", "sticky", "weight", "fallback", "failover")
 ROLLOUT_STATES = ("idle", "progressing", "paused", "promoted", "rolled_back")
 SHADOW_RESULTS = ("ok", "error", "dropped")
 ROLLBACK_REASONS = ("kl", "agreement", "error_rate", "latency", "manual", "engine_failure")
@@ -63,8 +67,10 @@ GAP_BUCKETS = (-2.5, -1.0, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, 0.0, 0.01, 0
 AGREEMENT_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 POSITION_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
-_IN_PROCESS = ("Computed in process from the full next-token distributions of the original and the "
-               "compressed model on the same prefix (teacher forcing), one observation per comparison")
+_IN_PROCESS = ("One observation per comparison, from the next-token distributions of the original and the "
+               "compressed model on the same prefix (teacher forcing): the full distributions for in-process "
+               "models; for a remote variant only the top-k logprobs of echo scoring (k in "
+               "modegpt_divergence_top_k), where the KL is a lower bound of the full-vocabulary KL")
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> str:

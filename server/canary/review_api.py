@@ -28,6 +28,7 @@ from .review import MAX_LIST_LIMIT, STATUSES, ReviewError, ReviewQueue
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+SQLITE_INT_MAX = 2**63 - 1  # ids and offsets past it cannot reach SQLite (OverflowError)
 
 
 
@@ -61,7 +62,7 @@ def build_review_router(queue: ReviewQueue, metrics: Any = None, admin_keys: Ite
             v = int(raw)
         except ValueError:
             v = -1
-        if v < 0:
+        if not 0 <= v <= SQLITE_INT_MAX:
             raise LookupError
         return v
 
@@ -74,7 +75,7 @@ def build_review_router(queue: ReviewQueue, metrics: Any = None, admin_keys: Ite
             return _error(f"status must be one of {', '.join(STATUSES + ('all',))}, got {status!r}", 400, "status")
         try:
             limit = _int_param(request, "limit", 50, 1, MAX_LIST_LIMIT)
-            offset = _int_param(request, "offset", 0, 0, None)
+            offset = _int_param(request, "offset", 0, 0, SQLITE_INT_MAX)
         except ReviewError as e:
             return _error(str(e), 400, str(e).split(" ")[0])
         st = None if status == "all" else status

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 ORIGINAL = "original"
 COMPRESSED = "compressed"
 VARIANTS = (ORIGINAL, COMPRESSED)
-REASONS = ("pinned_model", "pinned_header", "critical", "sticky", "weight", "fallback")
+# "failover" is set by the Canary, not the router: the original is down, the compressed model answers
+REASONS = ("pinned_model", "pinned_header", "critical", "sticky", "weight", "fallback", "failover")
 
 VARIANT_HEADER = "x-modegpt-variant"
 CRITICAL_HEADER = "x-modegpt-critical"

@@ -6,7 +6,8 @@ raises: the job goes on a bounded asyncio queue, or is dropped and counted when 
 Worker tasks run the shadow generation (same prompt ids, same sampling params), score the answers
 under both engines (``divergence.score_continuations``) and hand a ``Comparison`` to every subscriber
 (the review module, the metrics, the rollout analysis). Any exception on that path is logged and
-counted (``errors``), never propagated.
+counted (``errors``), never propagated. A pair with a remote variant passes its own ``scorer``
+(``server.remote.scoring.TopKScorer``: echo scoring with top-k logprobs over the API).
 """
 from __future__ import annotations
 
@@ -86,13 +87,16 @@ class Comparison:
 
 
 Subscriber = Callable[[Comparison], Any]
+# (job, outputs in order) -> one Divergence per output
+Scorer = Callable[[ShadowJob, list[Output]], Awaitable[list[Divergence]]]
 
 
 class ShadowWorker:
     def __init__(self, original_engine: Any, compressed_engine: Any, original_id: str, compressed_id: str, *,
                  queue_size: int = 64, workers: int = 1,
-                 on_shadow_result: Callable[[str], None] | None = None):
+                 on_shadow_result: Callable[[str], None] | None = None, scorer: Scorer | None = None):
         self.engines = {ORIGINAL: original_engine, COMPRESSED: compressed_engine}
+        self.scorer: Scorer = scorer or self._score_in_process
         self.ids = {ORIGINAL: original_id, COMPRESSED: compressed_id}
         self.queue_size = queue_size
         self.n_workers = workers
@@ -193,6 +197,11 @@ class ShadowWorker:
 
     # -- one comparison ------------------------------------------------------------------------------
 
+    async def _score_in_process(self, job: ShadowJob, outputs: list[Output]) -> list[Divergence]:
+        """Both engines in process: full next-token distributions on the outputs' token ids."""
+        return await score_continuations(self.engines[ORIGINAL], self.engines[COMPRESSED], job.prompt_ids,
+                                         [o.token_ids for o in outputs])
+
     async def compare(self, job: ShadowJob) -> Comparison:
         outputs = {job.served_variant: job.served}
         other = COMPRESSED if job.served_variant == ORIGINAL else ORIGINAL
@@ -207,8 +216,7 @@ class ShadowWorker:
             self.shadow_runs += 1
             self._result("ok")
         order = [job.served_variant] + ([other] if shadow_variant else [])
-        divs = await score_continuations(self.engines[ORIGINAL], self.engines[COMPRESSED], job.prompt_ids,
-                                         [outputs[v].token_ids for v in order])
+        divs = await self.scorer(job, [outputs[v] for v in order])
         pool = pooled(divs, first_from=0)
         o, c = outputs.get(ORIGINAL), outputs.get(COMPRESSED)
         exact = (o.text == c.text) if (o is not None and c is not None) else None

@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 from torch import Tensor
@@ -68,6 +68,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._stats = self.engine.stats()
+        # Fault injection for tests (never set in production): a callable run in the engine thread before
+        # every step. An exception from it is handled exactly like a failed step (every request in
+        # flight ends with finish_reason "error"); a sleep in it stalls the engine for that long.
+        self.fault: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------ properties
 
@@ -237,6 +241,8 @@ class AsyncEngine:
                 did = False
                 if self.engine.has_work():
                     try:
+                        if self.fault is not None:
+                            self.fault()
                         events = self.engine.step()
                     except Exception:
                         log.exception("engine %s: step failed", self.model_id)
