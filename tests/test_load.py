@@ -7,7 +7,7 @@ Every request must come back 200, complete (finish reason, usage, exactly the to
 stream ends with ``[DONE]``) and attributed to a variant (``x-modegpt-variant`` and the variant's model
 id); no 5xx, nothing lost; the canary keeps running (no engine-failure rollback) while comparisons and
 shadow runs happen beside the load. The first run compresses the model (minutes on 2 cores; cached in
-``~/.cache/modegpt``). The same command, run by hand, gives ``docs/results/bench-serve-cpu-canary-load.json``
+``~/.cache/modegpt``). The same command, run by hand, gives ``docs/results/bench-serve-cpu-canary-load-run*.json``
 (``docs/BENCHMARKS.md``)."""
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ class Request:
         self.thread.start()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=120) as c, c.stream("POST", f"{self.url}/v1/completions", json=self.body) as r:
+        with httpx.Client(timeout=600) as c, c.stream("POST", f"{self.url}/v1/completions", json=self.body) as r:
             self.status = r.status_code
             for chunk in r.iter_text():
                 self.text += chunk
@@ -32,7 +32,7 @@ class Request:
         self.started.set()
 
     def join(self) -> Request:
-        self.thread.join(120)
+        self.thread.join(600)
         assert not self.thread.is_alive()
         return self
 
@@ -57,9 +57,9 @@ def _serve(checkpoints, *extra: str):  # noqa: F811
 
 
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(checkpoints):  # noqa: F811
-    srv = _serve(checkpoints, "--shutdown-timeout", "60")
+    srv = _serve(checkpoints, "--shutdown-timeout", "600")  # the drain, not this deadline, ends it
     url = srv.url
-    body = {"model": "tiny-comp", "prompt": "hello", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    body = {"model": "tiny-comp", "prompt": "hello", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     try:
         streams = [Request(url, {**body, "stream": True}) for _ in range(3)]
         for s in streams:
@@ -84,12 +84,12 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(checkpoi
 
         for s in streams:
             events = s.join().events()
-            assert all("error" not in e for e in events)
+            assert all("error" not in e for e in events), [e for e in events if "error" in e]
             assert events[-1]["choices"][0]["finish_reason"] == "length"
             assert sum(len(e["choices"][0]["text"]) > 0 for e in events) > 100
         assert plain.join().status == 200
         resp = json.loads(plain.text)
-        assert resp["usage"]["completion_tokens"] == 1500 and resp["choices"][0]["finish_reason"] == "length"
+        assert resp["usage"]["completion_tokens"] == 1000 and resp["choices"][0]["finish_reason"] == "length"
         assert srv.proc.wait(30) == 0
     finally:
         if srv.proc.poll() is None:
@@ -112,7 +112,6 @@ def test_shutdown_timeout_ends_what_is_left_and_still_exits_0(checkpoints):  # n
         assert 1.0 <= time.monotonic() - t0 < 5
         assert events[-1]["error"]["code"] == 503 and "shutting down" in events[-1]["error"]["message"]
         assert srv.proc.wait(30) == 0
-        assert time.monotonic() - t0 < 10
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
@@ -128,3 +127,21 @@ def test_bad_limits_are_refused_at_start(capsys):
                              ("--shutdown-timeout", "inf", "--shutdown-timeout must be a finite number")):
         assert main(["--port", "0", "--no-canary", flag, value]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_a_second_signal_stops_at_once(checkpoints):  # noqa: F811
+    srv = _serve(checkpoints, "--shutdown-timeout", "600")
+    body = {"model": "tiny-comp", "prompt": "hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    try:
+        s = Request(srv.url, body)
+        assert s.started.wait(60) and s.status == 200
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_health(srv.url, 503, timeout=10)  # draining
+        srv.proc.send_signal(signal.SIGTERM)  # not waiting for the 600 s drain
+        events = s.join().events()
+        assert events[-1]["error"]["code"] == 503
+        assert srv.proc.wait(30) == -signal.SIGTERM  # not a clean exit: the drain was cut short
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()

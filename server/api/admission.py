@@ -2,7 +2,7 @@
 and the drain phase of a graceful shutdown (``server.api.lifecycle``).
 
 ``AdmissionMiddleware`` is a plain ASGI middleware in front of ``POST /v1/completions``; every other
-route passes through untouched. For each completion request, before its body is read:
+route passes through untouched. For each completion request, before its body is parsed:
 
 - draining (a shutdown began): **503** ``ServiceUnavailableError`` with ``Retry-After`` and
   ``Connection: close``, so the client retries elsewhere;

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from server.canary.shadow import Output
+from server.canary.shadow import Output, VariantUnavailable
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from server.remote.forward import RemoteCompletions
 
@@ -443,9 +443,14 @@ class CompletionService:
 
         async def run() -> Output:
             if not other.up:
-                raise RuntimeError(f"{other.name}: not in service")
+                raise VariantUnavailable(f"{other.name} is out of service")
             sub = self.plan_for(one, Route(other.name, other, variant=other_variant))
-            _, out = await self._complete_runs(one, sub, timed=False)
+            try:
+                _, out = await self._complete_runs(one, sub, timed=False)
+            except APIError as e:
+                if e.status < 500:
+                    raise
+                raise VariantUnavailable(f"{other.name}: {e.message}") from None
             if out is None:
                 raise RuntimeError(f"{other.name}: the shadow run produced no comparable output")
             return out

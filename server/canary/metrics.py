@@ -67,10 +67,10 @@ GAP_BUCKETS = (-2.5, -1.0, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, 0.0, 0.01, 0
 AGREEMENT_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 POSITION_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
-_IN_PROCESS = ("One observation per comparison, from the next-token distributions of the original and the "
-               "compressed model on the same prefix (teacher forcing): the full distributions for in-process "
-               "models; for a remote variant only the top-k logprobs of echo scoring (k in "
-               "modegpt_divergence_top_k), where the KL is a lower bound of the full-vocabulary KL")
+_IN_PROCESS = ("One observation per comparison. Two in-process models: computed in process from the full "
+               "next-token distributions of the original and the compressed model on the same prefix (teacher "
+               "forcing). A remote variant: from the top-k logprobs of echo scoring (k in modegpt_divergence_top_k), "
+               "where the KL is a lower bound of the full-vocabulary KL")
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> str:

@@ -26,6 +26,11 @@ from .router import COMPRESSED, ORIGINAL
 log = logging.getLogger(__name__)
 
 
+class VariantUnavailable(RuntimeError):
+    """The other variant could not answer or score (e.g. its remote backend is down): an expected
+    failure, counted and logged without a traceback."""
+
+
 @dataclass
 class Output:
     text: str
@@ -176,6 +181,9 @@ class ShadowWorker:
                 comparison = await self.compare(job)
             except asyncio.CancelledError:
                 raise
+            except VariantUnavailable as e:
+                self.errors += 1
+                log.warning("shadow comparison of request %s failed: %s", job.request_id, e)
             except Exception:
                 self.errors += 1
                 log.exception("shadow comparison of request %s failed", job.request_id)

@@ -32,8 +32,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from server.api.errors import APIError
 from server.canary.divergence import Divergence
-from server.canary.shadow import Output, ShadowJob
+from server.canary.shadow import Output, ShadowJob, VariantUnavailable
 
 REST_FLOOR = 1e-12  # the rest outcome's probability under Q when the listed tokens took it all
 
@@ -116,7 +117,12 @@ class RemoteEchoScorer:
     async def __call__(self, text: str) -> EchoScores:
         body = {"model": self.backend.model_id, "prompt": text, "echo": True, "logprobs": self.k,
                 "max_tokens": 0, "temperature": 0.0}
-        data = await self.backend.post_json("/completions", body)
+        try:
+            data = await self.backend.post_json("/completions", body)
+        except APIError as e:
+            if e.status < 500:
+                raise
+            raise VariantUnavailable(f"{self.backend.model_id}: {e.message}") from None
         try:
             lp = data["choices"][0]["logprobs"]
         except (KeyError, IndexError, TypeError):
@@ -138,7 +144,7 @@ class LocalEchoScorer:
         from server.engine.detokenize import IncrementalDetokenizer
 
         if not getattr(self.engine, "is_running", True):
-            raise RuntimeError(f"{self.engine.model_id}: engine is not running")
+            raise VariantUnavailable(f"{self.engine.model_id}: engine is not running")
         tok = self.engine.tokenizer
         ids = list(tok(text)["input_ids"])
         (lp,) = await self.engine.score([ids])

@@ -3,10 +3,10 @@
 q/k/v load into the stacked `qkv_proj` (shards "q", "k", "v") and a gated MLP's gate/up into
 `gate_up_proj` (shards 0, 1) through each parameter's `weight_loader`, which also slices them for
 tensor parallelism; everything else keeps its name and loads with its own `weight_loader` or
-`default_weight_loader`. A factorized linear (`X.weight_a` [r, in], `X.weight_b` [out, r], listed in
-`linear_ranks`) is multiplied out into `X.weight = B @ A` (in float32) and loads like a dense one:
-served correctly and tensor-parallel, but without the low-rank saving (the compressor's MoDeGPT
-checkpoints have none; the SVD baselines do).
+`default_weight_loader`. A factorized module (`X.weight_a` [r, in], `X.weight_b` [out, r], listed in
+`linear_ranks`: a linear, the embedding or the LM head) is multiplied out into `X.weight = B @ A` (in
+float32) and loads like a dense one: served correctly and tensor-parallel, but without the low-rank
+saving (the compressor's MoDeGPT checkpoints have no factorized linears; the SVD baselines do).
 """
 from __future__ import annotations
 
