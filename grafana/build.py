@@ -308,7 +308,7 @@ def canary_dashboard() -> dict:
     d.ts("Public-id requests by variant and reason",
          [(f"sum by (variant, reason) (rate(modegpt_requests_total[{RATE}]))", "{{variant}} / {{reason}}")],
          "reqps", "Why each request went where it went: pinned_model, pinned_header, critical, sticky, weight, "
-                  "fallback.", stack=True)
+                  "fallback, failover (remote original ejected: the compressed variant answers).", stack=True)
     d.ts("Compressed share of public-id traffic",
          [(f'sum(rate(modegpt_requests_total{{variant="compressed"}}[{RATE}])) / '
            f"sum(rate(modegpt_requests_total[{RATE}]))", "observed"),
@@ -326,6 +326,13 @@ def canary_dashboard() -> dict:
          [(f'sum by (model_name) (rate(vllm:request_success_total{{finished_reason="abort",{MODEL}}}[{RATE}])) '
            f"or sum by (model_name) (rate(vllm:request_success_total{{{MODEL}}}[{RATE}])) * 0", "{{model_name}}")],
          "reqps", "Client disconnects and shutdowns (finished_reason=\"abort\").")
+    d.ts("Admission: refused and expired requests",
+         [(f"sum by (reason) (rate(modegpt_http_rejected_total[{RATE}]))", "refused: {{reason}}"),
+          (f"sum by (reason) (rate(modegpt_http_deadline_exceeded_total[{RATE}]))", "deadline: {{reason}}")],
+         "reqps", "429 overloaded (admission queue full, --max-pending), 503 draining (SIGTERM), 504 timeout "
+                  "(--request-timeout) and requests cut by the shutdown deadline.")
+    d.ts("Requests in flight", [("sum(modegpt_http_requests_in_flight)", "in flight")], "none",
+         "Completion requests admitted and not finished; 429s start at --max-pending.")
     d.ts("HTTP 5xx responses",
          [(f'sum by (handler, status) (rate(http_requests_total{{status=~"5.."}}[{RATE}])) or vector(0)',
            "{{handler}} {{status}}")], "reqps",
@@ -336,8 +343,10 @@ def canary_dashboard() -> dict:
 
 def drift_dashboard() -> dict:
     d = Board("modegpt-drift", "modegpt / output drift",
-              "How far the compressed model's outputs drift from the original's: computed in process from the "
-              "full next-token distributions of both models on the same prefix; and the human review queue.",
+              "How far the compressed model's outputs drift from the original's: from the full next-token "
+              "distributions of both models on the same prefix when both run in process; from the top-k "
+              "logprobs of echo scoring when a variant is a remote backend (the KL is then a lower bound, "
+              "see modegpt_divergence_top_k); and the human review queue.",
               model_var=False)
     d.row("Divergence (per comparison)")
     d.ts("KL(original || compressed), mean over positions", _quantiles("modegpt_divergence_kl_mean"), "none",
