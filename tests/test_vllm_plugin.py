@@ -32,8 +32,8 @@ def _vllm_python() -> str | None:
     python = os.environ.get("MODEGPT_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
     if not Path(python).is_file():
         return None
-    probe = ("import vllm, importlib.metadata as m; "
-             "assert any(e.value == 'server.vllm_plugin:register' for e in m.entry_points(group='vllm.general_plugins'))")
+    probe = ("import vllm, importlib.metadata as m; plugins = m.entry_points(group='vllm.general_plugins'); "
+             "assert any(e.value == 'server.vllm_plugin:register' for e in plugins)")
     ok = subprocess.run([python, "-c", probe], capture_output=True, cwd=ROOT).returncode == 0
     return python if ok else None
 

@@ -2,9 +2,9 @@
 
     python -m server.vllm_plugin.generate CHECKPOINT --prompts prompts.json --max-tokens 32 --out out.json
 
-`prompts.json` is a list of token-id lists. Writes one JSON object (vLLM logs to stdout): per prompt the generated token
-ids and, per position, the top logprobs `{token_id: logprob}`; plus timings and the attention
-shapes vLLM was given (head size per layer, KV-cache bytes per token padded and unpadded).
+`prompts.json` is a list of token-id lists. Writes one JSON object (vLLM logs to stdout): per prompt
+the generated token ids and, per position, the top logprobs `{token_id: logprob}`; plus timings and
+the attention shapes vLLM was given (head size per layer, KV-cache bytes per token padded and unpadded).
 """
 from __future__ import annotations
 
@@ -28,15 +28,14 @@ def attention_report(config: dict, dtype: str) -> dict:
     """The padding the plugin applies for this checkpoint on this machine's attention backend."""
     import torch
     from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.v1.attention.selector import get_attn_backend
 
+    from server.vllm_plugin.model import attention_backend
     from server.vllm_plugin.shapes import padding_report
 
     torch_dtype = getattr(torch, dtype)
     with set_current_vllm_config(VllmConfig()):
-        backend = get_attn_backend(int(config["head_dim"]), torch_dtype, "auto")
-    report = padding_report(config, backend.supports_head_size, torch_dtype.itemsize)
-    return {"backend": backend.get_name(), **report}
+        backend = attention_backend(int(config["head_dim"]), torch_dtype)
+    return {"backend": backend.get_name(), **padding_report(config, backend.supports_head_size, torch_dtype.itemsize)}
 
 
 def main(argv: list[str] | None = None) -> int:

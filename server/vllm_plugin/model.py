@@ -33,11 +33,10 @@ def make_norm(config) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
 
-def backend_head_sizes(vllm_config: VllmConfig):
-    """`supports(head_size)` of the attention backend vLLM picks for the model's original head dim."""
-    config = vllm_config.model_config.hf_config
-    cache_dtype = vllm_config.cache_config.cache_dtype if vllm_config.cache_config else "auto"
-    return get_attn_backend(config.head_dim, torch.get_default_dtype(), cache_dtype).supports_head_size
+def attention_backend(head_dim: int, dtype: torch.dtype, cache_dtype: str = "auto"):
+    """The attention backend class vLLM picks for the model's ORIGINAL head dim; its
+    `supports_head_size` decides the padding. Needs a current vLLM config (model init has one)."""
+    return get_attn_backend(head_dim, dtype, cache_dtype)
 
 
 class ModeGPTDecoderLayer(nn.Module):
@@ -63,7 +62,9 @@ class ModeGPTModel(nn.Module):
         config = vllm_config.model_config.hf_config
         plain = config.to_dict()
         check_tensor_parallel(plain, get_tensor_model_parallel_world_size())
-        self.shapes = attention_shapes(plain, backend_head_sizes(vllm_config))
+        cache_dtype = vllm_config.cache_config.cache_dtype if vllm_config.cache_config else "auto"
+        backend = attention_backend(config.head_dim, torch.get_default_dtype(), cache_dtype)
+        self.shapes = attention_shapes(plain, backend.supports_head_size)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    quant_config=vllm_config.quant_config,
                                                    prefix=f"{prefix}.embed_tokens")
@@ -80,8 +81,8 @@ class ModeGPTModel(nn.Module):
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids: Tensor | None, positions: Tensor, intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor | None, positions: Tensor,
+                intermediate_tensors: IntermediateTensors | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
         x = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions + self.position_offset)
@@ -107,8 +108,8 @@ class ModeGPTForCausalLM(nn.Module):
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_input_ids(input_ids)
 
-    def forward(self, input_ids: Tensor | None, positions: Tensor, intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor | None, positions: Tensor,
+                intermediate_tensors: IntermediateTensors | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor | None:
