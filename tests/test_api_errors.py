@@ -6,20 +6,8 @@ import httpx
 import openai
 import pytest
 
-from server.api.testing import RANDOM_MAX_LEN, TinyStack
+from server.api.testing import RANDOM_MAX_LEN
 
-
-@pytest.fixture(scope="module")
-def stack():
-    s = TinyStack()
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def http(stack):
-    with httpx.Client(base_url=stack.url, timeout=60) as c:
-        yield c
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None, err_type: str = "BadRequestError") -> dict:

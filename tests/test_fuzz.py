@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 
 import httpx
 import pytest
@@ -30,7 +29,7 @@ from server.api.errors import APIError
 from server.api.protocol import (CompletionRequest, CompletionResponse, CompletionStreamResponse, RequestLimits,
                                  parse_completion_request)
 from server.api.registry import ModelRegistry
-from server.api.testing import ServerThread, TinyStack
+from server.api.testing import ServerThread, wait_engines_clean
 from server.canary.review import ReviewQueue
 
 CAP = RequestLimits(max_generation_tokens=64, max_body_bytes=1 << 16)
@@ -124,10 +123,8 @@ def test_parse_completion_request_accepts_or_names_the_field():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    s = TinyStack()
-    yield s
-    s.close()
+def tiny(stack):
+    return stack
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +156,6 @@ def check_answer(r: httpx.Response) -> None:
         CompletionResponse.model_validate(r.json())
 
 
-def wait_clean(*engines, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = [e.stats() for e in engines]
-        if all(s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0.0 for s in stats):
-            return
-        assert time.monotonic() < deadline, f"engines not clean: {stats}"
-        time.sleep(0.02)
-
-
 def test_live_endpoint_never_fails_on_generated_bodies(tiny, capped):
     statuses = []
 
@@ -183,7 +170,7 @@ def test_live_endpoint_never_fails_on_generated_bodies(tiny, capped):
     run()
     print(sorted(collections.Counter(statuses).items()))
     assert statuses.count(200) >= 10 and statuses.count(400) >= 10  # both paths were exercised
-    wait_clean(tiny.random_engine, tiny.script_engine)
+    wait_engines_clean(tiny.random_engine, tiny.script_engine)
 
 
 def test_live_endpoint_never_fails_on_generated_bytes(capped):
@@ -248,4 +235,4 @@ def test_schemathesis(api_schema, secure, tiny, path, method):
 
     run()
     print(path, method, sorted(collections.Counter(statuses).items()))
-    wait_clean(tiny.random_engine, tiny.script_engine)
+    wait_engines_clean(tiny.random_engine, tiny.script_engine)

@@ -96,10 +96,8 @@ class SecureStack:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    s = TinyStack()
-    yield s
-    s.close()
+def tiny(stack):
+    return stack
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -20,23 +19,11 @@ from server.api.app import build_app
 from server.api.body_limit import DRAIN_BYTES
 from server.api.protocol import (DEFAULT_MAX_BODY_BYTES, MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                                  RequestLimits)
-from server.api.testing import ServerThread, TinyStack
+from server.api.testing import ServerThread, wait_engines_clean
 
 CAP_TOKENS = 64
 CAP_BYTES = 4096
 
-
-@pytest.fixture(scope="module")
-def stack():
-    s = TinyStack()
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def http(stack):
-    with httpx.Client(base_url=stack.url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -215,16 +202,6 @@ def _goldens(http) -> list[dict]:
     return out
 
 
-def _wait_clean(*engines, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = [e.stats() for e in engines]
-        if all(s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0.0 for s in stats):
-            return
-        assert time.monotonic() < deadline, f"engines not clean: {stats}"
-        time.sleep(0.02)
-
-
 def test_bad_request_barrage_leaves_the_engines_as_they_were(stack, http):
     before = _goldens(http)
     bodies = [json.dumps({**BASE, **o}).encode() for o, _ in FIELD_CASES + LIMIT_CASES]
@@ -242,6 +219,6 @@ def test_bad_request_barrage_leaves_the_engines_as_they_were(stack, http):
         statuses = list(pool.map(fire, bodies * 2))
         assert all(f.result().status_code == 200 for f in good)
     assert all(400 <= s < 500 for s in statuses), sorted(set(statuses))
-    _wait_clean(stack.random_engine, stack.script_engine)
+    wait_engines_clean(stack.random_engine, stack.script_engine)
     assert _goldens(http) == before
-    _wait_clean(stack.random_engine, stack.script_engine)
+    wait_engines_clean(stack.random_engine, stack.script_engine)

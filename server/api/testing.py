@@ -133,3 +133,15 @@ class TinyStack:
         self.server.stop()
         self.random_engine.shutdown()
         self.script_engine.shutdown()
+
+
+def wait_engines_clean(*engines, timeout: float = 30.0) -> None:
+    """Wait until every engine has no running or waiting sequence and no KV block in use (an abort or a
+    finished request frees its blocks at once; this bounds "at once" by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = [e.stats() for e in engines]
+        if all(s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0.0 for s in stats):
+            return
+        assert time.monotonic() < deadline, f"engines not clean: {stats}"
+        time.sleep(0.02)
