@@ -18,5 +18,5 @@ def stack():
 
 @pytest.fixture(scope="module")
 def http(stack):
-    with httpx.Client(base_url=stack.url, timeout=60) as c:
+    with httpx.Client(base_url=stack.url, timeout=120) as c:
         yield c

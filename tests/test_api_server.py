@@ -19,25 +19,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.metrics import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS
-from server.api.testing import RANDOM_MAX_LEN, SCRIPT_MAX_LEN, TinyStack
-
-
-@pytest.fixture(scope="module")
-def stack():
-    s = TinyStack()
-    yield s
-    s.close()
+from server.api.testing import RANDOM_MAX_LEN, SCRIPT_MAX_LEN
 
 
 @pytest.fixture(scope="module")
 def client(stack):
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(stack):
-    with httpx.Client(base_url=stack.url, timeout=120) as c:
-        yield c
 
 
 def script_after_hello(stack, n_tokens: int) -> str:
