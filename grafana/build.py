@@ -316,6 +316,11 @@ def canary_dashboard() -> dict:
     d.ts("Engine requests by model and finish reason",
          [(f"sum by (model_name, finished_reason) (rate(vllm:request_success_total{{{MODEL}}}[{RATE}]))",
            "{{model_name}} / {{finished_reason}}")], "reqps")
+    d.ts("Remote backends", [("max by (variant, model_name) (modegpt_backend_up)", "up: {{variant}} ({{model_name}})"),
+                             (f"sum by (variant) (increase(modegpt_backend_ejections_total[{RATE}]))",
+                              "ejected: {{variant}}")], "none",
+         "Only when a variant is a remote OpenAI-compatible backend (--original/--compressed URL): 1 while "
+         "its health checks and requests pass, 0 once ejected (docs/OPERATIONS.md section 8). Empty otherwise.")
     d.ts("Shadow runs", [(f"sum by (result) (rate(modegpt_shadow_runs_total[{RATE}]))", "{{result}}")], "ops",
          "Requests also run on the other variant for comparison: ok, error, dropped (queue full).")
     d.row("Errors")

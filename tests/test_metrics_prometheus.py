@@ -209,6 +209,13 @@ def test_real_prometheus_returns_data_for_every_query(tmp_path):
         if not isinstance(metrics, CanaryMetrics):  # before the canary integration: register ours
             metrics = CanaryMetrics(app.state.metrics.registry)
         metrics.set_variant_models("tiny-random", "tiny-script")
+        # the remote-variant family (server/remote), as `modegpt serve` registers it for URL variants: here
+        # the compressed "backend" is in service again after one ejection
+        from server.remote.metrics import RemoteMetrics
+
+        remote = RemoteMetrics(metrics.registry)
+        remote.up.labels("compressed", "tiny-script").set(1)
+        remote.ejections.labels("compressed").inc()
         queue = ReviewQueue(tmp_path / "review.sqlite3")
         app.include_router(build_review_router(queue, metrics, ["k"]))
         rules = ReviewRules(kl_threshold=0.05, regex=r"\.$")
@@ -264,6 +271,7 @@ def test_real_prometheus_returns_data_for_every_query(tmp_path):
             time.sleep(1.2)
         metrics.count_rollback("manual")
         metrics.count_shadow("dropped")
+        remote.ejections.labels("compressed").inc()
         ids = [rules.submit(queue, request_id=f"cmpl-{i}", variant="compressed", route_reason="weight",
                             prompt="Q", original_output="A.", compressed_output="B",
                             divergence={"kl_mean": 0.5}) for i in range(3)]
