@@ -417,10 +417,10 @@ def test_triton_add_rms_norm(seed, force_triton, n, T, with_delta, dtype):
     assert h.data_ptr() == h_out.data_ptr()
     assert_close(h, rh, dtype, seed, f"add_rms_norm h n={n} T={T}")
     assert_close(s, rs, dtype, seed, f"add_rms_norm s n={n} T={T}")
-    # it rounds like the PyTorch sequence it replaces: within an ulp or two of the 16-bit result (Triton's
-    # CPU interpreter truncates where the GPU rounds to nearest)
+    # it rounds like the PyTorch sequence it replaces: within a few 16-bit ulps of its result (bf16 eps is
+    # 2^-7; Triton's CPU interpreter truncates where the GPU rounds to nearest, and the norm rounds twice)
     ts, th = kernels.reference.add_rms_norm_torch(x, d, w, 1e-5)
-    ulp = 1e-5 if dtype == torch.float32 else 2 ** -6
+    ulp = 1e-5 if dtype == torch.float32 else 2 ** -5
     for got, want in ((s, ts), (h, th)):
         assert (got.float() - want.float()).abs().max().item() <= ulp * want.float().abs().max().item()
 
