@@ -9,7 +9,7 @@ import torch
 
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
-from server.engine.testing import llama_like_config, opt_like_config, random_state_dict
+from server.engine.testing import assert_same_generations, llama_like_config, opt_like_config, random_state_dict
 from server.engine.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -105,7 +105,4 @@ def test_triton_kernels_bridge_matches_reference_ops():
         got = eng.run_to_completion(reqs(10, cfg["vocab_size"], temperature=0.0))
     finally:
         ops.reset_ops()
-    for k in ref:
-        assert [e.token_id for e in ref[k]] == [e.token_id for e in got[k]]
-        for x, y in zip(ref[k], got[k]):
-            assert x.logprob.logprob == pytest.approx(y.logprob.logprob, abs=1e-3)
+    assert_same_generations(ref, got, logprob_tol=1e-3)

@@ -13,7 +13,7 @@ import torch
 from server.engine.engine import LLMEngine
 from server.engine.kv_cache import PagedKVCache, bytes_per_token
 from server.engine.model import AttentionMetadata, ModeGPTModel
-from server.engine.testing import llama_like_config, opt_like_config, random_state_dict
+from server.engine.testing import assert_same_generations, llama_like_config, opt_like_config, random_state_dict
 from server.engine.types import GenerationRequest, SamplingParams
 
 torch.set_num_threads(1)
@@ -331,7 +331,4 @@ def test_kernels_bridge_gives_same_generation():
     finally:
         ops.reset_ops()
     assert ops.OPS["decode_attention"] is ops.decode_attention
-    for k in ref:
-        assert [e.token_id for e in ref[k]] == [e.token_id for e in got[k]]
-        for x, y in zip(ref[k], got[k]):
-            assert x.logprob.logprob == pytest.approx(y.logprob.logprob, abs=1e-4)
+    assert_same_generations(ref, got, logprob_tol=1e-4)

@@ -446,7 +446,7 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton):
     tolerance."""
     from server.engine import ops
     from server.engine.engine import LLMEngine
-    from server.engine.testing import llama_like_config, random_state_dict
+    from server.engine.testing import assert_same_generations, llama_like_config, random_state_dict
     from server.engine.types import GenerationRequest, SamplingParams
 
     cfg = llama_like_config()
@@ -466,10 +466,7 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton):
         got = eng.run_to_completion(reqs())
     finally:
         ops.reset_ops()
-    for k in ref:
-        assert [e.token_id for e in ref[k]] == [e.token_id for e in got[k]]
-        for x, y in zip(ref[k], got[k]):
-            assert x.logprob.logprob == pytest.approx(y.logprob.logprob, abs=1e-3)
+    assert_same_generations(ref, got, logprob_tol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -130,3 +130,15 @@ def byte_tokenizer(vocab_size: int = 300, eos: str = "<eos>"):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+
+
+def assert_same_generations(ref: dict, got: dict, logprob_tol: float) -> None:
+    """Two `run_to_completion` results: the same tokens per request, and the chosen tokens' logprobs
+    within `logprob_tol` (e.g. kernels on against off, batched against alone)."""
+    import pytest
+
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert [e.token_id for e in ref[k]] == [e.token_id for e in got[k]], k
+        for x, y in zip(ref[k], got[k]):
+            assert x.logprob.logprob == pytest.approx(y.logprob.logprob, abs=logprob_tol)
