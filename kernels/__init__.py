@@ -2,8 +2,11 @@
 
 Public API (all in :mod:`kernels.dispatch`, which picks Triton or PyTorch per call):
 
+* :func:`linear` - dense linear; decode-sized inputs take a skinny weight-streaming kernel
+  (``kernels.skinny_linear``)
 * :func:`lowrank_linear` - fused factorized linear ``(x @ A.T) @ B.T + bias`` (``kernels.lowrank``)
 * :func:`rope_gather_` - gathered RoPE written straight into a (paged) KV cache (``kernels.rope``)
+* :func:`rope_qkv_` - a layer's query, key and value RoPE + cache write in one launch (``kernels.rope``)
 * :func:`decode_attention` - split-K decode attention with ``d_qk != d_v`` and GQA
   (``kernels.decode_attention``)
 * :func:`add_rms_norm`, :func:`silu_mul` - residual add + RMSNorm and the SwiGLU epilogue, one pass
@@ -13,6 +16,8 @@ Public API (all in :mod:`kernels.dispatch`, which picks Triton or PyTorch per ca
 Importing this package imports (does not compile) the Triton kernels when Triton is installed;
 without Triton everything runs on the PyTorch paths.
 """
-from .dispatch import add_rms_norm, backend_for, decode_attention, lowrank_linear, rope_gather_, silu_mul
+from .dispatch import (add_rms_norm, backend_for, decode_attention, linear, lowrank_linear, rope_gather_,
+                       rope_qkv_, silu_mul)
 
-__all__ = ["add_rms_norm", "backend_for", "decode_attention", "lowrank_linear", "rope_gather_", "silu_mul"]
+__all__ = ["add_rms_norm", "backend_for", "decode_attention", "linear", "lowrank_linear", "rope_gather_",
+           "rope_qkv_", "silu_mul"]

@@ -14,6 +14,11 @@ What is timed:
   (d_qk, d_v) from full 128/128 down to 46/38, batch 1..256, contexts 1024 / 4096.
 * ``rope``: ``rope_gather_triton_`` (keys into the paged cache with the values; queries in place)
   vs separate torch rope ops + ``index_copy_`` into the caches, tokens 1..8192.
+* ``skinny``: the decode-sized dense linear (``kernels.skinny_linear``) vs cuBLAS ``F.linear`` at
+  every matmul shape of LLaMA-2-7B and of three layers of its 30 % checkpoint, 1 / 4 / 16 tokens.
+* ``rope_qkv``: the one-launch layer op vs the two ``rope_gather_`` launches it replaced.
+* ``attention_short``: batch-1 decode attention over short contexts, the split heuristic vs one
+  partition per KV head.
 
 How: decode sizes (tokens / batch <= 256) are captured in a CUDA graph and timed over graph
 replays (what a graph-captured engine sees: no Python, launch gaps inside the graph included);
@@ -231,10 +236,118 @@ def _rope_case(dims: tuple[int, int], T: int, dtype: torch.dtype) -> dict:
     return case
 
 
+# (K, N) of the decode matmuls: LLaMA-2-7B (fused qkv, o, fused gate/up, down, LM head) and layers 0, 20
+# and 31 of its 30 % ModeGPT checkpoint (kernels/shapes/llama-2-7b-30.config.json)
+SKINNY_SHAPES = {
+    "7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 32000)],
+    "7b-30%": [(4096, 10752), (3584, 4096), (4096, 19760), (9880, 4096),
+               (4096, 8448), (2816, 4096), (4096, 14576), (7288, 4096),
+               (4096, 7680), (2560, 4096), (4096, 13872), (6936, 4096)],
+}
+
+
+def _skinny_case(K: int, N: int, M: int, dtype: torch.dtype) -> dict:
+    """The skinny Triton linear against cuBLAS (``F.linear``) on the same weights, in a CUDA graph."""
+    from .skinny_linear import skinny_linear_triton
+
+    dev = torch.device("cuda")
+    esz = torch.finfo(dtype).bits // 8
+    n = _copies(N * K * esz, True)
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    Ws = [torch.randn(N, K, device=dev, dtype=dtype) * K ** -0.5 for _ in range(n)]
+    nbytes = (N * K + M * K + M * N) * esz
+    flops = 2.0 * M * N * K
+    case = {"kernel": "skinny_linear", "in": K, "out": N, "tokens": M, "dtype": str(dtype), "timing": "cuda_graph",
+            "bytes": nbytes, "flops": flops,
+            "rel_diff_vs_baseline": _rel(skinny_linear_triton(x, Ws[0]), torch.nn.functional.linear(x, Ws[0]))}
+    tri = _time([lambda i=i: skinny_linear_triton(x, Ws[i]) for i in range(n)], True)
+    base = _time([lambda i=i: torch.nn.functional.linear(x, Ws[i]) for i in range(n)], True)
+    case.update(triton_us=tri, baseline_us=base, speedup_vs_baseline=base / tri, triton=_rates(tri, nbytes, flops),
+                baseline=_rates(base, nbytes, flops))
+    return case
+
+
+def _rope_qkv_case(dims: tuple[int, int], T: int, dtype: torch.dtype) -> dict:
+    """A layer's RoPE + cache write as one launch (``rope_qkv_triton_``) against the two-launch
+    ``rope_gather_triton_`` pair it replaced (queries in place; keys + values into the cache)."""
+    from .rope import rope_gather_triton_, rope_qkv_triton_
+
+    dqk, dv = dims
+    H = hkv = 32
+    dev = torch.device("cuda")
+    qkv = torch.randn(T, H * dqk + hkv * (dqk + dv), device=dev, dtype=dtype)
+    q, k, v = qkv.split([H * dqk, hkv * dqk, hkv * dv], dim=-1)
+    inv_freq = torch.rand(hkv, dqk // 2, device=dev)
+    pos = torch.arange(T, device=dev) + 100
+    slots = torch.randperm(T + 64, device=dev)[:T]
+    kc = torch.zeros(T + 64, hkv, dqk, device=dev, dtype=dtype)
+    vc = torch.zeros(T + 64, hkv, dv, device=dev, dtype=dtype)
+    esz = torch.finfo(dtype).bits // 8
+    nbytes = 2 * T * (H * dqk + hkv * (dqk + dv)) * esz
+    graph = T <= DECODE_MAX
+
+    def pair():
+        qh = q.view(T, H, dqk)
+        rope_gather_triton_(qh, pos, inv_freq, qh)
+        rope_gather_triton_(k, pos, inv_freq, kc, slots, v, vc)
+
+    case = {"kernel": "rope_qkv", "qk_dim": dqk, "v_dim": dv, "tokens": T, "dtype": str(dtype),
+            "timing": "cuda_graph" if graph else "do_bench", "bytes": nbytes, "flops": 0.0}
+    tri = _time([lambda: rope_qkv_triton_(q, k, v, pos, inv_freq, kc, vc, slots)], graph)
+    base = _time([pair], graph)
+    case.update(triton_us=tri, baseline_us=base, speedup_vs_baseline=base / tri, triton=_rates(tri, nbytes, 0.0),
+                baseline=_rates(base, nbytes, 0.0))
+    return case
+
+
+def _attention_short_case(dims: tuple[int, int], ctx: int, capacity: int, dtype: torch.dtype) -> dict:
+    """Batch-1 decode attention over a short context: the split heuristic against one partition."""
+    from .decode_attention import decode_attention_triton, plan_splits
+
+    dqk, dv = dims
+    H = hkv = 32
+    dev = torch.device("cuda")
+    block_size = 16
+    blocks = capacity // block_size
+    q = torch.randn(1, H, dqk, device=dev, dtype=dtype)
+    kc = torch.randn(blocks + 1, block_size, hkv, dqk, device=dev, dtype=dtype)
+    vc = torch.randn(blocks + 1, block_size, hkv, dv, device=dev, dtype=dtype)
+    tables = (torch.randperm(blocks, device=dev)[None] + 1)
+    lens = torch.tensor([ctx], device=dev)
+    esz = torch.finfo(dtype).bits // 8
+    nbytes = ctx * hkv * (dqk + dv) * esz
+    splits, _ = plan_splits(1, hkv, capacity, 64, dev)
+    case = {"kernel": "attention_short", "qk_dim": dqk, "v_dim": dv, "batch": 1, "context": ctx,
+            "capacity": capacity, "num_splits": splits, "timing": "cuda_graph", "bytes": nbytes, "flops": 0.0,
+            "rel_diff_vs_baseline": _rel(decode_attention_triton(q, kc, vc, tables, lens, 0.1),
+                                         decode_attention_triton(q, kc, vc, tables, lens, 0.1, num_splits=1))}
+    tri = _time([lambda: decode_attention_triton(q, kc, vc, tables, lens, 0.1)], True)
+    base = _time([lambda: decode_attention_triton(q, kc, vc, tables, lens, 0.1, num_splits=1)], True)
+    case.update(triton_us=tri, baseline_us=base, speedup_vs_baseline=base / tri, triton=_rates(tri, nbytes, 0.0),
+                baseline=_rates(base, nbytes, 0.0))
+    return case
+
+
+def _decode_step_cases(dtype: torch.dtype):
+    """The kernels of the engine's decode step that replaced cuBLAS / earlier launches."""
+    for model, shapes in SKINNY_SHAPES.items():
+        for K, N in shapes:
+            for M in (1, 4, 16):
+                yield f"skinny {model} {K}->{N} M={M}", lambda K=K, N=N, M=M: _skinny_case(K, N, M, dtype)
+    for dims in ((128, 128), (88, 88)):
+        for T in (1, 16, 64, 256):
+            yield f"rope_qkv {dims} T={T}", lambda dims=dims, T=T: _rope_qkv_case(dims, T, dtype)
+    for dims in ((128, 128), (88, 88)):
+        for ctx, cap in ((128, 208), (200, 208), (1000, 2048), (3000, 4096)):
+            yield (f"attention_short {dims} ctx={ctx}/{cap}",
+                   lambda dims=dims, ctx=ctx, cap=cap: _attention_short_case(dims, ctx, cap, dtype))
+
+
 def _cases(dtype: torch.dtype):
     """(name, thunk) in priority order: decode first (what serving is bound by), prefill last."""
     lowrank = [(M, model, d, f) for M in TOKENS for model in MODELS for d in ("up", "down") for f in RANK_FRACTIONS]
     lowrank.sort(key=lambda c: c[0] > DECODE_MAX)
+    yield from _decode_step_cases(dtype)
     for M, model, d, f in lowrank:
         if M <= DECODE_MAX:
             yield f"lowrank {model} {d} r={f} M={M}", lambda M=M, model=model, d=d, f=f: _lowrank_case(model, d, f, M, dtype)
@@ -263,8 +376,10 @@ def _summary(cases: list[dict]) -> list[str]:
     return lines
 
 
-def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Run every case (see module doc) within ``time_budget_s`` and write the results as JSON."""
+def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.dtype = torch.bfloat16,
+                     only: tuple[str, ...] = (), sweep: bool = True) -> dict:
+    """Run every case (see module doc) within ``time_budget_s`` and write the results as JSON.
+    ``only``: run just the cases whose name starts with one of these prefixes."""
     t0 = time.time()
     results: dict = {"ceilings": {"bandwidth_Bps": BW_CEILING, "bf16_flops": FLOP_CEILING},
                      "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype),
@@ -286,6 +401,8 @@ def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.d
                          "memory_GiB": round(props.total_memory / 2 ** 30, 1), "capability": f"{props.major}.{props.minor}"}
     torch.manual_seed(0)
     for name, run in _cases(dtype):
+        if only and not name.startswith(only):
+            continue
         if time.time() - t0 > time_budget_s:
             results["cases"].append({"name": name, "skipped": "time budget exhausted"})
             continue
@@ -302,7 +419,8 @@ def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.d
         torch.cuda.empty_cache()
         _write(out_path, results)  # keep what we have if the process is killed
     # what remains of the budget goes to the split-K / stage sweep of the low-rank decode path
-    results["lowrank_sweep"] = run_lowrank_sweep(dtype, deadline=t0 + time_budget_s)
+    if sweep:
+        results["lowrank_sweep"] = run_lowrank_sweep(dtype, deadline=t0 + time_budget_s)
     results["total_s"] = round(time.time() - t0, 1)
     _write(out_path, results)
     print(f"{len(results['cases'])} cases in {results['total_s']} s -> {out_path}")

@@ -16,6 +16,9 @@ Policy (read per call, so tests and operators can flip it at run time):
   ``auto`` never picks it; that keeps the promise "never slower than two cuBLAS calls" by
   dispatch while the kernel stays available (``MODEGPT_KERNELS=triton`` or a positive threshold)
   for the work in kernels/NOTES.md.
+* ``linear`` (dense) in ``auto`` mode uses the skinny Triton kernel (``kernels.skinny_linear``) for
+  at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default 16: decode steps) on the weight shapes where
+  it timed faster than cuBLAS (once per shape, ``skinny_linear.beats_cublas``), cuBLAS otherwise.
 * In ``auto`` mode an unexpected Triton failure (e.g. a compiler resource error on an untested
   GPU) is reported once as a warning and the call falls back to PyTorch; ``MODEGPT_KERNELS=triton``
   is strict and raises, so tests and benchmarks never measure the fallback by accident.
@@ -36,10 +39,13 @@ if HAVE_TRITON:
     from .decode_attention import decode_attention_triton
     from .fused_norm import add_rms_norm_triton, silu_mul_triton
     from .lowrank import lowrank_linear_triton
-    from .rope import rope_gather_triton_
+    from .rope import rope_gather_triton_, rope_qkv_triton_
+    from .skinny_linear import MAX_M as _SKINNY_MAX_M
+    from .skinny_linear import beats_cublas, skinny_linear_triton
 
 _ENV = "MODEGPT_KERNELS"
 _LOWRANK_MAX_ENV = "MODEGPT_LOWRANK_TRITON_MAX_TOKENS"
+_SKINNY_MAX_ENV = "MODEGPT_SKINNY_MAX_TOKENS"
 _warned: set[str] = set()
 
 
@@ -109,6 +115,27 @@ def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 (x, A, B, bias, out), ok)
 
 
+def skinny_max_tokens() -> int:
+    """Rows up to which ``linear`` takes the skinny Triton kernel (env, default 16, capped at 16)."""
+    return min(int(os.environ.get(_SKINNY_MAX_ENV, "16")), _SKINNY_MAX_M if HAVE_TRITON else 0)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``x @ W.T + bias`` (W ``[out, in]``): the skinny Triton kernel for decode-sized x (at
+    most :func:`skinny_max_tokens` rows), cuBLAS otherwise."""
+    rows = x.numel() // max(1, x.shape[-1])
+    ok = (x.dtype in SUPPORTED_DTYPES and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(-1) == 1
+          and (bias is None or bias.dtype == x.dtype) and 0 < rows <= skinny_max_tokens())
+    if ok and kernels_mode() == "auto" and backend_for(x, weight, bias, out) == "triton":
+        ok = beats_cublas(x.reshape(rows, x.shape[-1]), weight, bias)  # per shape, measured once
+
+    def tri():
+        return skinny_linear_triton(x, weight, bias, out)
+
+    return _run("linear", tri, lambda: reference.linear_torch(x, weight, bias, out), (x, weight, bias, out), ok)
+
+
 def rope_gather_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, out: torch.Tensor,
                  slot_mapping: torch.Tensor | None = None, v: torch.Tensor | None = None,
                  v_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,6 +164,28 @@ def rope_gather_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
     return _run("rope_gather_", tri,
                 lambda: reference.rope_gather_torch_(x, positions, inv_freq, out, slot_mapping, v, v_out),
                 (x, positions, inv_freq, out, slot_mapping, v, v_out), ok)
+
+
+def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+              inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> torch.Tensor:
+    """A layer's RoPE and cache write in one call: ``q`` ``[T, H * d]`` is rotated in place (query
+    head h at ``inv_freq[h // (H / Hkv)]``), ``k`` ``[T, Hkv * d]`` is rotated into ``k_cache`` and
+    ``v`` ``[T, Hkv * d_v]`` copied into ``v_cache`` at ``slot_mapping`` (negative slots skipped),
+    i.e. :func:`rope_gather_` for the queries and for the keys with values, as ONE launch on the
+    GPU. Row-strided views into a fused QKV output are fine. Returns q as ``[T, H, d]``."""
+    d = 2 * inv_freq.shape[-1]
+    ok = (q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype and k_cache.dtype == q.dtype
+          and v_cache.dtype == q.dtype and inv_freq.dtype == torch.float32 and d > 0
+          and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
+
+    def tri():
+        return rope_qkv_triton_(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping).view(
+            positions.shape[0], -1, d)
+
+    return _run("rope_qkv_", tri,
+                lambda: reference.rope_qkv_torch_(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping),
+                (q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping), ok)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -26,6 +26,13 @@ def lowrank_linear_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     return y
 
 
+def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of :func:`kernels.dispatch.linear`: cuBLAS (``F.linear``)."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y if out is None else out.copy_(y)
+
+
 def _flat_cache(cache: torch.Tensor) -> torch.Tensor:
     """View a ``[num_slots, heads, d]`` or paged ``[num_blocks, block_size, heads, d]`` cache as
     ``[num_slots, heads, d]`` (slot = block * block_size + offset)."""
@@ -72,6 +79,17 @@ def rope_gather_torch_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch
         vr = v.reshape(T, vflat.shape[1], vflat.shape[2]).to(vflat.dtype)
         vflat[slots[keep]] = vr[keep]
     return out
+
+
+def rope_qkv_torch_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`kernels.dispatch.rope_qkv_`: queries in place, keys and values to the cache."""
+    T, d = positions.shape[0], 2 * inv_freq.shape[-1]
+    qh = q.view(T, -1, d)
+    rope_gather_torch_(qh, positions, inv_freq, qh)
+    rope_gather_torch_(k, positions, inv_freq, k_cache, slot_mapping, v, v_cache)
+    return qh
 
 
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -3,6 +3,9 @@
 # Usage (repository root, on the GPU machine; results go to $OUT or ./runs):
 #   bash kernels/run_h200.sh kernels   # CUDA tests at real shapes + every kernel vs its PyTorch/cuBLAS baseline
 #   bash kernels/run_h200.sh engine    # random:llama-2-7b vs its 30% checkpoint, kernels off/on, HF generate
+#   bash kernels/run_h200.sh profile   # per-kernel breakdown of a decode step, batch 1 and 64, both models
+#   bash kernels/run_h200.sh iterate   # decode-step kernel bench + engine (kernels on) + step profiles
+#   bash kernels/run_h200.sh final     # the recorded 2026-11-29 run: engine kernels off/on, profiles, tests
 #   bash kernels/run_h200.sh compress13b  # 13B compression wall time and peak memory
 #   bash kernels/run_h200.sh all       # engine, kernel bench, tests: each under its own timeout
 set -uo pipefail
@@ -17,31 +20,71 @@ tests() {  # every test bounded: a hang costs 60 s, not the lease
   timeout "${1:-150}" $PY -m pytest -q -p no:cacheprovider --timeout 60 -o log_cli=false -rfE \
       tests/test_engine_cuda.py tests/test_kernels.py 2>&1 | tee "$OUT/cuda-tests.log"
 }
-kernel_bench() {
-  timeout "${1:-200}" $PY -c "from kernels.bench import run_kernel_bench; run_kernel_bench('$OUT/kernels-h200.json', time_budget_s=${2:-150})" \
+kernel_bench() {  # [timeout] [budget] [only: python tuple of case-name prefixes]
+  timeout "${1:-200}" $PY -c "from kernels.bench import run_kernel_bench
+run_kernel_bench('$OUT/kernels-h200.json', time_budget_s=${2:-150}, only=${3:-()}, sweep=not ${3:-()})" \
       2>&1 | tee "$OUT/kernels-h200.log"
 }
+SHAPES=kernels/shapes/llama-2-7b-30.config.json  # config.json of a real 30% compression of random:llama-2-7b
+ckpt() {  # /tmp/l7b-30: compress for real (~100 s), or, once its config is in the repo, a random-weight twin
+  [ -d /tmp/l7b-30 ] && return 0
+  if [ -f "$SHAPES" ]; then  # same shapes, random weights: identical timing (the source weights are random too)
+    $PY -c "import json, torch; from compressor.checkpoint import write_checkpoint; from server.engine.testing import random_state_dict
+cfg = json.load(open('$SHAPES')); sd = {k: v.cpu() for k, v in random_state_dict(cfg, device='cuda', dtype=torch.bfloat16).items()}
+write_checkpoint('/tmp/l7b-30', cfg, sd, None, {'note': 'random weights with the shapes of $SHAPES'}, overwrite=True)"
+  else
+    $PY -c "from compressor.pipeline import CompressOptions, compress
+compress('random:llama-2-7b', '/tmp/l7b-30', CompressOptions(ratio=0.3, device='cuda', progress=False), overwrite=True)"
+    cp /tmp/l7b-30/config.json "$OUT/llama-2-7b-30.config.json"
+  fi
+}
 engine() {  # the bench via its Python entry points: the GPU image has no pydantic/fastapi for the full CLI
-  timeout "${1:-330}" $PY - "$OUT" <<'PYEOF' 2>&1 | tee "$OUT/bench-engine-h200.log"
+  ckpt
+  timeout "${1:-330}" $PY - "$OUT" "${2:-both}" "${3:-hf}" <<'PYEOF' 2>&1 | tee "$OUT/bench-engine-h200.log"
 import argparse, sys
-from compressor.pipeline import CompressOptions, compress
 from server.bench_engine import add_engine_bench
-compress("random:llama-2-7b", "/tmp/l7b-30", CompressOptions(ratio=0.3, device="cuda", progress=False), overwrite=True)
 p = argparse.ArgumentParser(); add_engine_bench(p.add_subparsers())
+extra = ["--hf-generate"] if sys.argv[3] == "hf" else []
 a = p.parse_args(["engine", "random:llama-2-7b", "/tmp/l7b-30", "--device", "cuda", "--batch", "1", "16", "64", "256",
-                  "--kernels", "both", "--hf-generate", "--kv-cache-gb", "40", "--json", sys.argv[1] + "/bench-engine-h200.json"])
+                  "--kernels", sys.argv[2], "--kv-cache-gb", "40", "--json", sys.argv[1] + "/bench-engine-h200.json"] + extra)
 a.func(a)
 PYEOF
+}
+profile1() {  # model batch tag [env...]: one step profile with per-kernel trace
+  local m=$1 b=$2 tag=$3; shift 3
+  env "$@" timeout 150 $PY -m server.engine.profile_step "$m" --device cuda --batch $b --trace --steps 30 \
+      --json "$OUT/profile-$tag-b$b.json" > "$OUT/profile-$tag-b$b.log" 2>&1 || echo "profile $tag b=$b failed"
+}
+profile() {  # where a decode step goes: per-kernel device time inside the graph, host, sampler (batch 1 and 64)
+  ckpt
+  for b in ${PROFILE_BATCHES:-1 64}; do profile1 random:llama-2-7b $b original; profile1 /tmp/l7b-30 $b compressed; done
 }
 
 case "${1:-}" in
 kernels) tests 300; kernel_bench ;;
 engine) engine ;;
+profile) profile ;;
+engine-on+profile) engine 300 on; profile ;;
+iterate)  # the decode-step kernels vs their baselines, then the engine and step profiles with them
+  ckpt; kernel_bench 150 120 '("skinny", "rope_qkv", "attention_short")'
+  engine 260 on; PROFILE_BATCHES=1 profile
+  profile1 /tmp/l7b-30 1 compressed-cublas MODEGPT_SKINNY_MAX_TOKENS=0 ;;
+final)  # the recorded run: skinny check on the ragged-K shapes, engine kernels off/on, profiles, CUDA tests
+  ckpt; kernel_bench 60 40 '("skinny 7b-30% 9880", "skinny 7b-30% 7288", "skinny 7b-30% 6936", "skinny 7b 11008", "skinny 7b-30% 4096->10752")'
+  engine 260 both nohf; PROFILE_BATCHES=1 profile
+  timeout 150 $PY -m pytest -q -p no:cacheprovider --timeout 60 -rfE --durations=8 tests/test_kernels.py \
+      -k "skinny or rope or attention or norm or silu or cuda_graph or bf16 or async_engines or bridge" \
+      tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
+iterate2)  # the skinny linear vs cuBLAS, the engine with it, profiles, then the CUDA tests of the new kernels
+  ckpt; kernel_bench 120 90 '("skinny",)'
+  engine 240 on; PROFILE_BATCHES=1 profile
+  timeout 130 $PY -m pytest -q -p no:cacheprovider --timeout 60 -rfE tests/test_engine_cuda.py \
+      tests/test_kernels.py -k "skinny or rope or attention or norm or silu or cuda_graph or bridge" 2>&1 | tee "$OUT/cuda-tests.log" ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)
   $PY -m compressor.cli bench compress random:llama-2-13b --ratio 0.3 --device cuda --workdir /tmp/bc \
       --json "$OUT/bench-compress-13b-h200.json" --quiet 2>&1 | tee "$OUT/bench-compress-13b.log"
   ;;
-*) echo "usage: $0 kernels|engine|compress13b" >&2; exit 2 ;;
+*) echo "usage: $0 kernels|engine|profile|engine-on+profile|iterate|iterate2|final|all|compress13b" >&2; exit 2 ;;
 esac

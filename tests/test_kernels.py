@@ -277,6 +277,71 @@ def test_triton_lowrank_deterministic(force_triton):
 
 
 # ------------------------------------------------------------------------------------------------
+# Triton: skinny (decode-sized) dense linear
+# ------------------------------------------------------------------------------------------------
+SKINNY_SHAPES = [(46, 37), (520, 300), (9880 // 20, 8), (64, 24)]  # (K, N): odd/ragged tiles, K % 8 only, no K tail
+if CUDA:
+    SKINNY_SHAPES += [(4096, 12288), (4096, 15056), (7528, 4096), (2816, 4096), (4096, 32000)]
+
+
+def ref_linear(x, w, b):
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_skinny_linear(seed, force_triton, shape, M, dtype):
+    K, N = shape
+    x = randn(M, K, dtype=dtype, device=TRITON_DEVICE)
+    w = randn(N, K, dtype=dtype, device=TRITON_DEVICE, scale=K ** -0.5)
+    b = randn(N, dtype=dtype, device=TRITON_DEVICE) if M != 7 else None
+    out = nan_like((M, N), dtype, TRITON_DEVICE)
+    assert kernels.linear(x, w, b, out=out) is out
+    assert_close(out, ref_linear(x, w, b), dtype, seed, f"skinny linear M={M} {shape} {dtype}")
+
+
+@needs_triton
+def test_triton_skinny_linear_strided_rows_and_lead_dims(seed, force_triton):
+    """x a column slice of a wider buffer, with leading dims; weight rows of an odd-but-8-aligned
+    width (the alignment hint must not be claimed beyond what the stride gives)."""
+    dtype = torch.bfloat16
+    wide = randn(2, 3, 130, dtype=dtype, device=TRITON_DEVICE)
+    x = wide[..., 10:114]  # [2, 3, 104], row stride 130
+    w_full = randn(40, 106, dtype=dtype, device=TRITON_DEVICE, scale=0.1)
+    w = w_full[:, 1:105]  # [40, 104], rows start at odd offsets: alignment 1
+    y = kernels.linear(x, w)
+    assert_close(y, ref_linear(x, w, None), dtype, seed, "skinny strided")
+
+
+@pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
+def test_skinny_autotune_prune_reads_constexpr_keywords():
+    """Triton hands the launch's constexpr keywords (M_PAD) to the pruner in kwargs: the dot path
+    (M_PAD 16) keeps only MMA-sized tiles, the M = 1 path keeps every config."""
+    from kernels.skinny_linear import _CONFIGS, _prune
+
+    assert all(c.kwargs["BLOCK_N"] >= 16 for c in _prune(_CONFIGS, {"N": 4096}, M_PAD=16))
+    assert len(_prune(_CONFIGS, {"N": 4096}, M_PAD=1)) == len(_CONFIGS)
+    assert any(c.kwargs["BLOCK_N"] < 16 for c in _CONFIGS)
+
+
+def test_linear_dispatch_rows_threshold(monkeypatch):
+    """Above MODEGPT_SKINNY_MAX_TOKENS rows (default 16) a dense linear stays on cuBLAS/PyTorch."""
+    monkeypatch.delenv("MODEGPT_SKINNY_MAX_TOKENS", raising=False)
+    monkeypatch.setenv("MODEGPT_KERNELS", "auto")
+    assert dispatch.skinny_max_tokens() == (16 if dispatch.HAVE_TRITON else 0)
+    monkeypatch.setenv("MODEGPT_SKINNY_MAX_TOKENS", "4")
+    assert dispatch.skinny_max_tokens() == (4 if dispatch.HAVE_TRITON else 0)
+    monkeypatch.setenv("MODEGPT_SKINNY_MAX_TOKENS", "99")
+    assert dispatch.skinny_max_tokens() == (16 if dispatch.HAVE_TRITON else 0)
+    dev = "cuda" if CUDA else "cpu"  # CPU: always PyTorch; CUDA: 5 rows > 4 takes cuBLAS
+    x, w = torch.randn(5, 64, device=dev), torch.randn(24, 64, device=dev)
+    assert torch.equal(kernels.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+# ------------------------------------------------------------------------------------------------
 # Triton: gathered RoPE into the KV cache
 # ------------------------------------------------------------------------------------------------
 @needs_triton
@@ -327,6 +392,57 @@ def test_triton_rope_into_cache(seed, force_triton, paged, T, dtype):
     ref_k = ref_rope(k.view(T, hkv, dqk), pos, f)[live]
     assert_close(kflat[slots[live].long()], ref_k, dtype, seed, f"rope k cache T={T} paged={paged}")
     assert torch.equal(vflat[slots[live].long()], v.view(T, hkv, dv)[live]), f"v copy; seed={seed}"
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_rope_qkv_one_launch(seed, force_triton, heads, T, dtype):
+    """The layer op: q, k, v as row-strided views of ONE fused projection output; q rotated in
+    place (its neighbours in the row untouched), k rotated and v copied into the paged caches."""
+    H, hkv, dqk, dv = heads
+    block_size = 16
+    num_slots = (T + 40) // block_size * block_size + block_size
+    f = inv_freq_for(hkv, dqk // 2, 128, TRITON_DEVICE)
+    pos = torch.randint(0, 8192, (T,)).to(TRITON_DEVICE)
+    fused = randn(T, (H + hkv) * dqk + hkv * dv + 8, dtype=dtype, device=TRITON_DEVICE)
+    orig = fused.clone()
+    q, k, v = fused[:, :H * dqk], fused[:, H * dqk:(H + hkv) * dqk], fused[:, (H + hkv) * dqk:-8]
+    slots = torch.randperm(num_slots)[:T]
+    slots[T // 2] = -1  # a padding token: its keys and values go nowhere
+    slots = slots.to(TRITON_DEVICE)
+    kc = nan_like((num_slots // block_size, block_size, hkv, dqk), dtype, TRITON_DEVICE)
+    vc = nan_like((num_slots // block_size, block_size, hkv, dv), dtype, TRITON_DEVICE)
+    ref_q = ref_rope(orig[:, :H * dqk].reshape(T, H, dqk), pos, f)
+    ref_k = ref_rope(orig[:, H * dqk:(H + hkv) * dqk].reshape(T, hkv, dqk), pos, f)
+    got_q = kernels.rope_qkv_(q, k, v, pos, f, kc, vc, slots)
+    assert got_q.shape == (T, H, dqk) and got_q.data_ptr() == q.data_ptr(), "q is rotated in place"
+    assert_close(got_q, ref_q, dtype, seed, f"rope_qkv q T={T} {heads}")
+    assert torch.equal(fused[:, H * dqk:], orig[:, H * dqk:]), f"k/v inputs and padding untouched; seed={seed}"
+    kflat, vflat = kc.reshape(num_slots, hkv, dqk), vc.reshape(num_slots, hkv, dv)
+    live = slots >= 0
+    written = torch.zeros(num_slots, dtype=torch.bool, device=TRITON_DEVICE)
+    written[slots[live].long()] = True
+    assert torch.isnan(kflat[~written]).all() and torch.isnan(vflat[~written]).all(), f"seed={seed}"
+    assert_close(kflat[slots[live].long()], ref_k[live], dtype, seed, f"rope_qkv k T={T} {heads}")
+    assert torch.equal(vflat[slots[live].long()], v.reshape(T, hkv, dv)[live]), f"v copy; seed={seed}"
+
+
+def test_torch_path_rope_qkv_matches_two_calls(seed, monkeypatch):
+    """The PyTorch path of rope_qkv_ equals rope_gather_ on the queries and on the keys + values."""
+    monkeypatch.setenv("MODEGPT_KERNELS", "torch")
+    H, hkv, dqk, dv = ATTN_SMALL[0]
+    T, slots_n = 7, 32
+    f = inv_freq_for(hkv, dqk // 2, 128, "cpu")
+    pos = torch.randint(0, 4096, (T,))
+    q, k, v = (randn(T, n, dtype=torch.float32, device="cpu") for n in (H * dqk, hkv * dqk, hkv * dv))
+    slots = torch.randperm(slots_n)[:T]
+    kc, vc = torch.zeros(slots_n, hkv, dqk), torch.zeros(slots_n, hkv, dv)
+    got = kernels.rope_qkv_(q.clone(), k, v, pos, f, kc, vc, slots)
+    assert_close(got, ref_rope(q.view(T, H, dqk), pos, f), torch.float32, seed, "torch rope_qkv q")
+    assert_close(kc[slots], ref_rope(k.view(T, hkv, dqk), pos, f), torch.float32, seed, "torch rope_qkv k")
+    assert torch.equal(vc[slots], v.view(T, hkv, dv))
 
 
 # ------------------------------------------------------------------------------------------------

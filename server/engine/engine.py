@@ -124,8 +124,12 @@ class LLMEngine:
 
         rows = [c.seq for c, _ in res.sample_rows]
         if rows:
-            idx = torch.tensor([r for _, r in res.sample_rows], device=res.logits.device)
-            tokens, lps = self.sampler(res.logits.index_select(0, idx), rows)
+            picked = [r for _, r in res.sample_rows]
+            if picked == list(range(res.logits.shape[0])):  # decode steps: every row, in order
+                logits = res.logits
+            else:
+                logits = res.logits.index_select(0, torch.tensor(picked, device=res.logits.device))
+            tokens, lps = self.sampler(logits, rows)
         else:
             tokens, lps = [], []
 

@@ -119,8 +119,8 @@ def rope_store_kv(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, freqs: Ten
     `slot_mapping`, return the rotated queries `[T, H, Dk]`.
 
     q `[T, H * Dk]`, k `[T, Hkv * Dk]`, v `[T, Hkv * Dv]` are the projection outputs. The Triton
-    version (`kernels.dispatch.rope_gather_`) rotates q in place and writes k and v straight into the
-    cache in one pass, without materialising the rotated keys.
+    version (`kernels.dispatch.rope_qkv_`) rotates q in place and writes k and v straight into the
+    cache in one launch, without materialising the rotated keys.
     """
     T = q.shape[0]
     Hkv, m = freqs.shape
@@ -243,10 +243,11 @@ def reset_ops() -> None:
 def use_kernels() -> bool:
     """Route the ops the `kernels` package implements through `kernels.dispatch` (PROCESS-WIDE: the op
     table is global, so every engine of the process uses them). Covered: factorized linears
-    (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_gather_`),
+    (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_qkv_`, one launch per layer),
     residual add + RMSNorm (`add_rms_norm`), the SwiGLU epilogue (`silu_mul`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
     `[num_blocks, block_size, Hkv, D]`, the layout the kernels read). `kernels.dispatch` still decides
-    per call (Triton on CUDA, PyTorch elsewhere, `MODEGPT_KERNELS=torch` to force PyTorch).
+    per call (Triton on CUDA, PyTorch elsewhere, `MODEGPT_KERNELS=torch` to force PyTorch). Dense
+    linears go through `dispatch.linear` too: a skinny weight-streaming kernel at decode sizes.
     Returns False (and changes nothing) when the package is not importable."""
     try:
         from kernels import dispatch
@@ -262,10 +263,7 @@ def use_kernels() -> bool:
         return dispatch.lowrank_linear(x, weight_a, weight_b, bias)
 
     def rope_store(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping):
-        qh = q.view(q.shape[0], -1, 2 * freqs.shape[1])
-        dispatch.rope_gather_(qh, positions, freqs, qh)  # queries: in place
-        dispatch.rope_gather_(k, positions, freqs, k_cache, slot_mapping, v, v_cache)  # keys + values: cache
-        return qh
+        return dispatch.rope_qkv_(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping)
 
     def add_norm_k(x, delta, weight, bias, eps, norm):
         if norm != "rms_norm" or bias is not None:
@@ -277,6 +275,7 @@ def use_kernels() -> bool:
             return gated_mlp_act(gate, up, act)
         return dispatch.silu_mul(gate, up)
 
+    register_op("linear", dispatch.linear)
     register_op("decode_attention", decode)
     register_op("factorized_linear", lowrank)
     register_op("rope_store_kv", rope_store)

@@ -1,10 +1,15 @@
-"""Where one decode step's time goes: the whole ``LLMEngine.step()`` against its parts, at batch 1.
+"""Where one decode step's time goes: the whole ``LLMEngine.step()`` against its parts, at a given batch (default 1).
 
 ``python -m server.engine.profile_step MODEL [--device cuda] [--steps 50]`` prints and returns (JSON) the
 mean milliseconds of: a full engine step; the model forward alone (the CUDA-graph replay on CUDA, the
 eager forward elsewhere); the sampler on that step's logits; and the host-side rest (scheduling, input
 preparation, bookkeeping) as the difference. The gap between a step and its forward is what bounds the
 fraction of the bandwidth roofline a decode step can reach (docs/BENCHMARKS.md).
+
+``--trace`` adds the forward's kernels (torch.profiler over the graph replays): per kernel name its
+launches and device microseconds per step, the kernel count per step, and the idle time between
+kernels (forward minus the sum of kernel times), which is the launch overhead left inside the graph.
+``--compile`` builds the engine with ``torch.compile`` on the decode forward.
 """
 from __future__ import annotations
 
@@ -28,30 +33,58 @@ def _timed(fn, n: int, sync) -> float:
     return 1000 * (time.perf_counter() - t) / n
 
 
-def profile_step(spec: str, device: str, steps: int = 50, dtype: torch.dtype | None = None) -> dict:
+def kernel_breakdown(fn, steps: int, top: int = 30) -> dict:
+    """Device time per step of the CUDA kernels `fn` launches (run `steps` times under torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = getattr(e, "cuda_time_total", 0.0)
+        if us and e.count:
+            rows.append({"kernel": e.key[:120], "launches_per_step": e.count / steps, "us_per_step": us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"kernels_per_step": sum(r["launches_per_step"] for r in rows),
+            "kernel_us_per_step": sum(r["us_per_step"] for r in rows), "top": rows[:top]}
+
+
+def profile_step(spec: str, device: str, steps: int = 50, dtype: torch.dtype | None = None,
+                 trace: bool = False, compile: bool = False, batch: int = 1) -> dict:
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     loaded = load_modegpt(spec, device, dtype)
-    eng = LLMEngine(loaded.config, loaded.state_dict, device=device, dtype=dtype, kv_cache_bytes=1 << 30,
-                    max_num_seqs=1, max_model_len=64 + 4 * steps + 16, eos_token_id=None)
-    eng.add_request(GenerationRequest("p", list(range(10, 74)),
-                                      SamplingParams(max_tokens=4 * steps, temperature=0.0, ignore_eos=True)))
-    while eng.scheduler.running == [] or eng.scheduler.running[0].num_computed < 64:
+    eng = LLMEngine(loaded.config, loaded.state_dict, device=device, dtype=dtype, kv_cache_bytes=4 << 30,
+                    max_num_seqs=batch, max_model_len=64 + 4 * steps + 16, eos_token_id=None, compile=compile)
+    vocab = int(loaded.config["vocab_size"])
+    for i in range(batch):
+        eng.add_request(GenerationRequest(f"p{i}", [10 + (i * 131 + j) % (vocab - 10) for j in range(64)],
+                                          SamplingParams(max_tokens=4 * steps, temperature=0.0, ignore_eos=True)))
+    while eng.scheduler.waiting or any(s.num_computed < 64 for s in eng.scheduler.running):
         eng.step()
     for _ in range(3):
         eng.step()  # warm
     r = {"model": spec, "device": device, "dtype": str(dtype), "graphs": eng.runner.use_graphs,
-         "kernels": bool(eng.runner.kernels)}
+         "kernels": bool(eng.runner.kernels), "compile": compile, "batch": batch}
     r["step_ms"] = _timed(eng.step, steps, sync)
     if eng.runner.use_graphs:
-        g, logits = eng.runner.graphs[1]
+        g, logits = eng.runner.graphs[min(b for b in eng.runner.graphs if b >= batch)]
         r["forward_ms"] = _timed(g.replay, steps, sync)
+        if trace:
+            r["trace"] = kernel_breakdown(g.replay, steps)
+            r["trace"]["idle_us_per_step"] = 1000 * r["forward_ms"] - r["trace"]["kernel_us_per_step"]
     else:
         out = eng.scheduler.schedule()
         r["forward_ms"] = _timed(lambda: eng.runner.execute(out), steps, sync)
         logits = eng.runner.execute(out).logits
-    seq = eng.scheduler.running[0]
-    r["sampler_ms"] = _timed(lambda: eng.sampler(logits[:1].clone(), [seq]), steps, sync)
+    seqs = eng.scheduler.running[:batch]
+    r["sampler_ms"] = _timed(lambda: eng.sampler(logits[:batch].clone(), seqs), steps, sync)
     r["host_rest_ms"] = r["step_ms"] - r["forward_ms"] - r["sampler_ms"]
     return r
 
@@ -62,8 +95,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--json", default=None)
+    p.add_argument("--trace", action="store_true", help="per-kernel device time of the graph replay")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode forward")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     a = p.parse_args(argv)
-    r = profile_step(a.model, a.device, a.steps)
+    r = profile_step(a.model, a.device, a.steps, trace=a.trace, compile=a.compile, batch=a.batch)
     print(json.dumps(r, indent=1))
     if a.json:
         with open(a.json, "w") as f:

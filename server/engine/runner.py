@@ -167,11 +167,17 @@ class ModelRunner:
         dev = self.device
         buckets = self.graph_buckets()
         mb = buckets[-1]
-        self.g_ids = torch.zeros(mb, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(mb, dtype=torch.long, device=dev)
-        self.g_slots = torch.zeros(mb, dtype=torch.long, device=dev)  # slot 0: scratch block 0
+        # inputs: one [4, mb] block (ids, positions, slots, context lengths) and the block tables, each
+        # refilled per step by ONE async copy from a pinned host twin (padding: token 0 at slot 0, the
+        # scratch block, with context length 1)
+        self.g_vec = torch.zeros(4, mb, dtype=torch.long, device=dev)
+        self.g_vec[3] = 1
+        self.g_ids, self.g_pos, self.g_slots, self.g_ctx = self.g_vec.unbind(0)
         self.g_tables = torch.zeros(mb, self.graph_max_blocks, dtype=torch.long, device=dev)
-        self.g_ctx = torch.ones(mb, dtype=torch.long, device=dev)
+        self.h_vec = torch.zeros(4, mb, dtype=torch.long, pin_memory=True)
+        self.h_tables = torch.zeros(mb, self.graph_max_blocks, dtype=torch.long, pin_memory=True)
+        self.h_copied = torch.cuda.Event()  # the host twins may be rewritten once their copies are done
+        self.h_copied.record()
         pool = None
         for b in reversed(buckets):
             meta = AttentionMetadata(num_decode=b, slot_mapping=self.g_slots[:b], decode_block_tables=self.g_tables[:b],
@@ -193,21 +199,16 @@ class ModelRunner:
     def _run_graph(self, ids, pos, slots, tables, ctx) -> Tensor:
         n = len(ids)
         b = min(x for x in self.graphs if x >= n)
-        host = torch.zeros(4, b, dtype=torch.long)
-        host[0, :n] = torch.tensor(ids)
-        host[1, :n] = torch.tensor(pos)
-        host[2, :n] = torch.tensor(slots)
-        host[3, :] = 1
-        host[3, :n] = torch.tensor(ctx)
-        tab = torch.zeros(b, self.graph_max_blocks, dtype=torch.long)
+        self.h_copied.synchronize()  # free in practice: the previous step synced on its sampled tokens
+        hv, ht = self.h_vec.numpy(), self.h_tables.numpy()
+        hv[0, :n], hv[1, :n], hv[2, :n], hv[3, :n] = ids, pos, slots, ctx
+        hv[:3, n:b], hv[3, n:b] = 0, 1
+        ht[:b] = 0
         for i, t in enumerate(tables):
-            tab[i, :len(t)] = torch.tensor(t)
-        host = host.to(self.device, non_blocking=True)
-        self.g_ids[:b].copy_(host[0])
-        self.g_pos[:b].copy_(host[1])
-        self.g_slots[:b].copy_(host[2])
-        self.g_ctx[:b].copy_(host[3])
-        self.g_tables[:b].copy_(tab.to(self.device, non_blocking=True))
+            ht[i, :len(t)] = t
+        self.g_vec.copy_(self.h_vec, non_blocking=True)
+        self.g_tables[:b].copy_(self.h_tables[:b], non_blocking=True)
+        self.h_copied.record()
         g, logits = self.graphs[b]
         g.replay()
         return logits[:n].clone()

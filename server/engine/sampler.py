@@ -93,11 +93,12 @@ class Sampler:
 
     @torch.inference_mode()
     def process_logits(self, logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
-        """Steps 2-5: penalties, logit_bias, min_tokens (returns a new tensor; temperature not applied)."""
+        """Steps 2-5: penalties, logit_bias, min_tokens (temperature not applied). Never modifies `logits`;
+        returns it unchanged when no row uses any of them."""
         B, V = logits.shape
         dev = logits.device
         params = [r.params for r in rows]
-        logits = logits.clone()
+        given = logits  # never modified: the in-place steps below work on a copy
 
         # 2-3. penalties (only rows that use them)
         rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
@@ -141,6 +142,8 @@ class Sampler:
                 for t in self.stop_ids(p):
                     if 0 <= t < V:
                         m_r.append(i), m_t.append(t)
+        if (b_r or m_r) and logits is given:
+            logits = logits.clone()
         if b_r:
             logits.index_put_((torch.tensor(b_r, device=dev), torch.tensor(b_t, device=dev)),
                               torch.tensor(b_v, device=dev), accumulate=True)
@@ -162,10 +165,10 @@ class Sampler:
         logits = self.process_logits(logits, rows)
 
         # 6. greedy / random
-        greedy = torch.tensor([p.temperature < _EPS_TEMPERATURE for p in params], device=dev)
         tokens = logits.argmax(dim=-1)
         rand = [i for i, p in enumerate(params) if p.temperature >= _EPS_TEMPERATURE]
         if rand:
+            greedy = torch.tensor([p.temperature < _EPS_TEMPERATURE for p in params], device=dev)
             temps = torch.tensor([max(p.temperature, _EPS_TEMPERATURE) for p in params], device=dev)
             scaled = logits / temps[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 for p in params):

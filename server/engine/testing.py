@@ -68,15 +68,16 @@ def opt_like_config(vocab_size: int = 300, seed: int = 1) -> dict:
     }
 
 
-def random_state_dict(config: dict, seed: int = 0) -> dict[str, Tensor]:
-    """Random weights with the names and shapes of docs/CHECKPOINT.md (float32)."""
-    g = torch.Generator().manual_seed(seed)
+def random_state_dict(config: dict, seed: int = 0, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Random weights with the names and shapes of docs/CHECKPOINT.md (drawn in float32 on `device`)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     D, H, Hkv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
     ranks = config.get("linear_ranks") or {}
     sd: dict[str, Tensor] = {}
 
     def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     def lin(name: str, out: int, inp: int, bias: bool):
         if name in ranks:

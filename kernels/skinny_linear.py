@@ -1,0 +1,210 @@
+"""Triton skinny linear: ``y = x @ W.T + bias`` for the few tokens of a decode step (M <= 16).
+
+Why (docs/BENCHMARKS.md, H200 step profile of a 30 % ModeGPT checkpoint of LLaMA-2-7B at batch 1):
+the weight matmuls are 72 % of a decode step, and cuBLAS streamed the compressed model's weights at
+3.57 TB/s against 3.8 TB/s for the dense model's. Its tiles are 64-192 output rows wide and the
+compressed widths (per-layer MLP widths such as 7528, per-layer q/k/v widths 32 x 80..112) leave
+partial waves on 132 SMs, which cuBLAS patches with split-K plus a separate reduce kernel (60 extra
+launches per step). A decode matmul is a pure weight stream, so this kernel is built for exactly that:
+
+* One program per ``BLOCK_N`` output rows (8-64, autotuned per shape), each streaming its rows'
+  whole K range with a software-pipelined loop (``num_stages``): small tiles give hundreds of
+  programs, so the last wave is short, and there is no split-K and no second launch.
+* ``M == 1``: an fp32 multiply + row reduction on the CUDA cores (a tensor-core tile would be 1/16
+  used). ``2 <= M <= 16``: ``tl.dot`` with the token rows padded to 16.
+* Rows of W start ``K`` elements apart. Triton only proves 16-element alignment of integer
+  arguments, so a width like 9880 (a multiple of 8, not 16) would make it issue 2-byte loads
+  (0.42 TB/s, measured for the attention kernel's odd head dims): the launcher passes the largest
+  power-of-two divisor (<= 8) of the row stride as ``ALIGN`` and the kernel asserts it with
+  ``tl.multiple_of``, which keeps 16-byte vector loads.
+* fp32 accumulation, one rounding to the output dtype, bias added in fp32 (as cuBLAS does; results
+  match it up to summation order).
+
+Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
+compressed model share a handful of tunings; results persist in Triton's cache (``kernels.autotune``).
+``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 16) and
+cuBLAS above, and in ``auto`` mode only for the shapes where it measured faster than cuBLAS
+(:func:`beats_cublas`); ``MODEGPT_KERNELS=torch`` turns it off with the other kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import SUPPORTED_DTYPES, cdiv
+from ._tl import mma as _mma
+from .autotune import autotune, launch
+
+MAX_M = 16
+
+
+def _cfg(bn, bk, warps, stages):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+_CONFIGS = [_cfg(*c) for c in (
+    (8, 1024, 4, 3), (16, 512, 4, 4), (16, 1024, 8, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3),
+    (64, 128, 4, 4))]
+_INTERPRET = {"BLOCK_N": 16, "BLOCK_K": 32}
+
+
+def _prune(configs, named_args, **kwargs):
+    """The dot path needs BLOCK_N >= 16 (MMA tile). Triton passes the launch's constexpr keywords
+    (``M_PAD``) in ``kwargs`` and the positional arguments in ``named_args``."""
+    if kwargs.get("M_PAD", named_args.get("M_PAD", 1)) > 1:
+        return [c for c in configs if c.kwargs["BLOCK_N"] >= 16]
+    return configs
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, N_KEY, K_KEY,
+                   M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.multiple_of(offs_n.to(tl.int64) * stride_wn, ALIGN)
+    # whole BLOCK_K tiles first, without a K mask: a mask `k < K` with K not provably a multiple of
+    # 16 (7288, 9880) has per-element constancy and turns every load scalar (measured 1.1-2.2 TB/s
+    # on the H200 against 3.6 for K = 11008); the ragged tail is one masked step after the loop
+    k_main = (K // BLOCK_K) * BLOCK_K
+    offs_b = tl.arange(0, BLOCK_K)
+    if M_PAD == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, k_main, BLOCK_K):
+            offs_k = k0 + offs_b
+            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+            x = tl.load(x_ptr + offs_k)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        if k_main < K:
+            offs_k = k_main + offs_b
+            k_mask = offs_k < K
+            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        offs_m = tl.arange(0, M_PAD)
+        m_mask = offs_m < M
+        acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_main, BLOCK_K):
+            offs_k = k0 + offs_b
+            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            acc2 = _mma(x, w, acc2, PRECISION)
+        if k_main < K:
+            offs_k = k_main + offs_b
+            k_mask = offs_k < K
+            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            acc2 = _mma(x, w, acc2, PRECISION)
+        if HAS_BIAS:
+            acc2 += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc2.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD"], prune=_prune)(_skinny_kernel)
+
+
+def _align(*ints: int) -> int:
+    g = 8
+    for v in ints:
+        g = math.gcd(g, int(v))
+    return max(1, g)
+
+
+def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton path of :func:`kernels.dispatch.linear` for ``x`` ``[..., K]`` with at most 16 rows."""
+    from ._common import dot_precision
+
+    K = x.shape[-1]
+    N, K_w = weight.shape
+    if K_w != K:
+        raise ValueError(f"shape mismatch: x[..., {K}] and weight {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"x, weight and bias must share one of {SUPPORTED_DTYPES}")
+    if weight.stride(1) != 1:
+        raise ValueError("weight needs unit stride along K")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M > MAX_M:
+        raise ValueError(f"skinny_linear takes at most {MAX_M} rows, got {M}")
+    if out is None:
+        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    y = out.view(M, N)
+    if M == 0:
+        return out
+    m_pad = 1 if M == 1 else 16
+    launch(_skinny, lambda meta: (cdiv(N, meta["BLOCK_N"]),),
+           (x2, weight, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+            cdiv(N, 256), cdiv(K, 256)),
+           dict(M_PAD=m_pad, HAS_BIAS=bias is not None, ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
+                PRECISION=dot_precision(x.dtype)), _INTERPRET)
+    return out
+
+
+_PICKS: dict[tuple, bool] = {}
+_FLUSH_BYTES = 128 << 20  # > 2x the H200's 60 MB L2: each timed call streams its weight from HBM
+
+
+def _graph_us(fn, flush: torch.Tensor, reps: int = 10) -> float:
+    """Microseconds of `fn` as a CUDA graph replays it (what the engine's decode graphs see: no
+    host launch cost, which dominates eager timing of a 10-60 us kernel), each call after an L2
+    flush; the flush alone is timed the same way and subtracted."""
+    def timed(calls) -> float:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                calls()
+        g.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(3):
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) * 1e3 / reps)
+        return best
+
+    def both():
+        flush.zero_()
+        fn()
+
+    return timed(both) - timed(flush.zero_)
+
+
+def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether this kernel is faster than cuBLAS for ``x2`` ``[M, K]`` against ``weight``, decided
+    once per (N, K, M bucket, dtype, bias, device) by timing both inside CUDA graphs with the L2
+    flushed before each call (~10 ms per new shape, in the engine's warm-up before its own graph
+    capture). Eager timing would be wrong here: Triton's host launch path (~40 us) exceeds the
+    kernel, and an eager measurement on the H200 picked cuBLAS for every LLaMA-2-7B shape although
+    the kernel is 1.04-1.26x faster on most of them in graphs (and 0.96x on a 4096 -> 10752 q/k/v,
+    0.5x at 4-16 tokens with a K that is not a multiple of 16). During another graph's capture
+    nothing can be timed: an unseen shape then takes cuBLAS."""
+    key = (tuple(weight.shape), 1 if x2.shape[0] == 1 else MAX_M, weight.dtype, bias is not None, weight.device)
+    if key not in _PICKS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        ours_fn = lambda: skinny_linear_triton(x2, weight, bias)  # noqa: E731
+        theirs_fn = lambda: torch.nn.functional.linear(x2, weight, bias)  # noqa: E731
+        ours_fn(), theirs_fn()  # autotune / cuBLAS heuristics outside the capture
+        torch.cuda.synchronize()
+        flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=weight.device)
+        _PICKS[key] = _graph_us(ours_fn, flush) < _graph_us(theirs_fn, flush)
+        del flush
+    return _PICKS[key]
