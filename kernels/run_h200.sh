@@ -52,7 +52,7 @@ PYEOF
 }
 profile1() {  # model batch tag [env...]: one step profile with per-kernel trace
   local m=$1 b=$2 tag=$3; shift 3
-  env "$@" timeout 150 $PY -m server.engine.profile_step "$m" --device cuda --batch $b --trace --steps 30 \
+  env "$@" timeout ${PROFILE_TIMEOUT:-150} $PY -m server.engine.profile_step "$m" --device cuda --batch $b --trace --steps 30 \
       --json "$OUT/profile-$tag-b$b.json" > "$OUT/profile-$tag-b$b.log" 2>&1 || echo "profile $tag b=$b failed"
 }
 profile() {  # where a decode step goes: per-kernel device time inside the graph, host, sampler (batch 1 and 64)
@@ -75,6 +75,8 @@ final)  # the recorded run: skinny check on the ragged-K shapes, engine kernels 
   timeout 150 $PY -m pytest -q -p no:cacheprovider --timeout 60 -rfE --durations=8 tests/test_kernels.py \
       -k "skinny or rope or attention or norm or silu or cuda_graph or bf16 or async_engines or bridge" \
       tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
+final2)  # after the graph-timed per-shape pick: engine (kernels on) and step profiles
+  ckpt; engine 170 on nohf; PROFILE_BATCHES=1 PROFILE_TIMEOUT=60 profile ;;
 iterate2)  # the skinny linear vs cuBLAS, the engine with it, profiles, then the CUDA tests of the new kernels
   ckpt; kernel_bench 120 90 '("skinny",)'
   engine 240 on; PROFILE_BATCHES=1 profile
@@ -86,5 +88,5 @@ compress13b)
   $PY -m compressor.cli bench compress random:llama-2-13b --ratio 0.3 --device cuda --workdir /tmp/bc \
       --json "$OUT/bench-compress-13b-h200.json" --quiet 2>&1 | tee "$OUT/bench-compress-13b.log"
   ;;
-*) echo "usage: $0 kernels|engine|profile|engine-on+profile|iterate|iterate2|final|all|compress13b" >&2; exit 2 ;;
+*) echo "usage: $0 kernels|engine|profile|engine-on+profile|iterate|iterate2|final|final2|all|compress13b" >&2; exit 2 ;;
 esac
