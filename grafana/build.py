@@ -130,6 +130,13 @@ ALERTS = (
           "warning", "The compressed model is slower than the original",
           "p90 end-to-end latency compressed / original is {{ $value | printf \"%.2f\" }} "
           f"(threshold {MAX_LATENCY_RATIO:g})."),
+    # remote variants only (server/remote): an ejected compressed backend also rolls the canary back, but an
+    # ejected ORIGINAL only shows as failover (the compressed model answers everything), so this one says it
+    # (no remote variant: no series; `or vector(1)` keeps the Argo analysis metric defined, not an error)
+    Alert("ModegptBackendEjected", "backends-up", "(min(modegpt_backend_up) or vector(1))", "<", 1, "1m", "critical",
+          "A remote model backend is out of service",
+          "At least one remote backend is ejected (modegpt_backend_up{variant} is 0): if it is the original, the "
+          "compressed model now answers all traffic (reason failover) and no comparisons run."),
 )
 
 

@@ -13,9 +13,10 @@ Policy (read per call, so tests and operators can flip it at run time):
   tokens (default **0**: never) and two cuBLAS matmuls above. Measured on the H200 on 2026-11-28 and
   again on 2026-11-29 (``kernels.bench``, bf16, LLaMA-2 7B/13B MLP shapes, ranks 25-75 %): the fused
   kernel ran at 0.57-0.82x of two cuBLAS calls at 1-64 tokens and 0.40-0.87x at 256-8192, so
-  ``auto`` never picks it; that keeps the promise "never slower than two cuBLAS calls" by
-  dispatch while the kernel stays available (``MODEGPT_KERNELS=triton`` or a positive threshold)
-  for the work in kernels/NOTES.md.
+  ``auto`` never picks it: it runs the two matmuls through ``linear`` (so each decode-sized stage
+  takes the faster of the skinny kernel and cuBLAS, measured per shape). That keeps the promise
+  "never slower than two cuBLAS calls" by dispatch while the fused kernel stays available
+  (``MODEGPT_KERNELS=triton`` or a positive threshold) for the work in kernels/NOTES.md.
 * ``linear`` (dense) in ``auto`` mode uses the skinny Triton kernel (``kernels.skinny_linear``) for
   at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default 16: decode steps) on the weight shapes where
   it timed faster than cuBLAS (once per shape, ``skinny_linear.beats_cublas``), cuBLAS otherwise.
@@ -111,8 +112,13 @@ def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     def tri():
         return lowrank_linear_triton(x, A, B, bias, out)
 
-    return _run("lowrank_linear", tri, lambda: reference.lowrank_linear_torch(x, A, B, bias, out),
-                (x, A, B, bias, out), ok)
+    def two_linears():  # on CUDA each decode-sized stage takes the faster of the skinny kernel and cuBLAS
+        if not x.is_cuda or kernels_mode() == "torch":
+            return reference.lowrank_linear_torch(x, A, B, bias, out)
+        y = linear(linear(x, A), B, bias)
+        return y if out is None else out.copy_(y)
+
+    return _run("lowrank_linear", tri, two_linears, (x, A, B, bias, out), ok)
 
 
 def skinny_max_tokens() -> int:

@@ -165,3 +165,26 @@ def test_shutdown_aborts_in_flight_requests():
     first, rest = asyncio.run(main())
     assert first.request_id == "s" and rest and rest[-1].finish_reason == "abort"
     assert time.time() - t0 < 30 and not eng.is_running
+
+
+def test_a_shut_down_engine_is_not_restarted_by_requests():
+    """A request that reaches an engine after shutdown() (a late request racing a graceful shutdown)
+    fails with EngineStoppedError; it does not restart the thread. An explicit start() does."""
+    from server.engine.types import EngineStoppedError
+
+    cfg = llama_like_config()
+    eng = AsyncEngine("tmp", cfg, random_state_dict(cfg), None, dtype=torch.float32, kv_cache_bytes=1 << 20,
+                      max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16)
+    assert not eng.is_running
+    first = asyncio.run(collect(eng, req("lazy", [1, 2, 3], 2)))  # never started: the first request starts it
+    assert first[-1].finished and eng.is_running
+    eng.shutdown()
+    with pytest.raises(EngineStoppedError):
+        asyncio.run(collect(eng, req("late", [1, 2, 3], 2)))
+    with pytest.raises(EngineStoppedError):
+        eng.submit_score([[1, 2, 3]])
+    assert not eng.is_running
+    eng.start()
+    again = asyncio.run(collect(eng, req("late", [1, 2, 3], 2)))  # the same id is free again
+    assert [e.token_id for e in again] == [e.token_id for e in first]
+    eng.shutdown()

@@ -272,6 +272,7 @@ def test_real_prometheus_returns_data_for_every_query(tmp_path):
         metrics.count_rollback("manual")
         metrics.count_shadow("dropped")
         remote.ejections.labels("compressed").inc()
+        remote.up.labels("compressed", "tiny-script").set(0)  # ...and it is out of service now
         ids = [rules.submit(queue, request_id=f"cmpl-{i}", variant="compressed", route_reason="weight",
                             prompt="Q", original_output="A.", compressed_output="B",
                             divergence={"kl_mean": 0.5}) for i in range(3)]
@@ -325,6 +326,8 @@ def test_real_prometheus_returns_data_for_every_query(tmp_path):
         assert {n: r.get("health") for n, r in rules_state.items()} == {a.name: "ok" for a in build.ALERTS}, \
             {n: r.get("lastError") for n, r in rules_state.items()}
         assert rules_state["ModegptCanaryRolledBack"]["state"] == "firing"
+        assert value(build.alert_queries("30s")["ModegptBackendEjected"]) == {"{}": 0.0}
+        assert rules_state["ModegptBackendEjected"]["state"] in ("pending", "firing")  # for: 1m
         assert rules_state["ModegptCompressedErrorRate"]["state"] == "inactive"
     finally:
         if proc is not None:

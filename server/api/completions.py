@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.canary.shadow import Output, VariantUnavailable
-from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from server.engine.types import EngineStoppedError, GenerationRequest, SamplingParams, TokenEvent
 from server.remote.forward import RemoteCompletions
 
 from .choice import ChoiceSpec, ChoiceState
@@ -197,6 +197,8 @@ class CompletionService:
                     queue.put_nowait((run, ev))
             except asyncio.CancelledError:
                 raise
+            except EngineStoppedError as e:  # shut down while the request was being routed
+                queue.put_nowait((run, APIError(str(e), status=503)))
             except ValueError as e:
                 queue.put_nowait((run, APIError(str(e), param="prompt")))
             except Exception as e:  # engine failure: reported, never raised into the server

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from server.engine.engine import LLMEngine
-from server.engine.types import EngineStats, GenerationRequest, TokenEvent
+from server.engine.types import EngineStats, EngineStoppedError, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class AsyncEngine:
         self._score_jobs: deque[tuple[list[list[int]], concurrent.futures.Future]] = deque()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._closed = False  # set by shutdown(): requests fail instead of restarting the thread
         self._stats = self.engine.stats()
         # Fault injection for tests (never set in production): a callable run in the engine thread before
         # every step. An exception from it is handled exactly like a failed step (every request in
@@ -95,14 +96,18 @@ class AsyncEngine:
     # ------------------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        """Start the engine thread (idempotent; also restarts an engine that was shut down)."""
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop = False
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.model_id}", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
-        """Stop the thread; in-flight requests finish with "abort", pending score calls fail."""
+        """Stop the thread; in-flight requests finish with "abort", pending score calls fail, and later
+        `generate` / `score` calls raise `EngineStoppedError` until `start()` is called again."""
+        self._closed = True
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -124,7 +129,12 @@ class AsyncEngine:
             if req.request_id in self._streams:
                 raise ValueError(f"duplicate request id {req.request_id!r}")
             self._streams[req.request_id] = (loop, q)
-        self.start()
+        try:
+            self._ensure_running()
+        except EngineStoppedError:
+            with self._streams_lock:
+                self._streams.pop(req.request_id, None)
+            raise
         self._post(("add", req))
         finished = False
         try:
@@ -154,13 +164,20 @@ class AsyncEngine:
 
     def submit_score(self, token_ids: list[list[int]]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self.start()
+        self._ensure_running()
         self._post(("score", (token_ids, fut)))
         return fut
 
     def stats(self) -> EngineStats:
         """Latest snapshot (refreshed by the engine thread after every step and command)."""
         return self._stats
+
+    def _ensure_running(self) -> None:
+        """Start lazily on the first request, but never bring back an engine that was shut down
+        (a request racing a graceful shutdown must fail, not restart the model)."""
+        if self._closed:
+            raise EngineStoppedError(f"model {self.model_id!r} is not running (shut down)")
+        self.start()
 
     # ------------------------------------------------------------------------------ the thread
 

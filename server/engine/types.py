@@ -69,3 +69,7 @@ class EngineStats:
     requests_finished_total: int = 0
     num_steps_total: int = 0
     num_score_sequences_total: int = 0
+
+
+class EngineStoppedError(RuntimeError):
+    """A request reached an engine after `shutdown()` (the API answers 503)."""
