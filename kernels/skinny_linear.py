@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, cdiv
+from ._common import SUPPORTED_DTYPES, cdiv, dot_precision
 from ._tl import mma as _mma
 from .autotune import autotune, launch
 
@@ -123,8 +123,6 @@ def _align(*ints: int) -> int:
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton path of :func:`kernels.dispatch.linear` for ``x`` ``[..., K]`` with at most 16 rows."""
-    from ._common import dot_precision
-
     K = x.shape[-1]
     N, K_w = weight.shape
     if K_w != K:
