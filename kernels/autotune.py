@@ -17,6 +17,8 @@ Tuning happens on the first call for a new key, which benchmarks kernels: it mus
 during CUDA-graph capture, so the engine warms every (M bucket, shape) it will capture first
 (``kernels.bench`` does the same).
 
+``MODEGPT_AUTOTUNE=off`` skips tuning (first valid config); the test suite sets it.
+
 Interpreter: under ``TRITON_INTERPRET=1`` there is nothing to time, so launchers call the
 undecorated kernel with one small fixed config (``interpret_config``) whose tiles are smaller than
 the test shapes: loops run several iterations with ragged tails, which is what the tests must cover.
@@ -24,6 +26,7 @@ the test shapes: loops run several iterations with ragged tails, which is what t
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Callable, Sequence
 
 import triton
@@ -54,10 +57,29 @@ def autotune(configs: Sequence[triton.Config], key: list[str],
     return triton.autotune(**kwargs)
 
 
+def autotuning_enabled() -> bool:
+    """False under ``MODEGPT_AUTOTUNE=off``: launches take the first config that survives pruning,
+    with no benchmarking (the tests' setting: correctness does not need tuned tiles, and tuning
+    every shape of the real-shape suite cost minutes on the H200)."""
+    return os.environ.get("MODEGPT_AUTOTUNE", "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def first_config(kernel, args: tuple, kwargs: dict) -> triton.Config:
+    """The config an untuned launch of the autotuned ``kernel`` uses: the first that its pruner keeps."""
+    configs = kernel.configs
+    if getattr(kernel, "early_config_prune", None):
+        configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **kwargs)
+    return configs[0]
+
+
 def launch(kernel, grid, args: tuple, kwargs: dict, interpret_config: dict) -> None:
-    """Launch an autotuned ``kernel``; under the interpreter, its raw function with a fixed config."""
+    """Launch an autotuned ``kernel``; under the interpreter, its raw function with a fixed config;
+    with autotuning off, its raw function with its first valid config."""
     if interpret_mode():
         fn = kernel.fn if hasattr(kernel, "fn") else kernel
         fn[grid](*args, **kwargs, **interpret_config)
+    elif not autotuning_enabled() and hasattr(kernel, "configs"):
+        cfg = first_config(kernel, args, kwargs)
+        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         kernel[grid](*args, **kwargs)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU acceptance runs of issues 3 and 4, as run on the lent H200 (see docs/BENCHMARKS.md).
 # Usage (repository root, on the GPU machine; results go to $OUT or ./runs):
+#   bash kernels/run_h200.sh tests     # the CUDA tests at real shapes, alone (up to 9 minutes)
 #   bash kernels/run_h200.sh kernels   # CUDA tests at real shapes + every kernel vs its PyTorch/cuBLAS baseline
 #   bash kernels/run_h200.sh engine    # random:llama-2-7b vs its 30% checkpoint, kernels off/on, HF generate
 #   bash kernels/run_h200.sh profile   # per-kernel breakdown of a decode step, batch 1 and 64, both models
@@ -17,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
 tests() {  # every test bounded: a hang costs 60 s, not the lease
-  timeout "${1:-150}" $PY -m pytest -q -p no:cacheprovider --timeout 60 -o log_cli=false -rfE \
+  timeout "${1:-150}" $PY -m pytest -q -p no:cacheprovider --timeout 60 -o log_cli=false -rfE --durations=15 \
       tests/test_engine_cuda.py tests/test_kernels.py 2>&1 | tee "$OUT/cuda-tests.log"
 }
 kernel_bench() {  # [timeout] [budget] [only: python tuple of case-name prefixes]
@@ -61,6 +62,7 @@ profile() {  # where a decode step goes: per-kernel device time inside the graph
 }
 
 case "${1:-}" in
+tests) tests 540 ;;  # the whole CUDA suite at real shapes (autotuning off: tests/conftest.py), its own call
 kernels) tests 300; kernel_bench ;;
 engine) engine ;;
 profile) profile ;;
@@ -88,5 +90,5 @@ compress13b)
   $PY -m compressor.cli bench compress random:llama-2-13b --ratio 0.3 --device cuda --workdir /tmp/bc \
       --json "$OUT/bench-compress-13b-h200.json" --quiet 2>&1 | tee "$OUT/bench-compress-13b.log"
   ;;
-*) echo "usage: $0 kernels|engine|profile|engine-on+profile|iterate|iterate2|final|final2|all|compress13b" >&2; exit 2 ;;
+*) echo "usage: $0 tests|kernels|engine|profile|engine-on+profile|iterate|iterate2|final|final2|all|compress13b" >&2; exit 2 ;;
 esac

@@ -327,6 +327,24 @@ def test_skinny_autotune_prune_reads_constexpr_keywords():
     assert any(c.kwargs["BLOCK_N"] < 16 for c in _CONFIGS)
 
 
+@pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
+def test_untuned_launches_take_a_valid_config():
+    """MODEGPT_AUTOTUNE=off (the tests' setting) launches each kernel with the first config its pruner
+    keeps: MMA-sized tiles for the skinny dot path, the decode bucket's BLOCK_M for the low-rank kernels."""
+    from kernels import lowrank, skinny_linear
+    from kernels.autotune import autotuning_enabled, first_config
+
+    assert not autotuning_enabled()  # tests/conftest.py
+    x, w = torch.zeros(16, 64), torch.zeros(40, 64)
+    args = (x, w, w, x, 16, 40, 64, 64, 64, 40, 1, 1)
+    assert first_config(skinny_linear._skinny, args, {"M_PAD": 16}).kwargs["BLOCK_N"] >= 16
+    assert first_config(skinny_linear._skinny, args, {"M_PAD": 1}) is skinny_linear._CONFIGS[0]
+    t = torch.zeros(1, 16, 32)
+    shrink_args = (x, w, t, 16, 64, 32, 64, 1, 32, 1, 16 * 32, 32, lowrank.m_bucket(16), 1)
+    cfg = first_config(lowrank._shrink, shrink_args, {"PRECISION": "ieee"})
+    assert cfg.kwargs["BLOCK_M"] == 16 and cfg.kwargs["GROUP_M"] == 1
+
+
 def test_linear_dispatch_rows_threshold(monkeypatch):
     """Above MODEGPT_SKINNY_MAX_TOKENS rows (default 16) a dense linear stays on cuBLAS/PyTorch."""
     monkeypatch.delenv("MODEGPT_SKINNY_MAX_TOKENS", raising=False)
