@@ -99,13 +99,19 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(checkpoi
     assert "Traceback" not in srv.output
 
 
-def test_shutdown_timeout_ends_what_is_left_and_still_exits_0(checkpoints):  # noqa: F811
-    srv = _serve(checkpoints, "--shutdown-timeout", "1")
+def _long_stream(srv) -> "Request":
+    """A streaming request that runs for minutes, once its first bytes have arrived."""
     body = {"model": "tiny-comp", "prompt": "hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
             "stream": True}
+    s = Request(srv.url, body)
+    assert s.started.wait(60) and s.status == 200
+    return s
+
+
+def test_shutdown_timeout_ends_what_is_left_and_still_exits_0(checkpoints):  # noqa: F811
+    srv = _serve(checkpoints, "--shutdown-timeout", "1")
     try:
-        s = Request(srv.url, body)
-        assert s.started.wait(60) and s.status == 200
+        s = _long_stream(srv)
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         events = s.join().events()
@@ -131,11 +137,8 @@ def test_bad_limits_are_refused_at_start(capsys):
 
 def test_a_second_signal_stops_at_once(checkpoints):  # noqa: F811
     srv = _serve(checkpoints, "--shutdown-timeout", "600")
-    body = {"model": "tiny-comp", "prompt": "hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
-            "stream": True}
     try:
-        s = Request(srv.url, body)
-        assert s.started.wait(60) and s.status == 200
+        s = _long_stream(srv)
         srv.proc.send_signal(signal.SIGTERM)
         wait_health(srv.url, 503, timeout=10)  # draining
         srv.proc.send_signal(signal.SIGTERM)  # not waiting for the 600 s drain
