@@ -17,9 +17,21 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-tests() {  # every test bounded: a hang costs 60 s, not the lease
-  timeout "${1:-150}" $PY -m pytest -q -p no:cacheprovider --timeout 60 -o log_cli=false -rfE --durations=15 \
-      tests/test_engine_cuda.py tests/test_kernels.py 2>&1 | tee "$OUT/cuda-tests.log"
+tests() {  # [timeout] [shards] [pytest selection...]: the CUDA suite in parallel shards (Triton compiles
+  # are CPU-bound and the GPU machine has 16 cores); each test bounded (a hang costs 60 s), and every
+  # outcome streams to $OUT/cuda-tests-progress.log, so a run cut by the time limit still says what failed
+  local limit=${1:-150} shards=${2:-4}; shift 2 2>/dev/null || shift $#
+  local sel=("$@"); [ ${#sel[@]} -gt 0 ] || sel=(tests/test_engine_cuda.py tests/test_kernels.py)
+  for i in $(seq 0 $((shards - 1))); do
+    MODEGPT_TEST_SHARD=$i/$shards MODEGPT_TEST_PROGRESS="$OUT/cuda-tests-progress.log" timeout "$limit" \
+        $PY -m pytest -q -p no:cacheprovider --timeout 60 -o log_cli=false -rfE --durations=10 "${sel[@]}" \
+        > "$OUT/cuda-tests-shard$i.log" 2>&1 &
+  done
+  wait
+  tail -n 3 "$OUT"/cuda-tests-shard*.log | tee "$OUT/cuda-tests.log"
+  local p="$OUT/cuda-tests-progress.log"; touch "$p"
+  echo "progress: $(grep -c '^PASSED' "$p") passed, $(grep -cE '^(FAILED|ERROR)' "$p") failed," \
+       "$(grep -c '^SKIPPED' "$p") skipped" | tee -a "$OUT/cuda-tests.log"
 }
 kernel_bench() {  # [timeout] [budget] [only: python tuple of case-name prefixes]
   timeout "${1:-200}" $PY -c "from kernels.bench import run_kernel_bench
@@ -39,14 +51,22 @@ compress('random:llama-2-7b', '/tmp/l7b-30', CompressOptions(ratio=0.3, device='
     cp /tmp/l7b-30/config.json "$OUT/llama-2-7b-30.config.json"
   fi
 }
+ckpt_aligned() {  # /tmp/l7b-30-a$1: the same allocation re-rounded (MLP widths to $1, head dims to $2)
+  [ -d /tmp/l7b-30-a$1 ] && return 0
+  $PY -c "import json, torch; from compressor.checkpoint import write_checkpoint
+from server.engine.testing import random_state_dict, realigned_config
+cfg = realigned_config(json.load(open('$SHAPES')), 11008, $1, $2)
+sd = {k: v.cpu() for k, v in random_state_dict(cfg, device='cuda', dtype=torch.bfloat16).items()}
+write_checkpoint('/tmp/l7b-30-a$1', cfg, sd, None, {'note': 'random weights, $SHAPES re-rounded to align $1/$2'}, overwrite=True)"
+}
 engine() {  # the bench via its Python entry points: the GPU image has no pydantic/fastapi for the full CLI
   ckpt
-  timeout "${1:-330}" $PY - "$OUT" "${2:-both}" "${3:-hf}" <<'PYEOF' 2>&1 | tee "$OUT/bench-engine-h200.log"
+  timeout "${1:-330}" $PY - "$OUT" "${2:-both}" "${3:-hf}" "${@:4}" <<'PYEOF' 2>&1 | tee "$OUT/bench-engine-h200.log"
 import argparse, sys
 from server.bench_engine import add_engine_bench
 p = argparse.ArgumentParser(); add_engine_bench(p.add_subparsers())
 extra = ["--hf-generate"] if sys.argv[3] == "hf" else []
-a = p.parse_args(["engine", "random:llama-2-7b", "/tmp/l7b-30", "--device", "cuda", "--batch", "1", "16", "64", "256",
+a = p.parse_args(["engine", "random:llama-2-7b", *(sys.argv[4:] or ["/tmp/l7b-30"]), "--device", "cuda", "--batch", "1", "16", "64", "256",
                   "--kernels", sys.argv[2], "--kv-cache-gb", "40", "--json", sys.argv[1] + "/bench-engine-h200.json"] + extra)
 a.func(a)
 PYEOF
@@ -62,7 +82,7 @@ profile() {  # where a decode step goes: per-kernel device time inside the graph
 }
 
 case "${1:-}" in
-tests) tests 540 ;;  # the whole CUDA suite at real shapes (autotuning off: tests/conftest.py), its own call
+tests) tests 540 4 ;;  # the whole CUDA suite at real shapes (autotuning off: tests/conftest.py), its own call
 kernels) tests 300; kernel_bench ;;
 engine) engine ;;
 profile) profile ;;
@@ -84,6 +104,9 @@ iterate2)  # the skinny linear vs cuBLAS, the engine with it, profiles, then the
   engine 240 on; PROFILE_BATCHES=1 profile
   timeout 130 $PY -m pytest -q -p no:cacheprovider --timeout 60 -rfE tests/test_engine_cuda.py \
       tests/test_kernels.py -k "skinny or rope or attention or norm or silu or cuda_graph or bridge" 2>&1 | tee "$OUT/cuda-tests.log" ;;
+align)  # the CUDA suite in shards, then: does rounding MLP widths to 128 (head dims to 16) speed up decode?
+  ckpt; ckpt_aligned 128 16; tests 240 4
+  engine 300 on nohf /tmp/l7b-30 /tmp/l7b-30-a128 ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

@@ -29,3 +29,32 @@ def http(stack):
 
     with httpx.Client(base_url=stack.url, timeout=120) as c:
         yield c
+
+
+_PROGRESS_LOG = os.environ.get("MODEGPT_TEST_PROGRESS")
+
+
+def pytest_runtest_logreport(report):
+    """With ``MODEGPT_TEST_PROGRESS=FILE`` every test's outcome and duration (and a failure's traceback)
+    is appended to FILE as it finishes: a run killed by a time limit (the lent GPU's) still says which
+    tests failed and why, where pytest's own summary would only come at the end."""
+    if not _PROGRESS_LOG or (report.when != "call" and report.passed):
+        return
+    with open(_PROGRESS_LOG, "a") as f:
+        f.write(f"{report.outcome.upper():8} {report.duration:7.2f}s {report.when:8} {report.nodeid}\n")
+        if report.failed:
+            f.write(str(report.longrepr)[-4000:] + "\n\n")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``MODEGPT_TEST_SHARD=i/n`` keeps every n-th collected test starting at the i-th (0-based): the GPU
+    runner (kernels/run_h200.sh) runs n shards in parallel processes."""
+    shard = os.environ.get("MODEGPT_TEST_SHARD")
+    if not shard:
+        return
+    i, n = (int(v) for v in shard.split("/"))
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"MODEGPT_TEST_SHARD={shard}: need 0 <= i < n")
+    keep = [t for k, t in enumerate(items) if k % n == i]
+    config.hook.pytest_deselected(items=[t for k, t in enumerate(items) if k % n != i])
+    items[:] = keep

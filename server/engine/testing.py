@@ -143,3 +143,32 @@ def assert_same_generations(ref: dict, got: dict, logprob_tol: float) -> None:
         assert [e.token_id for e in ref[k]] == [e.token_id for e in got[k]], k
         for x, y in zip(ref[k], got[k]):
             assert x.logprob.logprob == pytest.approx(y.logprob.logprob, abs=logprob_tol)
+
+
+def realigned_config(config: dict, full_width: int, align: int, head_align: int) -> dict:
+    """The same per-layer allocation as ``config`` (a ModeGPT checkpoint's config.json) with sizes
+    rounded the way ``compressor.allocation.kept_sizes(align=..., head_align=...)`` rounds them.
+
+    For timing only (``kernels/run_h200.sh``: what does alignment buy on the GPU?): each layer's
+    sparsity is read back as ``1 - intermediate_size / full_width`` and re-rounded, holding the total
+    ratio; ``qk_index`` keeps each KV head's first kept pairs (extended with the unused ones)."""
+    from compressor.allocation import kept_sizes
+
+    head_dim = int(config["head_dim"])
+    half = head_dim // 2
+    phi = [1.0 - layer["intermediate_size"] / full_width for layer in config["layers"]]
+    full = dict(config, layers=[{"intermediate_size": full_width} for _ in config["layers"]])
+    sizes = kept_sizes(phi, full, align=align, head_align=head_align, rope_pairs=True)
+    layers = []
+    for layer, s in zip(config["layers"], sizes):
+        m = s.qk_dim // 2
+        qk_index = []
+        for idx in layer["qk_index"]:
+            pairs = sorted(set(idx[: len(idx) // 2]))
+            pairs = (pairs + [p for p in range(half) if p not in pairs])[:m]
+            pairs.sort()
+            qk_index.append(pairs + [p + half for p in pairs])
+        layers.append({"intermediate_size": s.intermediate_size, "qk_dim": s.qk_dim, "v_dim": s.v_dim,
+                       "qk_index": qk_index})
+    meta = dict(config.get("modegpt", {}), align=align, head_align=head_align)
+    return dict(config, layers=layers, modegpt=meta)
