@@ -17,7 +17,8 @@ Tuning happens on the first call for a new key, which benchmarks kernels: it mus
 during CUDA-graph capture, so the engine warms every (M bucket, shape) it will capture first
 (``kernels.bench`` does the same).
 
-``MODEGPT_AUTOTUNE=off`` skips tuning (first valid config); the test suite sets it.
+``MODEGPT_AUTOTUNE=off`` skips tuning (the first config that passes pruning and fits in shared
+memory); the test suite sets it.
 
 Interpreter: under ``TRITON_INTERPRET=1`` there is nothing to time, so launchers call the
 undecorated kernel with one small fixed config (``interpret_config``) whose tiles are smaller than
@@ -64,22 +65,40 @@ def autotuning_enabled() -> bool:
     return os.environ.get("MODEGPT_AUTOTUNE", "on").strip().lower() not in ("off", "0", "false", "no")
 
 
-def first_config(kernel, args: tuple, kwargs: dict) -> triton.Config:
-    """The config an untuned launch of the autotuned ``kernel`` uses: the first that its pruner keeps."""
+def pruned_configs(kernel, args: tuple, kwargs: dict) -> list[triton.Config]:
+    """The configs of the autotuned ``kernel`` that its pruner keeps for this launch, in order."""
     configs = kernel.configs
     if getattr(kernel, "early_config_prune", None):
         configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **kwargs)
-    return configs[0]
+    return list(configs)
+
+
+def first_config(kernel, args: tuple, kwargs: dict) -> triton.Config:
+    """The config an untuned launch of the autotuned ``kernel`` starts from: the first its pruner keeps."""
+    return pruned_configs(kernel, args, kwargs)[0]
+
+
+def _untuned_launch(kernel, grid, args: tuple, kwargs: dict) -> None:
+    """The first pruned config that fits the GPU: a config can need more shared memory than the SM
+    has for some dtypes (fp32 doubles every tile; measured on the H200: the low-rank expand's first
+    config asked for 248 KB at fp32), which the autotuner would have skipped as failed."""
+    configs = pruned_configs(kernel, args, kwargs)
+    for i, cfg in enumerate(configs):
+        try:
+            kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return
+        except triton.runtime.errors.OutOfResources:
+            if i == len(configs) - 1:
+                raise
 
 
 def launch(kernel, grid, args: tuple, kwargs: dict, interpret_config: dict) -> None:
     """Launch an autotuned ``kernel``; under the interpreter, its raw function with a fixed config;
-    with autotuning off, its raw function with its first valid config."""
+    with autotuning off, its raw function with its first valid config that fits."""
     if interpret_mode():
         fn = kernel.fn if hasattr(kernel, "fn") else kernel
         fn[grid](*args, **kwargs, **interpret_config)
     elif not autotuning_enabled() and hasattr(kernel, "configs"):
-        cfg = first_config(kernel, args, kwargs)
-        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _untuned_launch(kernel, grid, args, kwargs)
     else:
         kernel[grid](*args, **kwargs)

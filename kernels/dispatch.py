@@ -20,6 +20,9 @@ Policy (read per call, so tests and operators can flip it at run time):
 * ``linear`` (dense) in ``auto`` mode uses the skinny Triton kernel (``kernels.skinny_linear``) for
   at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default 16: decode steps) on the weight shapes where
   it timed faster than cuBLAS (once per shape, ``skinny_linear.beats_cublas``), cuBLAS otherwise.
+* ``swiglu_linear`` (a gated MLP's SwiGLU + down projection) at decode sizes runs as one skinny
+  launch that applies the SwiGLU while loading its input, where that timed faster than
+  ``silu_mul`` + ``linear`` (per shape, like ``linear``).
 * In ``auto`` mode an unexpected Triton failure (e.g. a compiler resource error on an untested
   GPU) is reported once as a warning and the call falls back to PyTorch; ``MODEGPT_KERNELS=triton``
   is strict and raises, so tests and benchmarks never measure the fallback by accident.
@@ -248,3 +251,30 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
         return silu_mul_triton(gate, up, out)
 
     return _run("silu_mul", tri, lambda: reference.silu_mul_torch(gate, up, out), (gate, up, out), ok)
+
+
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """A gated MLP's down projection with its SwiGLU: ``linear(silu(gate) * up, weight, bias)`` for a
+    fused gate/up output ``gate_up`` ``[..., 2K]`` (gate first) and ``weight`` ``[N, K]``.
+
+    At decode sizes (rows <= :func:`skinny_max_tokens`) the skinny kernel computes the SwiGLU while
+    loading its activation tile: one launch instead of two, and no ``[M, K]`` round trip through
+    memory. In ``auto`` mode only for the shapes where that timed faster than the two-launch chain
+    (``beats_cublas(..., gated=True)``); otherwise :func:`silu_mul` then :func:`linear`."""
+    K = weight.shape[-1] if weight.dim() == 2 else -1
+    rows = gate_up.numel() // max(1, gate_up.shape[-1])
+    ok = (gate_up.shape[-1] == 2 * K and gate_up.dtype in SUPPORTED_DTYPES and weight.dtype == gate_up.dtype
+          and weight.stride(-1) == 1 and gate_up.stride(-1) == 1 and (bias is None or bias.dtype == gate_up.dtype)
+          and 0 < rows <= skinny_max_tokens())
+    if ok and kernels_mode() == "auto" and backend_for(gate_up, weight, bias, out) == "triton":
+        ok = beats_cublas(gate_up.reshape(rows, 2 * K), weight, bias, gated=True)
+
+    def tri():
+        return skinny_linear_triton(gate_up, weight, bias, out, gated=True)
+
+    def chain():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return linear(silu_mul(gate, up), weight, bias, out)
+
+    return _run("swiglu_linear", tri, chain, (gate_up, weight, bias, out), ok)

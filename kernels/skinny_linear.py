@@ -60,9 +60,31 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, N_KEY, K_KEY,
+def _load_x(ptrs, mask, UP_OFF, GATED: tl.constexpr, MASKED: tl.constexpr):
+    """The activation tile: ``x`` itself, or for ``GATED`` the SwiGLU of a fused gate/up row
+    (``silu(gate) * up`` with up ``UP_OFF`` elements after gate), rounded exactly like
+    ``kernels.fused_norm``'s ``silu_mul`` (activation, then product, each to the input dtype), so the
+    fused matmul sees the same bits as the two-launch chain. ``MASKED=False``: no mask at all (the
+    whole-tile main loop), masked lanes read as 0 otherwise."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if GATED:
+        if MASKED:
+            u = tl.load(ptrs + UP_OFF, mask=mask, other=0.0)
+        else:
+            u = tl.load(ptrs + UP_OFF)
+        gf = x.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(x.dtype)
+        x = (act.to(tl.float32) * u.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, N_KEY, K_KEY, UP_OFF,
                    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   GATED: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -72,18 +94,21 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
     # on the H200 against 3.6 for K = 11008); the ragged tail is one masked step after the loop
     k_main = (K // BLOCK_K) * BLOCK_K
     offs_b = tl.arange(0, BLOCK_K)
+    # same reason as ALIGN, for the up half's loads: UP_OFF is a multiple of X_ALIGN (the launcher
+    # checks), and writing it as a product by the constant lets the compiler prove that alignment
+    up_off = (UP_OFF // X_ALIGN) * X_ALIGN
     if M_PAD == 1:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, k_main, BLOCK_K):
             offs_k = k0 + offs_b
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
-            x = tl.load(x_ptr + offs_k)
+            x = _load_x(x_ptr + offs_k, offs_k < K, up_off, GATED, False)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         if k_main < K:
             offs_k = k_main + offs_b
             k_mask = offs_k < K
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+            x = _load_x(x_ptr + offs_k, k_mask, up_off, GATED, True)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -95,14 +120,14 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
         for k0 in range(0, k_main, BLOCK_K):
             offs_k = k0 + offs_b
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None], up_off, GATED, True)
             acc2 = _mma(x, w, acc2, PRECISION)
         if k_main < K:
             offs_k = k_main + offs_b
             k_mask = offs_k < K
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0)
+            x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None] & k_mask[None, :],
+                        up_off, GATED, True)
             acc2 = _mma(x, w, acc2, PRECISION)
         if HAS_BIAS:
             acc2 += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -110,7 +135,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD"], prune=_prune)(_skinny_kernel)
+_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED"], prune=_prune)(_skinny_kernel)
 
 
 def _align(*ints: int) -> int:
@@ -121,12 +146,16 @@ def _align(*ints: int) -> int:
 
 
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton path of :func:`kernels.dispatch.linear` for ``x`` ``[..., K]`` with at most 16 rows."""
-    K = x.shape[-1]
-    N, K_w = weight.shape
-    if K_w != K:
-        raise ValueError(f"shape mismatch: x[..., {K}] and weight {tuple(weight.shape)}")
+                         out: torch.Tensor | None = None, *, gated: bool = False) -> torch.Tensor:
+    """Triton path of :func:`kernels.dispatch.linear` for ``x`` ``[..., K]`` with at most 16 rows.
+
+    ``gated=True``: ``x`` is a fused gate/up output ``[..., 2K]`` (gate first) and the kernel computes
+    ``silu(gate) * up`` while loading it, i.e. :func:`kernels.dispatch.swiglu_linear` in one launch."""
+    N, K = weight.shape
+    K_x = 2 * K if gated else K
+    if x.shape[-1] != K_x:
+        raise ValueError(f"shape mismatch: x[..., {x.shape[-1]}] and weight {tuple(weight.shape)}"
+                         + (" (gated: x holds gate and up, 2 x in_features)" if gated else ""))
     if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"x, weight and bias must share one of {SUPPORTED_DTYPES}")
     if weight.stride(1) != 1:
@@ -134,7 +163,7 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(-1, K_x)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -146,11 +175,12 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if M == 0:
         return out
     m_pad = 1 if M == 1 else 16
+    x_align = _align(K, x2.stride(0), x2.data_ptr() // x2.element_size()) if gated else 1
     launch(_skinny, lambda meta: (cdiv(N, meta["BLOCK_N"]),),
            (x2, weight, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-            cdiv(N, 256), cdiv(K, 256)),
+            cdiv(N, 256), cdiv(K, 256), K if gated else 0),
            dict(M_PAD=m_pad, HAS_BIAS=bias is not None, ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
-                PRECISION=dot_precision(x.dtype)), _INTERPRET)
+                PRECISION=dot_precision(x.dtype), GATED=gated, X_ALIGN=x_align), _INTERPRET)
     return out
 
 
@@ -185,21 +215,34 @@ def _graph_us(fn, flush: torch.Tensor, reps: int = 10) -> float:
     return timed(both) - timed(flush.zero_)
 
 
-def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> bool:
     """Whether this kernel is faster than cuBLAS for ``x2`` ``[M, K]`` against ``weight``, decided
-    once per (N, K, M bucket, dtype, bias, device) by timing both inside CUDA graphs with the L2
-    flushed before each call (~10 ms per new shape, in the engine's warm-up before its own graph
+    once per (N, K, M bucket, dtype, bias, gated, device) by timing both inside CUDA graphs with the
+    L2 flushed before each call (~10 ms per new shape, in the engine's warm-up before its own graph
     capture). Eager timing would be wrong here: Triton's host launch path (~40 us) exceeds the
     kernel, and an eager measurement on the H200 picked cuBLAS for every LLaMA-2-7B shape although
     the kernel is 1.04-1.26x faster on most of them in graphs (and 0.96x on a 4096 -> 10752 q/k/v,
     0.5x at 4-16 tokens with a K that is not a multiple of 16). During another graph's capture
-    nothing can be timed: an unseen shape then takes cuBLAS."""
-    key = (tuple(weight.shape), 1 if x2.shape[0] == 1 else MAX_M, weight.dtype, bias is not None, weight.device)
+    nothing can be timed: an unseen shape then takes cuBLAS.
+
+    ``gated``: ``x2`` is ``[M, 2K]`` (gate | up), and the fused SwiGLU + matmul launch is timed against
+    what would run otherwise: the ``silu_mul`` launch, then the faster of this kernel and cuBLAS."""
+    key = (tuple(weight.shape), 1 if x2.shape[0] == 1 else MAX_M, weight.dtype, bias is not None, gated,
+           weight.device)
     if key not in _PICKS:
         if torch.cuda.is_current_stream_capturing():
             return False
-        ours_fn = lambda: skinny_linear_triton(x2, weight, bias)  # noqa: E731
-        theirs_fn = lambda: torch.nn.functional.linear(x2, weight, bias)  # noqa: E731
+        if gated:
+            from .fused_norm import silu_mul_triton
+
+            K = weight.shape[1]
+            h = silu_mul_triton(x2[:, :K], x2[:, K:])
+            plain = skinny_linear_triton if beats_cublas(h, weight, bias) else torch.nn.functional.linear
+            ours_fn = lambda: skinny_linear_triton(x2, weight, bias, gated=True)  # noqa: E731
+            theirs_fn = lambda: plain(silu_mul_triton(x2[:, :K], x2[:, K:]), weight, bias)  # noqa: E731
+        else:
+            ours_fn = lambda: skinny_linear_triton(x2, weight, bias)  # noqa: E731
+            theirs_fn = lambda: torch.nn.functional.linear(x2, weight, bias)  # noqa: E731
         ours_fn(), theirs_fn()  # autotune / cuBLAS heuristics outside the capture
         torch.cuda.synchronize()
         flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=weight.device)

@@ -188,3 +188,29 @@ def test_a_shut_down_engine_is_not_restarted_by_requests():
     again = asyncio.run(collect(eng, req("late", [1, 2, 3], 2)))  # the same id is free again
     assert [e.token_id for e in again] == [e.token_id for e in first]
     eng.shutdown()
+
+
+def test_a_crashed_engine_thread_fails_requests_instead_of_hanging():
+    """A failure of the engine thread outside a step (on the H200: set_device on a device without an
+    index, at thread start) ends every waiting request with finish_reason "error" and fails score
+    calls; the thread survives it, and once the fault is gone it serves again."""
+    cfg = llama_like_config()
+    eng = AsyncEngine("crashy", cfg, random_state_dict(cfg), None, dtype=torch.float32, kv_cache_bytes=1 << 20,
+                      max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16)
+    crashes = []
+
+    def broken_ctx():
+        crashes.append(1)
+        raise RuntimeError("device setup failed")
+
+    eng._device_ctx = broken_ctx  # what the thread enters first; the fault hook only covers steps
+    t0 = time.time()
+    failed = asyncio.run(asyncio.wait_for(collect(eng, req("r", [1, 2, 3], 4)), 20))
+    assert failed[-1].finished and failed[-1].finish_reason == "error" and crashes
+    with pytest.raises(RuntimeError, match="failed"):
+        eng.submit_score([[1, 2, 3]]).result(20)
+    assert time.time() - t0 < 20
+    del eng._device_ctx  # repaired: the retrying thread serves the next request
+    ok = asyncio.run(asyncio.wait_for(collect(eng, req("r2", [1, 2, 3], 4)), 60))
+    assert ok[-1].finish_reason == "length" and len(ok) == 4
+    eng.shutdown()

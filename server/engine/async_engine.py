@@ -52,6 +52,10 @@ class AsyncEngine:
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # the engine thread pins its device with set_device, which needs an index (torch 2.11
+            # raises on a bare "cuda": found on the H200, where it killed the thread and hung requests)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         with self._device_ctx():
             self.engine = LLMEngine(config, state_dict, device=device, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
@@ -248,6 +252,49 @@ class AsyncEngine:
         self._emit(events)
 
     def _loop(self) -> None:
+        """Serve until shutdown. If serving itself fails (outside a step, which `_serve` handles), every
+        pending caller gets an error, and the thread retries rather than dying: a dead thread would
+        leave later requests queued forever."""
+        while True:
+            try:
+                self._serve()
+                return
+            except Exception:  # noqa: BLE001
+                log.exception("engine %s: engine thread failed; failing pending requests", self.model_id)
+                self._fail_pending("error")
+                if self._stop:
+                    return
+                self._wake.wait(0.5)  # a retry per new command (or twice a second), not a spin
+                self._wake.clear()
+
+    def _fail_pending(self, reason: str) -> None:
+        """After a failure of the thread: every request in flight or still queued ends with ``reason``
+        and every score call fails, so no caller waits forever."""
+        events = []
+        while True:
+            try:
+                kind, arg = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                events.append(TokenEvent(arg.request_id, None, finished=True, finish_reason=reason))
+            elif kind == "score":
+                self._score_jobs.append(arg)
+        try:
+            self._fail_all(reason)
+        except Exception:  # noqa: BLE001 - the scheduler itself may be what failed
+            log.exception("engine %s: could not finish the scheduled requests", self.model_id)
+        # and every stream still open, whose "add" may not even have been posted yet: its generate()
+        # ends on this event (a stream reads nothing after its final event)
+        with self._streams_lock:
+            events += [TokenEvent(rid, None, finished=True, finish_reason=reason) for rid in self._streams]
+        self._emit(events)
+        while self._score_jobs:
+            _, fut = self._score_jobs.popleft()
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError(f"engine {self.model_id!r} failed"))
+
+    def _serve(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         steps_since_score = 0

@@ -133,7 +133,11 @@ class FusedLinear(nn.Module):
         return FusedLinear(weight, bias, [w.shape[0] for w in ws])
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return OPS["linear"](x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.fused(x).split(self.sizes, dim=-1)
+
+    def fused(self, x: Tensor) -> Tensor:
+        """The one matmul's output, the parts side by side along the last dim."""
+        return OPS["linear"](x, self.weight, self.bias)
 
 
 class Norm(nn.Module):
@@ -243,6 +247,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(sd, f"{prefix}.down_proj", device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up is not None and self.down_proj.weight is not None:  # the common case: one fused op
+            return OPS["gated_mlp_down"](self.gate_up.fused(x), self.act, self.down_proj.weight, self.down_proj.bias)
         if self.gate_up is not None:
             h = OPS["gated_mlp_act"](*self.gate_up(x), self.act)
         elif self.gated:

@@ -86,6 +86,13 @@ def gated_mlp_act(gate: Tensor, up: Tensor, act: str) -> Tensor:
     return ACTIVATIONS[act](gate) * up
 
 
+def gated_mlp_down(gate_up: Tensor, act: str, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The rest of a gated MLP after its fused gate/up matmul: ``down(act(gate) * up)`` with
+    ``gate_up`` ``[T, 2I]`` (gate first) and the dense down weight ``[H, I]`` (one fusable op)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return OPS["linear"](OPS["gated_mlp_act"](gate, up, act), weight, bias)
+
+
 def plain_mlp_act(up: Tensor, act: str) -> Tensor:
     return ACTIVATIONS[act](up)
 
@@ -216,6 +223,7 @@ OPS: dict[str, Callable] = {
     "linear": linear,
     "factorized_linear": factorized_linear,
     "gated_mlp_act": gated_mlp_act,
+    "gated_mlp_down": gated_mlp_down,
     "plain_mlp_act": plain_mlp_act,
     "rope_angles": rope_angles,
     "apply_rope": apply_rope,
@@ -244,7 +252,8 @@ def use_kernels() -> bool:
     """Route the ops the `kernels` package implements through `kernels.dispatch` (PROCESS-WIDE: the op
     table is global, so every engine of the process uses them). Covered: factorized linears
     (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_qkv_`, one launch per layer),
-    residual add + RMSNorm (`add_rms_norm`), the SwiGLU epilogue (`silu_mul`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
+    residual add + RMSNorm (`add_rms_norm`), the SwiGLU epilogue (`silu_mul`, or fused into the down
+    projection at decode sizes: `swiglu_linear`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
     `[num_blocks, block_size, Hkv, D]`, the layout the kernels read). `kernels.dispatch` still decides
     per call (Triton on CUDA, PyTorch elsewhere, `MODEGPT_KERNELS=torch` to force PyTorch). Dense
     linears go through `dispatch.linear` too: a skinny weight-streaming kernel at decode sizes.
@@ -275,12 +284,18 @@ def use_kernels() -> bool:
             return gated_mlp_act(gate, up, act)
         return dispatch.silu_mul(gate, up)
 
+    def gated_down_k(gate_up, act, weight, bias):
+        if act not in ("silu", "swish"):
+            return gated_mlp_down(gate_up, act, weight, bias)
+        return dispatch.swiglu_linear(gate_up, weight, bias)
+
     register_op("linear", dispatch.linear)
     register_op("decode_attention", decode)
     register_op("factorized_linear", lowrank)
     register_op("rope_store_kv", rope_store)
     register_op("add_norm", add_norm_k)
     register_op("gated_mlp_act", gated_act_k)
+    register_op("gated_mlp_down", gated_down_k)
     return True
 
 
