@@ -115,7 +115,47 @@ def _rates(us: float, nbytes: float, flops: float) -> dict:
 # ------------------------------------------------------------------------------------------------
 # cases
 # ------------------------------------------------------------------------------------------------
+def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Tensor, base: float, nbytes: float,
+                            flops: float) -> dict:
+    """Decode sizes only (graph-timed, same weight copies as the baseline): the one-launch fused kernel
+    (``lowrank_decode_triton``, M <= 64) and the skinny pair ``skinny(skinny(x, A), B)`` (M <= 16).
+    A failure is recorded under ``*_error`` and does not lose the rest of the case."""
+    from . import lowrank
+    from .skinny_linear import MAX_M as SKINNY_MAX_M
+    from .skinny_linear import skinny_linear_triton
+
+    M, n = x.shape[0], len(As)
+    out: dict = {}
+    if M <= lowrank.FUSED_MAX_M:
+        try:
+            y = lowrank.lowrank_decode_triton(x, As[0], Bs[0])  # autotunes here, outside any capture
+            cfg = getattr(lowrank._fused_decode, "best_config", None)
+            out["fused_decode_config"] = str(cfg) if cfg is not None else None
+            out["rel_diff_fused_decode_vs_baseline"] = _rel(y, y_ref)
+            us = _time([lambda i=i: lowrank.lowrank_decode_triton(x, As[i], Bs[i]) for i in range(n)], True)
+            out.update(fused_decode_us=us, fused_decode=_rates(us, nbytes, flops),
+                       speedup_fused_decode_vs_baseline=base / us,
+                       fused_decode_stuck_waits=lowrank.fused_stuck_count(x.device))  # 0 unless broken
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            out["fused_decode_error"] = repr(exc)[:500]
+            torch.cuda.synchronize()
+    if M <= SKINNY_MAX_M:
+        try:
+            y = skinny_linear_triton(skinny_linear_triton(x, As[0]), Bs[0])
+            out["rel_diff_skinny_pair_vs_baseline"] = _rel(y, y_ref)
+            us = _time([lambda i=i: skinny_linear_triton(skinny_linear_triton(x, As[i]), Bs[i]) for i in range(n)],
+                       True)
+            out.update(skinny_pair_us=us, skinny_pair=_rates(us, nbytes, flops),
+                       speedup_skinny_pair_vs_baseline=base / us)
+        except Exception as exc:  # noqa: BLE001
+            out["skinny_pair_error"] = repr(exc)[:500]
+            torch.cuda.synchronize()
+    return out
+
+
 def _lowrank_case(model: str, direction: str, frac: float, M: int, dtype: torch.dtype) -> dict:
+    """Two-launch Triton vs two cuBLAS matmuls (and dense); at decode sizes also the fused one-launch
+    kernel and the skinny pair (``_lowrank_decode_timings``)."""
     from .lowrank import lowrank_linear_triton, split_k
 
     hidden, mlp = MODELS[model]
@@ -138,6 +178,8 @@ def _lowrank_case(model: str, direction: str, frac: float, M: int, dtype: torch.
             "split_k": split_k(M, R, K, dev), "bytes": nbytes, "flops": flops, "rel_diff_vs_baseline": _rel(y_tri, y_ref)}
     tri = _time([lambda i=i: lowrank_linear_triton(x, As[i], Bs[i]) for i in range(n)], graph)
     base = _time([lambda i=i: torch.matmul(torch.matmul(x, As[i].t()), Bs[i].t()) for i in range(n)], graph)
+    if graph:
+        case.update(_lowrank_decode_timings(x, As, Bs, y_ref, base, nbytes, flops))
     del As, Bs
     dense_n = _copies(N * K * esz, graph)
     Ws = [torch.randn(N, K, device=dev, dtype=dtype) * K ** -0.5 for _ in range(dense_n)]
@@ -372,8 +414,20 @@ def _summary(cases: list[dict]) -> list[str]:
         lines.append(f"{c['name']:<44} triton {c['triton_us']:9.1f} us  base "
                      f"{c.get('baseline_us', float('nan')):9.1f} us  x{sp if sp else float('nan'):5.2f}  "
                      f"{c['triton']['TBps']:5.2f} TB/s {c['triton']['TFLOPs']:6.1f} TF/s  "
-                     f"roof {c['triton']['roofline_pct']:5.1f}%")
+                     f"roof {c['triton']['roofline_pct']:5.1f}%" + _lowrank_decode_summary(c))
     return lines
+
+
+def _lowrank_decode_summary(c: dict) -> str:
+    """`` fused .. us x.. .. TB/s  skinny2 .. us x..`` for low-rank decode cases ('' otherwise)."""
+    parts = []
+    for key, label in (("fused_decode", "fused"), ("skinny_pair", "skinny2")):
+        if f"{key}_us" in c:
+            parts.append(f"{label} {c[f'{key}_us']:7.1f} us x{c[f'speedup_{key}_vs_baseline']:4.2f} "
+                         f"{c[key]['TBps']:4.2f} TB/s")
+        elif f"{key}_error" in c:
+            parts.append(f"{label} ERROR")
+    return ("  | " + "  ".join(parts)) if parts else ""
 
 
 def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.dtype = torch.bfloat16,

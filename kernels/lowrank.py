@@ -34,13 +34,55 @@ the expand kernel summing the split-K partials in a runtime inner loop: SPLIT_K 
 round trips per r-tile that the software pipeliner cannot overlap. SPLIT_K is now a compile-time
 constant and the partial loads are unrolled and independent; this version is not yet measured.
 ``kernels.dispatch`` sends prefill sizes to cuBLAS.
+
+Fused decode kernel (``lowrank_decode_triton``, M <= 64, one launch; issue #4). Measured twice, the
+two launches above stayed at 0.57-0.87x of two cuBLAS calls: each stage alone was not faster than
+its cuBLAS counterpart, and the second launch plus the fp32 partials added the rest. The fused
+kernel is one launch whose programs take *tickets* from an atomic counter instead of using their
+program ids:
+
+* Tickets ``0 .. cdiv(r, RB) * KS - 1`` are shrink tiles: rank chunk c (RB rows of A), K split s.
+  Each streams its rows of A over its K range (CUDA-core GEMV for one token, ``tl.dot`` with the
+  tokens padded to 16/32/64 otherwise). With KS > 1 it stores an fp32 partial and the chunk's last
+  split to arrive (per-chunk counter, acq_rel) sums the KS partials in split order, rounds the chunk
+  of t once to the input dtype (as the two-matmul chain does) and stores it. The chunk is then
+  counted into its rank *segment* (release).
+* The remaining tickets are expand tiles: BN rows of B ``[out, r]`` (its natural layout: contiguous
+  rows, as the skinny kernel streams them; no pre-transposed copy is needed) times all of t. A tile
+  waits (acquire) for each of at most NSEG rank segments in turn and streams B over it, so output
+  tiles start on the first segments while the last chunks of t are still being reduced. Bias is
+  added in fp32 and y written once, in the output dtype.
+* Deadlock freedom without co-residency: every shrink ticket is handed out before any expand
+  ticket, so a waiting program only waits for programs that are already running and never wait
+  themselves. (Waiting on program ids would hang if the waiting tiles filled the GPU first; on
+  Triton's CPU interpreter, which runs programs one after the other, tickets equal program ids and
+  nothing ever waits.)
+* Self-resetting state: the chunk's last split zeroes its chunk counter; the last expand tile to
+  finish (a done counter) zeroes the ticket, done and segment counters. The int32 counter block is
+  allocated and zeroed once per device and is zero between launches, so CUDA-graph replays need no
+  host work and no memset. t and the partials are per-call scratch from the caching allocator and
+  are fully written before they are read. Two launches must not run concurrently on one device
+  (streams running in parallel); sequential launches and graph replays are fine.
+* Why not the atomic-accumulation design (programs over rank chunk x output split, each adding
+  ``t_chunk @ B[:, chunk].T`` into an fp32 ``[M, out]`` accumulator; the last arriver per output
+  split writes y): its atomic traffic is ``(r / RB) * M * out * 4`` bytes, e.g. 22.5 MB at 7B up,
+  rank 1024, 16 tokens, RB 32 -- as much as the B factor itself -- plus A re-read once per output
+  split, and fp32 atomics make the result depend on arrival order (not bitwise reproducible). Here
+  every weight byte is read once from HBM, the only atomics are ~``r / RB + out / BN`` counter
+  updates, and the result is deterministic. What it pays instead is the wait of the first expand
+  tiles for the first segment of t (about one shrink tile plus one reduction; estimated, not measured).
+* Tiles and splits are autotuned per (M bucket, out, in, r); ``fused_splits`` picks KS so the shrink
+  tiles cover the chip ~1.5 times, keeping >= 1024 of K per split. Not measured yet.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import SUPPORTED_DTYPES, cdiv, dot_precision, next_pow2, sm_count, workspace
 from ._tl import mma
 from .autotune import autotune, launch
@@ -274,3 +316,378 @@ def expand_(t: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, y: torc
            (t, B, bias if bias is not None else y, y, M, N, R, t.stride(0), t.stride(1),
             B.stride(0), B.stride(1), y.stride(0), y.stride(1), m_bucket(M)),
            dict(SPLIT_K=splits, HAS_BIAS=bias is not None, PRECISION=dot_precision(B.dtype)), _INTERPRET_EXPAND)
+
+
+# ----------------------------------------------------------------------------------------------
+# one-launch decode kernel (M <= FUSED_MAX_M): see "Fused decode kernel" in the module docstring
+# ----------------------------------------------------------------------------------------------
+FUSED_MAX_M = 64
+MAX_KS = 8  # K splits of a rank chunk (partials are summed by the chunk's last split)
+MAX_NSEG = 8  # rank segments an output tile waits for one at a time
+_MIN_RB = 4  # smallest rank chunk of any config: sizes the counter block
+# Counter block (int32, all zero between launches): [ticket, expand tiles done, NSEG segment
+# counts (chunks of t published), "stuck" count, one arrival count per rank chunk]. The stuck count
+# is a safety net, never reset by the kernel: a wait that spins _MAX_SPINS times (~1 s; only a bug
+# or a starved GPU) gives up, counts itself there and lets the tile finish with wrong values
+# instead of hanging the stream; tests and the benchmark read it with `fused_stuck_count`.
+_CNT_TICKET = tl.constexpr(0)
+_CNT_DONE = tl.constexpr(1)
+_CNT_SEG = tl.constexpr(2)
+_STUCK_INDEX = 2 + MAX_NSEG
+_CNT_STUCK = tl.constexpr(_STUCK_INDEX)
+_CHUNK_BASE = _STUCK_INDEX + 1
+_CNT_CHUNK = tl.constexpr(_CHUNK_BASE)
+_MAX_SPINS = tl.constexpr(1 << 20)  # ~0.5-1 s of acquire loads
+
+
+@triton.jit
+def _fused_shrink_tile(tile, x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
+                       stride_t, stride_ps, seg_cols, M_PAD: tl.constexpr, ALIGN_A: tl.constexpr,
+                       PRECISION: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr):
+    """Shrink tile ``tile``: rank chunk ``tile // KS``, K split ``tile % KS``."""
+    chunk = tile // KS
+    split = tile % KS
+    offs_r = chunk * RB + tl.arange(0, RB)
+    r_mask = offs_r < R
+    rows_a = tl.multiple_of(offs_r.to(tl.int64) * stride_ar, ALIGN_A)
+    k_per_split = tl.cdiv(tl.cdiv(K, KS), BK) * BK
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    # whole BK tiles unmasked along K (see skinny_linear: a K mask scalarises the loads); the
+    # ragged end of K is one masked step in the split that holds it
+    k_main = (K // BK) * BK
+    k_stop = tl.minimum(k_hi, k_main)
+    tail = (k_main < k_hi) & (k_main >= k_lo)
+    offs_b = tl.arange(0, BK)
+    if M_PAD == 1:
+        acc = tl.zeros((RB,), dtype=tl.float32)
+        for k0 in range(k_lo, k_stop, BK):
+            offs_k = k0 + offs_b
+            a = tl.load(a_ptr + rows_a[:, None] + offs_k[None, :] * stride_ak, mask=r_mask[:, None], other=0.0)
+            xv = tl.load(x_ptr + offs_k * stride_xk)
+            acc += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+        if tail:
+            offs_k = k_main + offs_b
+            k_mask = offs_k < K
+            a = tl.load(a_ptr + rows_a[:, None] + offs_k[None, :] * stride_ak,
+                        mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            xv = tl.load(x_ptr + offs_k * stride_xk, mask=k_mask, other=0.0)
+            acc += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+        t_offs = offs_r
+        t_mask = r_mask
+    else:
+        offs_m = tl.arange(0, M_PAD)
+        m_mask = offs_m < M
+        acc = tl.zeros((M_PAD, RB), dtype=tl.float32)
+        for k0 in range(k_lo, k_stop, BK):
+            offs_k = k0 + offs_b
+            a = tl.load(a_ptr + rows_a[None, :] + offs_k[:, None] * stride_ak, mask=r_mask[None, :], other=0.0)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None], other=0.0)
+            acc = mma(xv, a, acc, PRECISION)
+        if tail:
+            offs_k = k_main + offs_b
+            k_mask = offs_k < K
+            a = tl.load(a_ptr + rows_a[None, :] + offs_k[:, None] * stride_ak,
+                        mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = mma(xv, a, acc, PRECISION)
+        t_offs = offs_m[:, None] * stride_t + offs_r[None, :]
+        t_mask = m_mask[:, None] & r_mask[None, :]
+    seg = (chunk * RB) // seg_cols
+    if KS == 1:
+        tl.store(t_ptr + t_offs, acc.to(t_ptr.dtype.element_ty), mask=t_mask)
+        tl.debug_barrier()  # every thread's part of t is stored before the release below
+        tl.atomic_add(cnt_ptr + _CNT_SEG + seg, 1, sem="release")
+    else:
+        tl.store(p_ptr + split * stride_ps + t_offs, acc, mask=t_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + _CNT_CHUNK + chunk, 1, sem="acq_rel")
+        if arrived == KS - 1:  # the chunk's last split: reduce in split order (deterministic)
+            # written by other programs of this launch: read through L2 (.cg), never a stale L1
+            total = tl.load(p_ptr + t_offs, mask=t_mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, KS):
+                total += tl.load(p_ptr + s * stride_ps + t_offs, mask=t_mask, other=0.0, cache_modifier=".cg")
+            tl.store(t_ptr + t_offs, total.to(t_ptr.dtype.element_ty), mask=t_mask)
+            tl.store(cnt_ptr + _CNT_CHUNK + chunk, 0)  # all its splits have arrived: reset
+            tl.debug_barrier()
+            tl.atomic_add(cnt_ptr + _CNT_SEG + seg, 1, sem="release")
+
+
+@triton.jit
+def _fused_expand_tile(e, b_ptr, bias_ptr, y_ptr, t_ptr, cnt_ptr, M, N, R, stride_bn, stride_br, stride_ym, stride_t,
+                       seg_cols, n_expand, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN_B: tl.constexpr,
+                       PRECISION: tl.constexpr, RB: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    """Expand tile ``e``: output columns ``e * BN ...`` over the whole rank, segment by segment."""
+    offs_n = e * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    rows_b = tl.multiple_of(offs_n.to(tl.int64) * stride_bn, ALIGN_B)
+    offs_c = tl.arange(0, BR)
+    r_main = (R // BR) * BR
+    n_seg = tl.cdiv(R, seg_cols)
+    offs_m = tl.arange(0, M_PAD)
+    m_mask = offs_m < M
+    if M_PAD == 1:
+        acc = tl.zeros((BN,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((M_PAD, BN), dtype=tl.float32)
+    for sg in range(n_seg):
+        lo = sg * seg_cols
+        need = tl.cdiv(tl.minimum(lo + seg_cols, R) - lo, RB)  # chunks of t in this segment
+        # adding 0 with acquire semantics is lowered to a plain ld.acquire (no read-modify-write)
+        ready = tl.atomic_add(cnt_ptr + _CNT_SEG + sg, 0, sem="acquire")
+        spins = 0
+        while (ready < need) & (spins < _MAX_SPINS):
+            ready = tl.atomic_add(cnt_ptr + _CNT_SEG + sg, 0, sem="acquire")
+            spins += 1
+        if ready < need:
+            tl.atomic_add(cnt_ptr + _CNT_STUCK, 1, sem="relaxed")
+        # t was written by other programs of this launch: read through L2 (.cg), never a stale L1
+        for r0 in range(lo, tl.minimum(lo + seg_cols, r_main), BR):
+            offs_r = r0 + offs_c
+            if M_PAD == 1:
+                b = tl.load(b_ptr + rows_b[:, None] + offs_r[None, :] * stride_br, mask=n_mask[:, None], other=0.0)
+                tv = tl.load(t_ptr + offs_r, cache_modifier=".cg")
+                acc += tl.sum(b.to(tl.float32) * tv.to(tl.float32)[None, :], axis=1)
+            else:
+                b = tl.load(b_ptr + rows_b[None, :] + offs_r[:, None] * stride_br, mask=n_mask[None, :], other=0.0)
+                tv = tl.load(t_ptr + offs_m[:, None] * stride_t + offs_r[None, :], mask=m_mask[:, None],
+                             other=0.0, cache_modifier=".cg")
+                acc = mma(tv, b, acc, PRECISION)
+    if r_main < R:  # ragged end of the rank (in the last segment: already waited for)
+        offs_r = r_main + offs_c
+        r_mask = offs_r < R
+        if M_PAD == 1:
+            b = tl.load(b_ptr + rows_b[:, None] + offs_r[None, :] * stride_br,
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            tv = tl.load(t_ptr + offs_r, mask=r_mask, other=0.0, cache_modifier=".cg")
+            acc += tl.sum(b.to(tl.float32) * tv.to(tl.float32)[None, :], axis=1)
+        else:
+            b = tl.load(b_ptr + rows_b[None, :] + offs_r[:, None] * stride_br,
+                        mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+            tv = tl.load(t_ptr + offs_m[:, None] * stride_t + offs_r[None, :],
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0, cache_modifier=".cg")
+            acc = mma(tv, b, acc, PRECISION)
+    if M_PAD == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+    # the last expand tile to finish: every program has taken its ticket and passed its waits, and
+    # every chunk counter was reset by its chunk's last split, so the block can be zeroed for the
+    # next launch (the next kernel on the stream starts after this one has finished)
+    done = tl.atomic_add(cnt_ptr + _CNT_DONE, 1, sem="acq_rel")
+    if done == n_expand - 1:
+        offs_z = tl.arange(0, 16)
+        tl.store(cnt_ptr + offs_z, tl.zeros((16,), dtype=tl.int32), mask=offs_z < _CNT_STUCK)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fused_decode_kernel(x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, p_ptr, t_ptr, cnt_ptr,
+                         M, N, K, R, stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
+                         stride_ym, stride_t, stride_ps, M_KEY, KS_REQ,
+                         M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN_A: tl.constexpr,
+                         ALIGN_B: tl.constexpr, PRECISION: tl.constexpr,
+                         RB: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                         NSEG: tl.constexpr, KS: tl.constexpr):
+    """One launch of ``y = (x @ A.T) @ B.T + bias`` for a few tokens.
+
+    Tiles, in ticket order: ``cdiv(R, RB) * KS`` shrink tiles (rank chunk c, K split s:
+    ``x @ A[c].T`` over the split, fp32), then ``cdiv(N, BN)`` expand tiles (``BN`` rows of B over
+    the whole rank). A chunk's last split sums the KS fp32 partials in split order, rounds the
+    chunk of t once to the input dtype, stores it and counts it into its rank segment (release).
+    An expand tile waits for each of the (at most NSEG) segments in turn (acquire) and streams its
+    B rows over that segment. The last expand tile to finish zeroes the counters for the next launch.
+    """
+    STEP: tl.constexpr = RB if RB > BR else BR  # noqa: FURB136 (plain Python on constexprs)
+    n_shrink = tl.cdiv(R, RB) * KS
+    n_expand = tl.cdiv(N, BN)
+    seg_cols = tl.cdiv(tl.cdiv(R, NSEG), STEP) * STEP  # a multiple of RB and of BR
+    # tickets, not program ids: every shrink ticket is taken before any expand ticket, so a program
+    # that waits for t only waits for programs that already run (no co-residency assumption)
+    tile = tl.atomic_add(cnt_ptr + _CNT_TICKET, 1, sem="relaxed")
+    if tile < n_shrink:
+        _fused_shrink_tile(tile, x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, stride_xm, stride_xk, stride_ar,
+                           stride_ak, stride_t, stride_ps, seg_cols, M_PAD, ALIGN_A, PRECISION, RB, BK, KS)
+    else:
+        _fused_expand_tile(tile - n_shrink, b_ptr, bias_ptr, y_ptr, t_ptr, cnt_ptr, M, N, R, stride_bn, stride_br,
+                           stride_ym, stride_t, seg_cols, n_expand, M_PAD, HAS_BIAS, ALIGN_B, PRECISION, RB, BN, BR)
+
+
+def _fcfg(rb, bk, bn, br, nseg, warps, stages):
+    return triton.Config({"RB": rb, "BK": bk, "BN": bn, "BR": br, "NSEG": nseg}, num_warps=warps, num_stages=stages)
+
+
+# M == 1: CUDA-core GEMV tiles (any RB / BN >= 4); the first is the untuned default
+_FUSED_GEMV_CONFIGS = [_fcfg(*c) for c in (
+    (8, 512, 16, 512, 4, 4, 3), (4, 1024, 8, 1024, 4, 4, 3), (16, 256, 16, 256, 4, 4, 4),
+    (8, 512, 16, 512, 1, 4, 3), (8, 1024, 32, 256, 2, 8, 3), (16, 512, 32, 512, 4, 8, 3))]
+# 2 <= M <= 64: tensor-core tiles (RB, BN >= 16)
+_FUSED_MMA_CONFIGS = [_fcfg(*c) for c in (
+    (16, 256, 32, 128, 4, 4, 3), (16, 512, 16, 256, 4, 4, 3), (32, 128, 32, 128, 4, 4, 4),
+    (32, 256, 64, 128, 4, 8, 3), (16, 256, 32, 128, 1, 4, 3), (64, 128, 64, 64, 4, 8, 3))]
+_GEMV_IDS = {id(c) for c in _FUSED_GEMV_CONFIGS}
+assert all(c.kwargs["RB"] >= _MIN_RB and c.kwargs["NSEG"] <= MAX_NSEG
+           for c in _FUSED_GEMV_CONFIGS + _FUSED_MMA_CONFIGS)
+_FUSED_SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles a config may stage (H100/H200: 227 KB)
+
+
+def _splits_limit(K: int) -> int:
+    return max(1, min(MAX_KS, K // 1024))
+
+
+def fused_splits(R: int, K: int, rb: int, device: torch.device) -> int:
+    """K splits of each rank chunk of the fused decode kernel: enough shrink tiles for ~1.5 waves of
+    the chip while reading A, each split keeping >= 1024 of K; at most ``MAX_KS``."""
+    chunks = cdiv(R, rb)
+    limit = _splits_limit(K)
+    target = 1.5 * sm_count(device)
+    ks = 1
+    while ks * 2 <= limit and chunks * ks < target:
+        ks *= 2
+    return ks
+
+
+def _fused_prune(configs, named_args, **kwargs):
+    """The family of the call's M (GEMV for one token, MMA otherwise), tiles no wider than tiny
+    dims, a shared-memory budget, and each config's K splits (``KS_REQ`` > 0 forces them)."""
+    m_pad = kwargs.get("M_PAD", named_args.get("M_PAD", 1))
+    N, K, R = named_args["N"], named_args["K"], named_args["R"]
+    x = named_args["x_ptr"]
+    keep = [c for c in configs if (id(c) in _GEMV_IDS) == (m_pad == 1)] or list(configs[:1])
+    for name, dim in (("BK", K), ("BR", R), ("RB", R), ("BN", N)):
+        cap = max(16, next_pow2(dim), min(c.kwargs[name] for c in keep))  # else the narrowest ones
+        keep = [c for c in keep if c.kwargs[name] <= cap]
+    esz = x.element_size()
+
+    def smem(c):  # pipelined operand buffers of the larger of the two loops (what Triton allocates)
+        kw = c.kwargs
+        return c.num_stages * esz * max(m_pad * kw["BK"] + kw["BK"] * kw["RB"], m_pad * kw["BR"] + kw["BR"] * kw["BN"])
+
+    keep = [c for c in keep if smem(c) <= _FUSED_SMEM_BUDGET] or [min(keep, key=smem)]
+    ks_req = int(named_args["KS_REQ"])
+    out = []
+    for c in keep:
+        ks = min(MAX_KS, ks_req) if ks_req > 0 else fused_splits(R, K, c.kwargs["RB"], x.device)
+        out.append(triton.Config({**c.kwargs, "KS": ks}, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+_fused_decode = autotune(_FUSED_GEMV_CONFIGS + _FUSED_MMA_CONFIGS, key=["M_KEY", "N", "K", "R", "KS_REQ"],
+                         prune=_fused_prune)(_fused_decode_kernel)
+_INTERPRET_FUSED = {"RB": 16, "BK": 32, "BN": 16, "BR": 16, "NSEG": 2}
+
+# The counter block of each device. All zero between launches: each launch zeroes what it used
+# before it ends. Allocated (and zeroed) once; if that first call happens during CUDA-graph capture
+# the zero-fill is captured instead of run, so until a call outside capture zeroes it eagerly,
+# every call (captured ones too) zero-fills it first.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+_COUNTERS_UNZEROED: set[tuple] = set()
+_COUNTERS_RETIRED: list[torch.Tensor] = []  # outgrown blocks: captured graphs may still point at them
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    key = (device.type, index)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _COUNTERS_RETIRED.append(buf)
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+        if capturing:
+            _COUNTERS_UNZEROED.add(key)
+        else:
+            _COUNTERS_UNZEROED.discard(key)
+    elif key in _COUNTERS_UNZEROED:
+        buf.zero_()
+        if not capturing:
+            _COUNTERS_UNZEROED.discard(key)
+    return buf
+
+
+def fused_stuck_count(device: torch.device | str) -> int:
+    """Waits of the fused decode kernel on ``device`` that gave up (0 unless something is broken;
+    synchronises with the device)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    buf = _COUNTERS.get((device.type, index))
+    return 0 if buf is None else int(buf[_STUCK_INDEX])
+
+
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-call scratch from the caching allocator (graph-safe); NaN-filled under the test hook."""
+    if _common.POISON_WORKSPACES:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _align(stride: int, ptr: int) -> int:
+    """Largest power of two (<= 8) dividing a row stride and the base offset, in elements."""
+    g = math.gcd(8, math.gcd(int(stride), int(ptr)))
+    return max(1, g)
+
+
+def lowrank_decode_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
+                          out: torch.Tensor | None = None, *, splits: int | None = None) -> torch.Tensor:
+    """One-launch ``(x @ A.T) @ B.T + bias`` for decode sizes (at most ``FUSED_MAX_M`` rows).
+
+    x ``[..., in]``, A ``[r, in]``, B ``[out, r]`` in the same layout as :func:`lowrank_linear_triton`
+    (no pre-transposed copy: each output tile streams whole contiguous rows of B). Fastest with unit
+    inner strides on A and B. ``splits`` forces the K splits of each rank chunk (tests; <= ``MAX_KS``).
+
+    Launches on one device share a counter block, so calls must not run concurrently on two
+    streams of one device (sequential calls, graph replays included, are fine).
+    """
+    K = x.shape[-1]
+    R, K_a = A.shape
+    N, R_b = B.shape
+    if K_a != K or R_b != R:
+        raise ValueError(f"shape mismatch: x[..., {K}], A{tuple(A.shape)}, B{tuple(B.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or A.dtype != x.dtype or B.dtype != x.dtype:
+        raise TypeError(f"x, A, B must share one of {SUPPORTED_DTYPES}: {x.dtype}, {A.dtype}, {B.dtype}")
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{N}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M > FUSED_MAX_M:
+        raise ValueError(f"lowrank_decode_triton takes at most {FUSED_MAX_M} rows, got {M}")
+    if out is None:
+        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    elif out.shape != (*lead, N) or out.dtype != x.dtype:
+        raise ValueError(f"out must be {(*lead, N)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    y = out.view(M, N)
+    if M == 0 or N == 0:
+        return out
+    if R == 0 or K == 0:  # empty reduction: only the bias survives
+        y.copy_(bias.to(y.dtype).expand(M, N) if bias is not None else torch.zeros_like(y))
+        return out
+    if y.stride(1) != 1:
+        raise ValueError("out needs unit stride along its last dim")
+    dev = x.device
+    m_pad = 1 if M == 1 else max(16, next_pow2(M))
+    r_pad = cdiv(R, 16) * 16  # 16-element rows of t and of the partials: aligned vector loads
+    ks_req = 0 if splits is None else max(1, min(MAX_KS, int(splits)))
+    t = _scratch((M, r_pad), x.dtype, dev)
+    # fp32 partials of the K splits: room for the most splits any config may pick (fused_splits)
+    partials = _scratch((ks_req or _splits_limit(K), M, r_pad), torch.float32, dev)
+    cnt = _counters(dev, _CHUNK_BASE + cdiv(R, _MIN_RB))
+    align_a = _align(A.stride(0), A.storage_offset()) if A.stride(1) == 1 else 1
+    align_b = _align(B.stride(0), B.storage_offset()) if B.stride(1) == 1 else 1
+    interp = dict(_INTERPRET_FUSED)
+    interp["KS"] = ks_req or fused_splits(R, K, interp["RB"], dev)
+    launch(_fused_decode,
+           lambda meta: (cdiv(R, meta["RB"]) * meta["KS"] + cdiv(N, meta["BN"]),),
+           (x2, A, B, bias if bias is not None else y, y, partials, t, cnt, M, N, K, R,
+            x2.stride(0), x2.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), y.stride(0),
+            r_pad, M * r_pad, m_pad, ks_req),
+           {"M_PAD": m_pad, "HAS_BIAS": bias is not None, "ALIGN_A": align_a, "ALIGN_B": align_b,
+            "PRECISION": dot_precision(x.dtype)}, interp)
+    return out

@@ -8,6 +8,7 @@
 #   bash kernels/run_h200.sh iterate   # decode-step kernel bench + engine (kernels on) + step profiles
 #   bash kernels/run_h200.sh final     # the recorded 2026-11-29 run: engine kernels off/on, profiles, tests
 #   bash kernels/run_h200.sh compress13b  # 13B compression wall time and peak memory
+#   bash kernels/run_h200.sh final3    # session 4: changed-area CUDA tests, low-rank decode bench, engine, profiles
 #   bash kernels/run_h200.sh all       # engine, kernel bench, tests: each under its own timeout
 set -uo pipefail
 OUT=${OUT:-runs}
@@ -107,6 +108,13 @@ iterate2)  # the skinny linear vs cuBLAS, the engine with it, profiles, then the
 align)  # the CUDA suite in shards, then: does rounding MLP widths to 128 (head dims to 16) speed up decode?
   ckpt; ckpt_aligned 128 16; tests 240 4
   engine 300 on nohf /tmp/l7b-30 /tmp/l7b-30-a128 ;;
+final3)  # session 4: the CUDA tests of what changed, the low-rank decode kernels, the engine, a profile
+  ckpt
+  tests 150 4 tests/test_engine_cuda.py tests/test_kernels.py -k "lowrank or swiglu or skinny or autotune or async or bridge or graph or bf16"
+  LR=""; for m in llama2-7b llama2-13b; do for d in up down; do for f in 0.25 0.5 0.75; do LR="$LR\"lowrank $m $d r=$f M=1\", "; done; done; done
+  kernel_bench 140 110 "($LR)"
+  engine 200 on nohf
+  PROFILE_TIMEOUT=60 profile1 /tmp/l7b-30 1 compressed; PROFILE_TIMEOUT=60 profile1 random:llama-2-7b 1 original ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

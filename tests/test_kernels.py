@@ -276,6 +276,130 @@ def test_triton_lowrank_deterministic(force_triton):
     assert torch.equal(first, lowrank_linear_triton(x, A, B, b, splits=3))
 
 
+# One-launch decode kernel (kernels.lowrank.lowrank_decode_triton). In the interpreter its tiles are
+# RB = 16 rank rows, BK = 32, BN = 16, BR = 16 and two rank segments: rank 37 / 19 gives a ragged last
+# chunk and segment, out 38 / 130 a ragged last output tile, in 46 / 70 a ragged K tail.
+LOWRANK_DECODE_SHAPES = [(96, 80, 37), (46, 38, 19)] + (LOWRANK_REAL if CUDA else [])
+
+
+def fused_counters_are_zero(device) -> bool:
+    """The fused kernel's counter block is all zero (reset by the kernel itself; no wait gave up)."""
+    from kernels import lowrank
+
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None or dev.type != "cuda" else torch.cuda.current_device()
+    assert lowrank.fused_stuck_count(dev) == 0, "a wait of the fused kernel gave up"
+    return int(lowrank._COUNTERS[(dev.type, index)].abs().sum()) == 0
+
+
+def check_lowrank_decode(seed, M, shape, dtype, bias, splits=None, what=""):
+    """NaN-poisoned output; close to float64; counters zero afterwards; a second call bitwise equal."""
+    from kernels.lowrank import lowrank_decode_triton
+
+    K, N, R = shape
+    x, A, B, b = lowrank_inputs(M, K, N, R, dtype, TRITON_DEVICE, bias=bias)
+    out = nan_like((M, N), dtype, TRITON_DEVICE)
+    assert lowrank_decode_triton(x, A, B, b, out, splits=splits) is out
+    assert_close(out, ref_lowrank(x, A, B, b), dtype, seed, f"lowrank decode {what}")
+    assert fused_counters_are_zero(TRITON_DEVICE), f"counters not reset: {what}; seed={seed}"
+    again = lowrank_decode_triton(x, A, B, b, splits=splits)  # starts from the state the first call left
+    assert torch.equal(again, out), f"second call differs: {what}; seed={seed}"
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", LOWRANK_DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_lowrank_decode(seed, force_triton, shape, M, dtype):
+    bias = (M != 7) != (shape[0] == 46)  # both with and without bias for every M and dtype
+    check_lowrank_decode(seed, M, shape, dtype, bias, what=f"M={M} {shape} {dtype} bias={bias}")
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [2, 3, 5])  # 5 splits of K = 70 in BK = 32 steps: two empty splits
+@pytest.mark.parametrize("M", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_lowrank_decode_split_k(seed, force_triton, splits, M, dtype):
+    """K splits reduced by each chunk's last split; rank 37 is not a multiple of RB (16), out 130
+    not a multiple of BN (16)."""
+    check_lowrank_decode(seed, M, (70, 130, 37), dtype, True, splits, f"splits={splits} M={M} {dtype}")
+
+
+@needs_triton
+@pytest.mark.parametrize("M", [33, 64])  # tensor-core path with the tokens padded to 64
+def test_triton_lowrank_decode_wide_batch(seed, force_triton, M):
+    check_lowrank_decode(seed, M, (96, 80, 37), torch.float16, M == 33, 2, f"M={M}")
+
+
+@needs_triton
+def test_triton_lowrank_decode_strided_batched_and_empty(seed, force_triton):
+    """Leading batch dims, a column-sliced x, transposed-storage A; rank 0 leaves only the bias."""
+    from kernels.lowrank import lowrank_decode_triton
+
+    dtype = torch.bfloat16
+    wide = randn(2, 3, 130, dtype=dtype, device=TRITON_DEVICE)
+    x = wide[..., 10:106]  # [2, 3, 96], row stride 130
+    A = randn(96, 37, dtype=dtype, device=TRITON_DEVICE, scale=96 ** -0.5).t()  # [37, 96], strides (1, 37)
+    B = randn(80, 37, dtype=dtype, device=TRITON_DEVICE, scale=37 ** -0.5)
+    y = lowrank_decode_triton(x, A, B)
+    assert y.shape == (2, 3, 80)
+    assert_close(y, ref_lowrank(x, A, B, None), dtype, seed, "lowrank decode strided")
+    b = randn(80, dtype=dtype, device=TRITON_DEVICE)
+    empty = lowrank_decode_triton(x, A[:0], B[:, :0], b)
+    assert torch.equal(empty, b.expand(2, 3, 80))
+    with pytest.raises(ValueError):
+        lowrank_decode_triton(randn(65, 96, dtype=dtype, device=TRITON_DEVICE), A, B)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA graphs")
+def test_triton_lowrank_decode_cuda_graph(seed, force_triton):
+    """Captured once, replayed with new inputs: every replay matches (no host work per call)."""
+    from kernels.lowrank import lowrank_decode_triton
+
+    dtype = torch.bfloat16
+    for K, N, R in [(96, 80, 37)] + LOWRANK_REAL[:2]:
+        x, A, B, b = lowrank_inputs(4, K, N, R, dtype, "cuda")
+        out = torch.empty(4, N, dtype=dtype, device="cuda")
+        lowrank_decode_triton(x, A, B, b, out)  # compile + counters outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            lowrank_decode_triton(x, A, B, b, out)
+        for _ in range(3):
+            x.copy_(randn(4, K, dtype=dtype, device="cuda"))
+            out.fill_(float("nan"))
+            graph.replay()
+            assert_close(out, ref_lowrank(x, A, B, b), dtype, seed, f"lowrank decode graph {(K, N, R)}")
+        torch.cuda.synchronize()
+        assert fused_counters_are_zero("cuda")
+
+
+@pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
+def test_lowrank_decode_prune():
+    """The fused kernel's pruner: GEMV tiles for one token, MMA tiles (RB, BN >= 16) otherwise, each
+    config with its K splits; KS_REQ forces them; the M = 64 path fits the shared-memory budget."""
+    from kernels import lowrank
+
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    named = {"x_ptr": x, "N": 11008, "K": 4096, "R": 1024, "KS_REQ": 0}
+    gemv = lowrank._fused_prune(lowrank._fused_decode.configs, named, M_PAD=1)
+    mma = lowrank._fused_prune(lowrank._fused_decode.configs, named, M_PAD=16)
+    assert [c.kwargs["RB"] for c in gemv] == [c.kwargs["RB"] for c in lowrank._FUSED_GEMV_CONFIGS]
+    assert mma and all(c.kwargs["RB"] >= 16 and c.kwargs["BN"] >= 16 for c in mma)
+    for c in gemv + mma:
+        assert c.kwargs["KS"] == lowrank.fused_splits(1024, 4096, c.kwargs["RB"], x.device)
+        assert 1 <= c.kwargs["KS"] <= lowrank.MAX_KS
+    forced = lowrank._fused_prune(lowrank._fused_decode.configs, {**named, "KS_REQ": 3}, M_PAD=16)
+    assert all(c.kwargs["KS"] == 3 for c in forced)
+    wide = lowrank._fused_prune(lowrank._fused_decode.configs, named, M_PAD=64)
+    assert all(c.num_stages * 2 * max(64 * c.kwargs["BK"] + c.kwargs["BK"] * c.kwargs["RB"],
+                                      64 * c.kwargs["BR"] + c.kwargs["BR"] * c.kwargs["BN"])
+               <= lowrank._FUSED_SMEM_BUDGET for c in wide)
+    tiny = lowrank._fused_prune(lowrank._fused_decode.configs, {**named, "N": 38, "K": 46, "R": 19}, M_PAD=16)
+    smallest_bk = min(c.kwargs["BK"] for c in lowrank._FUSED_MMA_CONFIGS)  # > 64: the smallest one is kept
+    assert tiny and all(c.kwargs["BN"] <= 64 and c.kwargs["BK"] == smallest_bk for c in tiny)
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton: skinny (decode-sized) dense linear
 # ------------------------------------------------------------------------------------------------
@@ -314,6 +438,60 @@ def test_triton_skinny_linear_strided_rows_and_lead_dims(seed, force_triton):
     w = w_full[:, 1:105]  # [40, 104], rows start at odd offsets: alignment 1
     y = kernels.linear(x, w)
     assert_close(y, ref_linear(x, w, None), dtype, seed, "skinny strided")
+
+
+def ref_swiglu_linear(gate_up, w, b):
+    g, u = gate_up.double().chunk(2, dim=-1)
+    return ref_linear(torch.nn.functional.silu(g) * u, w, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_swiglu_linear(seed, force_triton, shape, M, dtype):
+    """The down projection with the SwiGLU applied while loading its input (gate | up side by side),
+    and bitwise the same as the two-launch chain silu_mul -> skinny linear it replaces."""
+    from kernels.fused_norm import silu_mul_triton
+    from kernels.skinny_linear import skinny_linear_triton
+
+    K, N = shape
+    gate_up = randn(M, 2 * K, dtype=dtype, device=TRITON_DEVICE, scale=2.0)
+    w = randn(N, K, dtype=dtype, device=TRITON_DEVICE, scale=K ** -0.5)
+    b = randn(N, dtype=dtype, device=TRITON_DEVICE) if M != 7 else None
+    out = nan_like((M, N), dtype, TRITON_DEVICE)
+    assert kernels.swiglu_linear(gate_up, w, b, out=out) is out
+    assert_close(out, ref_swiglu_linear(gate_up, w, b), dtype, seed, f"swiglu linear M={M} {shape} {dtype}")
+    chain = skinny_linear_triton(silu_mul_triton(gate_up[:, :K], gate_up[:, K:]), w, b)
+    assert torch.equal(out, chain), "fused SwiGLU must feed the matmul the same bits as silu_mul"
+
+
+@needs_triton
+def test_triton_swiglu_linear_views_and_lead_dims(seed, force_triton):
+    """gate_up with leading dims and a row stride wider than 2K (a column slice); odd K (up starts at an
+    odd offset: the alignment hint must fall back to 1)."""
+    dtype = torch.bfloat16
+    wide = randn(2, 3, 2 * 37 + 5, dtype=dtype, device=TRITON_DEVICE)
+    gate_up = wide[..., 3:3 + 2 * 37]
+    w = randn(29, 37, dtype=dtype, device=TRITON_DEVICE, scale=0.2)
+    y = kernels.swiglu_linear(gate_up, w)
+    assert y.shape == (2, 3, 29)
+    assert_close(y, ref_swiglu_linear(gate_up, w, None), dtype, seed, "swiglu strided")
+
+
+def test_swiglu_linear_torch_path_and_errors(seed, monkeypatch):
+    monkeypatch.setenv("MODEGPT_KERNELS", "torch")
+    gate_up = randn(5, 2 * 24, dtype=torch.float32, device="cpu")
+    w = randn(10, 24, dtype=torch.float32, device="cpu")
+    b = randn(10, dtype=torch.float32, device="cpu")
+    out = nan_like((5, 10), torch.float32, "cpu")
+    assert kernels.swiglu_linear(gate_up, w, b, out=out) is out
+    assert_close(out, ref_swiglu_linear(gate_up, w, b), torch.float32, seed, "swiglu torch")
+    if dispatch.HAVE_TRITON:
+        from kernels.skinny_linear import skinny_linear_triton
+
+        with pytest.raises(ValueError, match="gated"):
+            skinny_linear_triton(gate_up[:, :30], w, gated=True)
 
 
 @pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
