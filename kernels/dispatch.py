@@ -16,7 +16,10 @@ Policy (read per call, so tests and operators can flip it at run time):
   ``auto`` never picks it: it runs the two matmuls through ``linear`` (so each decode-sized stage
   takes the faster of the skinny kernel and cuBLAS, measured per shape). That keeps the promise
   "never slower than two cuBLAS calls" by dispatch while the fused kernel stays available
-  (``MODEGPT_KERNELS=triton`` or a positive threshold) for the work in kernels/NOTES.md.
+  (``MODEGPT_KERNELS=triton`` or a positive threshold) for the work in kernels/NOTES.md. The one-launch
+  decode kernel ``lowrank.lowrank_decode_triton`` measured 0.72-1.11x of two cuBLAS calls (2026-11-29)
+  and is not routed to either; it also shares one counter block per device, so two engines on separate
+  streams of one GPU must not run it concurrently.
 * ``linear`` (dense) in ``auto`` mode uses the skinny Triton kernel (``kernels.skinny_linear``) for
   at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default 16: decode steps) on the weight shapes where
   it timed faster than cuBLAS (once per shape, ``skinny_linear.beats_cublas``), cuBLAS otherwise.

@@ -13,6 +13,14 @@
 set -uo pipefail
 OUT=${OUT:-runs}
 mkdir -p "$OUT"
+# The lent device returns at most 8 files per call (2026-11-29: a run's kernel JSON and profiles were
+# lost behind the shard logs). On exit, everything goes into results.tgz and only it and the few
+# summary logs stay in $OUT.
+pack() {
+  (cd "$OUT" && tar czf results.tgz --exclude results.tgz . && find . -type f ! -name results.tgz ! -name run.log \
+      ! -name cuda-tests.log ! -name bench-engine-h200.log ! -name kernels-h200.log ! -name gpu.txt -delete) || true
+}
+[ "${PACK:-1}" = 1 ] && trap pack EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
