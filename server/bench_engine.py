@@ -23,6 +23,7 @@ import torch
 
 from compressor.loading import load_modegpt
 from server.engine import ops
+from server.engine.dtypes import default_dtype
 from server.engine.engine import LLMEngine
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -91,7 +92,7 @@ def bench_hf_generate(model, batch: int, prompt_len: int, gen_len: int, vocab: i
 
 def run_bench_engine(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     rows, info, baseline, by_torch = [], [], {}, {}
     settings = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.kernels]
     for spec in args.models:

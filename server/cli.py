@@ -55,7 +55,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights and compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+                   help="weights and compute dtype (default: bfloat16 on cuda and on CPUs with native bf16 "
+                        "(AVX512-BF16 or AMX), float32 on other CPUs)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV-cache budget of EACH model, GiB")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -201,10 +202,10 @@ def _device_and_dtype(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype is not None:
-        dtype = getattr(torch, args.dtype)
-    else:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return device, dtype
+        return device, getattr(torch, args.dtype)
+    from server.engine.dtypes import default_dtype
+
+    return device, default_dtype(device)
 
 
 def canary_config(args):

@@ -332,3 +332,20 @@ def test_kernels_bridge_gives_same_generation():
         ops.reset_ops()
     assert ops.OPS["decode_attention"] is ops.decode_attention
     assert_same_generations(ref, got, logprob_tol=1e-4)
+
+
+def test_default_dtype_follows_the_cpu(tmp_path):
+    """bf16 on CPUs that advertise native bf16 (AVX512-BF16 / AMX-BF16), float32 on others and when
+    /proc/cpuinfo is unreadable; CUDA always bf16."""
+    from server.engine import dtypes
+
+    with_bf16 = tmp_path / "bf16"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
+    without = tmp_path / "plain"
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert dtypes.cpu_has_native_bf16(str(with_bf16))
+    assert not dtypes.cpu_has_native_bf16(str(without))
+    assert not dtypes.cpu_has_native_bf16(str(tmp_path / "missing"))
+    expected = torch.bfloat16 if dtypes.cpu_has_native_bf16() else torch.float32
+    assert dtypes.default_dtype("cpu") == expected
+    assert dtypes.default_dtype("cuda") == torch.bfloat16
