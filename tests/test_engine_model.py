@@ -349,3 +349,16 @@ def test_default_dtype_follows_the_cpu(tmp_path):
     expected = torch.bfloat16 if dtypes.cpu_has_native_bf16() else torch.float32
     assert dtypes.default_dtype("cpu") == expected
     assert dtypes.default_dtype("cuda") == torch.bfloat16
+
+
+def test_compiled_decode_gives_same_generation():
+    """`compile=True` (torch.compile of the decode forward) runs and changes neither tokens nor
+    logprobs. It used to fail in dynamo on the inference-mode-wrapped forward. Speed is not asserted:
+    on CPU every decode step changes the attention metadata and recompiles (docs/BENCHMARKS.md)."""
+    cfg = CONFIGS["llama"]()
+    sd = random_state_dict(cfg, seed=9)
+    r = [GenerationRequest(f"c{i}", list(range(3 + i, 12 + 2 * i)),
+                           SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1)) for i in range(2)]
+    ref = LLMEngine(cfg, sd, kv_cache_bytes=1 << 20, block_size=4).run_to_completion(r)
+    got = LLMEngine(cfg, sd, kv_cache_bytes=1 << 20, block_size=4, compile=True).run_to_completion(r)
+    assert_same_generations(ref, got, logprob_tol=1e-4)

@@ -332,6 +332,13 @@ class ModeGPTModel(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]] | None,
                 meta: AttentionMetadata, logits_indices: Tensor | None = None) -> Tensor:
         """Float32 logits `[len(logits_indices), vocab]` (all tokens when `logits_indices` is None)."""
+        return self.logits(input_ids, positions, kv_caches, meta, logits_indices)
+
+    def logits(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]] | None,
+               meta: AttentionMetadata, logits_indices: Tensor | None = None) -> Tensor:
+        """`forward` without its inference-mode wrapper, for `torch.compile` (the caller provides the
+        mode): dynamo fails on the wrapped one ("Cannot set version_counter for inference tensor",
+        torch 2.13)."""
         h = self.hidden_states(input_ids, positions, kv_caches, meta)
         if logits_indices is not None:
             h = h[logits_indices]

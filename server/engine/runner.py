@@ -9,7 +9,8 @@ Design decisions:
   The decode attention gathers a fixed width of `graph_max_blocks` blocks per row, capped by
   `cuda_graph_max_len` (default 4096 tokens) to bound the gather's memory; steps whose longest context
   is beyond it, and every step with a prefill in it, run eagerly. All buckets share one memory pool.
-- `torch.compile` only behind `compile=True` (applied to the decode forward, the hot path).
+- `torch.compile` only behind `compile=True` (applied to the decode forward, the hot path). On CPU it is
+  4.7x slower than eager (every step's attention metadata recompiles; docs/BENCHMARKS.md).
 - Triton kernels (`kernels` package: fused RoPE + K/V cache write, paged decode attention, low-rank
   linears) are used on CUDA by default (`use_kernels=None`); `use_kernels=False` or env
   `MODEGPT_KERNELS=torch` keeps the PyTorch ops, `True` forces them on. The op table is process-wide
@@ -77,7 +78,7 @@ class ModelRunner:
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self._decode_fn = self.model.forward
         if compile:
-            self._decode_fn = torch.compile(self.model.forward, dynamic=False)
+            self._decode_fn = torch.compile(self.model.logits, dynamic=False)  # called in inference mode
         self.use_graphs = cuda_graphs_enabled(cuda_graphs, self.device)
         self.graph_max_blocks = min(self.max_blocks_per_seq, math.ceil(cuda_graph_max_len / block_size))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
