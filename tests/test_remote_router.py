@@ -377,8 +377,10 @@ def test_mixed_local_original_and_remote_compressed(pair, backends, tmp_path):
     tok_dir = tmp_path / "tokenizer"
     pair["tok"].save_pretrained(str(tok_dir))
     ckpt = write_checkpoint(tmp_path / "tiny-orig", pair["cfg"], pair["sd"], tok_dir, {"kind": "test"})
+    # float32 like the backends: the local scores are compared with the remote ones at 1e-4 (the CPU
+    # default is bf16 on CPUs with native bf16)
     r = Router(str(ckpt), c.url + "#tiny-comp", "--canary-weight", "0.5", "--shadow-fraction", "1",
-               "--score-fraction", "1", "--max-model-len", "64")
+               "--score-fraction", "1", "--max-model-len", "64", "--dtype", "float32")
     try:
         local = r.canary.served("original")
         assert local.remote is None and r.canary.served("compressed").remote is not None
