@@ -31,3 +31,16 @@ def test_bench_engine_compares_original_and_compressed(tmp_path):
     # the compressed model's KV cache is smaller per token, so more sequences fit in the same budget
     assert compressed["kv_bytes_per_token"] < original["kv_bytes_per_token"]
     assert compressed["sequences_in_budget"] >= original["sequences_in_budget"]
+
+
+def test_bench_ab_alternates_rounds_and_reports_the_median_ratio(tmp_path):
+    from server.engine.bench_ab import main as bench_ab
+
+    out = tmp_path / "ab.json"
+    res = bench_ab(["random:tiny-llama-gqa", "random:tiny-llama-gqa", "--dtype", "float32", "--batch", "2",
+                    "--prompt-len", "5", "--steps", "3", "--rounds", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["speedup_b_over_a"] == res["speedup_b_over_a"] > 0
+    assert saved["models"] == {"a": "random:tiny-llama-gqa", "b": "random:tiny-llama-gqa"}
+    assert [len(saved["ms_per_step"][r]) for r in "ab"] == [3, 3]
+    assert all(x > 0 for r in "ab" for x in saved["ms_per_step"][r])
