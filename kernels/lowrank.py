@@ -262,14 +262,9 @@ def split_k(M: int, R: int, K: int, device: torch.device) -> int:
     return s
 
 
-def lowrank_linear_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                          bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
-                          splits: int | None = None) -> torch.Tensor:
-    """Triton path of :func:`kernels.dispatch.lowrank_linear` (x ``[..., in]`` -> ``[..., out]``).
-
-    ``splits`` overrides the split-K heuristic (tests use it to cover the split path on shapes
-    too small for the heuristic to split).
-    """
+def _check_factors(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """``(in, rank, out)`` of a factorized linear's inputs, or a clear error for mismatched ones."""
     K = x.shape[-1]
     R, K_a = A.shape
     N, R_b = B.shape
@@ -279,6 +274,18 @@ def lowrank_linear_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         raise TypeError(f"x, A, B must share one of {SUPPORTED_DTYPES}: {x.dtype}, {A.dtype}, {B.dtype}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    return K, R, N
+
+
+def lowrank_linear_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                          bias: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
+                          splits: int | None = None) -> torch.Tensor:
+    """Triton path of :func:`kernels.dispatch.lowrank_linear` (x ``[..., in]`` -> ``[..., out]``).
+
+    ``splits`` overrides the split-K heuristic (tests use it to cover the split path on shapes
+    too small for the heuristic to split).
+    """
+    K, R, N = _check_factors(x, A, B, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -648,14 +655,8 @@ def lowrank_decode_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bia
     Launches on one device share a counter block, so calls must not run concurrently on two
     streams of one device (sequential calls, graph replays included, are fine).
     """
-    K = x.shape[-1]
-    R, K_a = A.shape
-    N, R_b = B.shape
-    if K_a != K or R_b != R:
-        raise ValueError(f"shape mismatch: x[..., {K}], A{tuple(A.shape)}, B{tuple(B.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES or A.dtype != x.dtype or B.dtype != x.dtype:
-        raise TypeError(f"x, A, B must share one of {SUPPORTED_DTYPES}: {x.dtype}, {A.dtype}, {B.dtype}")
-    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+    K, R, N = _check_factors(x, A, B, bias)
+    if bias is not None and bias.dtype != x.dtype:
         raise ValueError(f"bias must be [{N}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)

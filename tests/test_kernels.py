@@ -254,14 +254,20 @@ def test_triton_lowrank_split_k(seed, force_triton, splits, dtype):
     assert_close(out, ref_lowrank(x, A, B, b), dtype, seed, f"lowrank split_k={splits}")
 
 
+def strided_lowrank_inputs(rows: int, dtype):
+    """x ``[2, rows, 96]`` as a column slice (row stride 130), A ``[37, 96]`` stored transposed
+    (strides (1, 37)), B ``[80, 37]``."""
+    x = randn(2, rows, 130, dtype=dtype, device=TRITON_DEVICE)[..., 10:106]
+    A = randn(96, 37, dtype=dtype, device=TRITON_DEVICE, scale=96 ** -0.5).t()
+    B = randn(80, 37, dtype=dtype, device=TRITON_DEVICE, scale=37 ** -0.5)
+    return x, A, B
+
+
 @needs_triton
 def test_triton_lowrank_strided_and_batched(seed, force_triton):
     """Leading batch dims, a non-contiguous x (column slice) and transposed-storage weights."""
     dtype = torch.bfloat16
-    wide = randn(2, 5, 130, dtype=dtype, device=TRITON_DEVICE)
-    x = wide[..., 10:106]  # [2, 5, 96], row stride 130
-    A = randn(96, 37, dtype=dtype, device=TRITON_DEVICE, scale=96 ** -0.5).t()  # [37, 96], strides (1, 37)
-    B = randn(80, 37, dtype=dtype, device=TRITON_DEVICE, scale=37 ** -0.5)
+    x, A, B = strided_lowrank_inputs(5, dtype)
     y = kernels.lowrank_linear(x, A, B)
     assert_close(y, ref_lowrank(x, A, B, None), dtype, seed, "lowrank strided")
 
@@ -337,10 +343,7 @@ def test_triton_lowrank_decode_strided_batched_and_empty(seed, force_triton):
     from kernels.lowrank import lowrank_decode_triton
 
     dtype = torch.bfloat16
-    wide = randn(2, 3, 130, dtype=dtype, device=TRITON_DEVICE)
-    x = wide[..., 10:106]  # [2, 3, 96], row stride 130
-    A = randn(96, 37, dtype=dtype, device=TRITON_DEVICE, scale=96 ** -0.5).t()  # [37, 96], strides (1, 37)
-    B = randn(80, 37, dtype=dtype, device=TRITON_DEVICE, scale=37 ** -0.5)
+    x, A, B = strided_lowrank_inputs(3, dtype)
     y = lowrank_decode_triton(x, A, B)
     assert y.shape == (2, 3, 80)
     assert_close(y, ref_lowrank(x, A, B, None), dtype, seed, "lowrank decode strided")

@@ -208,13 +208,17 @@ class AsyncEngine:
             except RuntimeError:  # loop closed
                 pass
 
-    def _drain_commands(self) -> None:
-        events = []
+    def _queued_commands(self):
+        """The commands posted so far, each taken off the queue as it is yielded."""
         while True:
             try:
-                kind, arg = self._cmds.get_nowait()
+                yield self._cmds.get_nowait()
             except queue.Empty:
-                break
+                return
+
+    def _drain_commands(self) -> None:
+        events = []
+        for kind, arg in self._queued_commands():
             if kind == "add":
                 try:
                     self.engine.add_request(arg)
@@ -271,11 +275,7 @@ class AsyncEngine:
         """After a failure of the thread: every request in flight or still queued ends with ``reason``
         and every score call fails, so no caller waits forever."""
         events = []
-        while True:
-            try:
-                kind, arg = self._cmds.get_nowait()
-            except queue.Empty:
-                break
+        for kind, arg in self._queued_commands():
             if kind == "add":
                 events.append(TokenEvent(arg.request_id, None, finished=True, finish_reason=reason))
             elif kind == "score":
