@@ -27,6 +27,44 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+_PDL_ENV = "MODEGPT_PDL"
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    if torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    try:
+        import triton.language as tl
+
+        return hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+    except Exception:  # pragma: no cover - Triton without the CUDA extras
+        return False
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether launches on ``device`` use programmatic dependent launch (PDL, SM90+).
+
+    With PDL a kernel's programs may start while the kernel before it on the stream is still
+    finishing: each of our decode kernels first does the work that needs nothing from that kernel
+    (loading its first weight tile), then waits on the grid dependency (``griddepcontrol.wait``:
+    the previous grid has completed and its writes are visible) before it reads activations or
+    writes anything, and then lets its own successor launch. A decode step is ~300 dependent
+    launches of a few microseconds each, so every launch's ramp-up and tail otherwise show as
+    idle bandwidth. ``MODEGPT_PDL=0`` turns it off (read per call); never under the interpreter."""
+    if device.type != "cuda" or interpret_mode():
+        return False
+    if os.environ.get(_PDL_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_meta(device: torch.device) -> dict:
+    """Launch keywords for a kernel with a ``PDL`` constexpr: the constexpr, plus Triton's
+    ``launch_pdl`` option when it is on."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -19,3 +19,15 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
     else:
         out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Programmatic dependent launch (``kernels._common.pdl_enabled``): block until the previous
+    kernel on the stream has completed and its writes are visible, then allow the next kernel to
+    launch (its programs start, prefetch their weights and wait here in turn). Everything before
+    this call may read only data no kernel of the step writes (weights); every program must call
+    it, before any activation load and any store. A no-op when ``PDL`` is False."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

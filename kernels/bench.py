@@ -36,8 +36,10 @@ about 3 minutes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -122,7 +124,8 @@ def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Te
     A failure is recorded under ``*_error`` and does not lose the rest of the case."""
     from . import lowrank
     from .skinny_linear import MAX_M as SKINNY_MAX_M
-    from .skinny_linear import skinny_linear_triton
+    from . import dispatch
+    from .skinny_linear import lowrank_pick, skinny_linear_triton
 
     M, n = x.shape[0], len(As)
     out: dict = {}
@@ -147,10 +150,35 @@ def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Te
                        True)
             out.update(skinny_pair_us=us, skinny_pair=_rates(us, nbytes, flops),
                        speedup_skinny_pair_vs_baseline=base / us)
+            with _env("MODEGPT_PDL", "0"):  # the same pair without programmatic dependent launch
+                us = _time([lambda i=i: skinny_linear_triton(skinny_linear_triton(x, As[i]), Bs[i])
+                            for i in range(n)], True)
+            out.update(skinny_pair_nopdl_us=us, skinny_pair_nopdl=_rates(us, nbytes, flops),
+                       speedup_skinny_pair_nopdl_vs_baseline=base / us)
+            # what ships: kernels.lowrank_linear in auto mode (per-shape pick of the pair, timed in graphs)
+            with _env("MODEGPT_KERNELS", "auto"):
+                y = dispatch.lowrank_linear(x, As[0], Bs[0])
+                out["rel_diff_auto_vs_baseline"] = _rel(y, y_ref)
+                out["auto_pick"] = list(lowrank_pick(x, As[0], Bs[0], None))
+                us = _time([lambda i=i: dispatch.lowrank_linear(x, As[i], Bs[i]) for i in range(n)], True)
+            out.update(auto_us=us, auto=_rates(us, nbytes, flops), speedup_auto_vs_baseline=base / us)
         except Exception as exc:  # noqa: BLE001
             out["skinny_pair_error"] = repr(exc)[:500]
             torch.cuda.synchronize()
     return out
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _lowrank_case(model: str, direction: str, frac: float, M: int, dtype: torch.dtype) -> dict:
@@ -421,7 +449,8 @@ def _summary(cases: list[dict]) -> list[str]:
 def _lowrank_decode_summary(c: dict) -> str:
     """`` fused .. us x.. .. TB/s  skinny2 .. us x..`` for low-rank decode cases ('' otherwise)."""
     parts = []
-    for key, label in (("fused_decode", "fused"), ("skinny_pair", "skinny2")):
+    for key, label in (("fused_decode", "fused"), ("skinny_pair", "skinny2"), ("skinny_pair_nopdl", "nopdl"),
+                       ("auto", "auto")):
         if f"{key}_us" in c:
             parts.append(f"{label} {c[f'{key}_us']:7.1f} us x{c[f'speedup_{key}_vs_baseline']:4.2f} "
                          f"{c[key]['TBps']:4.2f} TB/s")

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_precision, interpret_mode, next_pow2, sm_count, workspace
-from ._tl import mma
+from ._common import cdiv, dot_precision, interpret_mode, next_pow2, pdl_meta, sm_count, workspace
+from ._tl import mma, pdl_wait
 
 _LOG2E = 1.4426950408889634
 
@@ -52,10 +52,11 @@ def _attn_partition_kernel(
         stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         DQK: tl.constexpr, DV: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
         SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
+    pdl_wait(PDL)  # q, the lengths and the newest cache slot come from the kernels before
     seq_len = tl.load(lens_ptr + b)
     offs_g = tl.arange(0, G_PAD)
     g_mask = offs_g < group
@@ -109,10 +110,11 @@ def _attn_partition_kernel(
 @triton.jit
 def _combine_kernel(part_ptr, lse_ptr, out_ptr, num_splits, dv,
                     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                    S_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+                    S_PAD: tl.constexpr, DV_PAD: tl.constexpr, PDL: tl.constexpr):
     """out = sum_s w_s * o_s / sum_s w_s with w_s = 2^(lse_s - max lse); all-empty gives 0."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    pdl_wait(PDL)
     offs_s = tl.arange(0, S_PAD)
     s_mask = offs_s < num_splits
     offs_e = tl.arange(0, DV_PAD)
@@ -186,7 +188,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     splits, part_len = plan_splits(B, hkv, capacity, block_n, q.device, num_splits)
     g_pad, dqk_pad, dv_pad = max(16, next_pow2(group)), max(16, next_pow2(dqk)), max(16, next_pow2(dv))
     meta = dict(G_PAD=g_pad, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=block_n,
-                PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
+                PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2, **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))
     common = (q, kc, vc, block_tables, context_lens)
     sizes = (group, block_size, part_len, float(scale) * _LOG2E,
@@ -204,5 +206,5 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _combine_kernel[(B, H)](
         part, lse, out, splits, dv, part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        S_PAD=max(2, next_pow2(splits)), DV_PAD=dv_pad, num_warps=4)
+        S_PAD=max(2, next_pow2(splits)), DV_PAD=dv_pad, num_warps=4, **pdl_meta(q.device))
     return out

@@ -48,7 +48,7 @@ if HAVE_TRITON:
     from .lowrank import lowrank_linear_triton
     from .rope import rope_gather_triton_, rope_qkv_triton_
     from .skinny_linear import MAX_M as _SKINNY_MAX_M
-    from .skinny_linear import beats_cublas, skinny_linear_triton
+    from .skinny_linear import beats_cublas, lowrank_pick, skinny_linear_triton
 
 _ENV = "MODEGPT_KERNELS"
 _LOWRANK_MAX_ENV = "MODEGPT_LOWRANK_TRITON_MAX_TOKENS"
@@ -118,10 +118,19 @@ def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     def tri():
         return lowrank_linear_triton(x, A, B, bias, out)
 
-    def two_linears():  # on CUDA each decode-sized stage takes the faster of the skinny kernel and cuBLAS
+    def two_linears():  # on CUDA, decode-sized: the faster pair of skinny kernels / cuBLAS calls
         if not x.is_cuda or kernels_mode() == "torch":
             return reference.lowrank_linear_torch(x, A, B, bias, out)
-        y = linear(linear(x, A), B, bias)
+        rows = x.numel() // max(1, x.shape[-1])
+        if _skinny_ok(x, A, None, rows) and B.dtype == x.dtype and B.stride(-1) == 1:
+            x2 = x.reshape(rows, x.shape[-1])
+            first, second = lowrank_pick(x2, A, B, bias)
+            t = skinny_linear_triton(x2, A) if first else torch.nn.functional.linear(x2, A)
+            if second:
+                return skinny_linear_triton(t.view(*x.shape[:-1], -1), B, bias, out)
+            y = torch.nn.functional.linear(t, B, bias).view(*x.shape[:-1], -1)
+        else:
+            y = linear(linear(x, A), B, bias)
         return y if out is None else out.copy_(y)
 
     return _run("lowrank_linear", tri, two_linears, (x, A, B, bias, out), ok)
@@ -132,13 +141,18 @@ def skinny_max_tokens() -> int:
     return min(int(os.environ.get(_SKINNY_MAX_ENV, "16")), _SKINNY_MAX_M if HAVE_TRITON else 0)
 
 
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> bool:
+    """Whether the skinny kernel supports this call (dtypes, layout, decode-sized ``rows``)."""
+    return (x.dtype in SUPPORTED_DTYPES and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(-1) == 1
+            and (bias is None or bias.dtype == x.dtype) and 0 < rows <= skinny_max_tokens())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense ``x @ W.T + bias`` (W ``[out, in]``): the skinny Triton kernel for decode-sized x (at
     most :func:`skinny_max_tokens` rows), cuBLAS otherwise."""
     rows = x.numel() // max(1, x.shape[-1])
-    ok = (x.dtype in SUPPORTED_DTYPES and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(-1) == 1
-          and (bias is None or bias.dtype == x.dtype) and 0 < rows <= skinny_max_tokens())
+    ok = _skinny_ok(x, weight, bias, rows)
     if ok and kernels_mode() == "auto" and backend_for(x, weight, bias, out) == "triton":
         ok = beats_cublas(x.reshape(rows, x.shape[-1]), weight, bias)  # per shape, measured once
 

@@ -18,16 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import next_pow2, pdl_meta
+from ._tl import pdl_wait
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, s_ptr, h_ptr, n_cols, eps,
                          stride_x, stride_d, stride_s, stride_h,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: may load before the PDL wait
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0)
@@ -38,13 +41,14 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, s_ptr, h_ptr, n_cols, eps,
     sf = s.to(tl.float32)
     var = tl.sum(sf * sf, axis=0) / n_cols
     normed = (sf * tl.math.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     h = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
     tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     start = tl.program_id(1) * BLOCK
     cols = start + tl.arange(0, BLOCK)
@@ -77,7 +81,7 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: tor
         _add_rms_norm_kernel[(n_rows,)](
             x2, d2 if d2 is not None else x2, weight, s2, h2, n, float(eps),
             x2.stride(0), (d2 if d2 is not None else x2).stride(0), s2.stride(0), h2.stride(0),
-            HAS_DELTA=delta is not None, BLOCK=next_pow2(n), num_warps=4 if n <= 4096 else 8)
+            HAS_DELTA=delta is not None, BLOCK=next_pow2(n), num_warps=4 if n <= 4096 else 8, **pdl_meta(x2.device))
     return s2.view(x.shape), h2.view(x.shape)
 
 
@@ -89,5 +93,5 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | No
     block = min(1024, next_pow2(n))
     if n_rows:
         _silu_mul_kernel[(n_rows, triton.cdiv(n, block))](g2, u2, o2, n, g2.stride(0), u2.stride(0), o2.stride(0),
-                                                          BLOCK=block, num_warps=4)
+                                                          BLOCK=block, num_warps=4, **pdl_meta(g2.device))
     return o2.view(gate.shape)

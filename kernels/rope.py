@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import next_pow2, pdl_meta
+from ._tl import pdl_wait
 from .reference import _flat_cache
 
 @triton.jit
@@ -61,9 +62,10 @@ def _rope_kernel(x_ptr, pos_ptr, freq_ptr, out_ptr, slot_ptr, v_ptr, vout_ptr,
                  stride_xt, stride_xh, stride_f, stride_ot, stride_oh,
                  stride_vt, stride_vh, stride_vot, stride_voh,
                  HAS_SLOTS: tl.constexpr, HAS_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 HALF_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+                 HALF_PAD: tl.constexpr, DV_PAD: tl.constexpr, PDL: tl.constexpr):
     tok = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pdl_wait(PDL)
     h_mask = offs_h < heads
     if HAS_SLOTS:
         dst = tl.load(slot_ptr + tok).to(tl.int64)
@@ -84,11 +86,12 @@ def _rope_qkv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, slot_ptr, kc_ptr, v
                      num_q_heads, num_kv_heads, group, half, dv, q_blocks,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_f,
                      stride_kcs, stride_kch, stride_vcs, stride_vch,
-                     BLOCK_H: tl.constexpr, HALF_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+                     BLOCK_H: tl.constexpr, HALF_PAD: tl.constexpr, DV_PAD: tl.constexpr, PDL: tl.constexpr):
     """One launch for a layer's decode/prefill tokens: programs ``[0, q_blocks)`` of axis 1 rotate
     query heads in place, the rest rotate key heads into their cache slot and copy the values there."""
     tok = tl.program_id(0)
     blk = tl.program_id(1)
+    pdl_wait(PDL)
     pos = tl.load(pos_ptr + tok).to(tl.float32)
     t64 = tok.to(tl.int64)
     if blk < q_blocks:
@@ -155,7 +158,7 @@ def rope_qkv_triton_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         qr, kr, vr, positions, inv_freq, slot_mapping, kc, vc, H, hkv, H // hkv, half, dv, q_blocks,
         qr.stride(0), qr.stride(1), kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1), inv_freq.stride(0),
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-        BLOCK_H=block_h, HALF_PAD=half_pad, DV_PAD=dv_pad, num_warps=2)
+        BLOCK_H=block_h, HALF_PAD=half_pad, DV_PAD=dv_pad, num_warps=2, **pdl_meta(q.device))
     return q
 
 
@@ -199,5 +202,5 @@ def rope_gather_triton_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torc
         xr.stride(0), xr.stride(1), inv_freq.stride(0), dst.stride(0), dst.stride(1),
         vr.stride(0), vr.stride(1), vdst.stride(0), vdst.stride(1),
         HAS_SLOTS=slot_mapping is not None, HAS_V=has_v, BLOCK_H=block_h,
-        HALF_PAD=half_pad, DV_PAD=dv_pad, num_warps=2)
+        HALF_PAD=half_pad, DV_PAD=dv_pad, num_warps=2, **pdl_meta(x.device))
     return out

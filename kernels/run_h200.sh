@@ -9,6 +9,8 @@
 #   bash kernels/run_h200.sh final     # the recorded 2026-11-29 run: engine kernels off/on, profiles, tests
 #   bash kernels/run_h200.sh compress13b  # 13B compression wall time and peak memory
 #   bash kernels/run_h200.sh final3    # session 4: changed-area CUDA tests, low-rank decode bench, engine, profiles
+#   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
+#   bash kernels/run_h200.sh pdl2      # session 5: step profiles with PDL on/off, batch 1 and 64
 #   bash kernels/run_h200.sh all       # engine, kernel bench, tests: each under its own timeout
 set -uo pipefail
 OUT=${OUT:-runs}
@@ -123,6 +125,22 @@ final3)  # session 4: the CUDA tests of what changed, the low-rank decode kernel
   kernel_bench 140 110 "($LR)"
   engine 200 on nohf
   PROFILE_TIMEOUT=60 profile1 /tmp/l7b-30 1 compressed; PROFILE_TIMEOUT=60 profile1 random:llama-2-7b 1 original ;;
+pdl)  # session 5: programmatic dependent launch. CUDA tests of the changed kernels, low-rank decode
+  # (skinny pair with/without PDL, the auto pick, vs two cuBLAS), the engine with PDL on
+  ckpt
+  tests 120 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "pdl or skinny or swiglu or norm or silu or rope or attention or graph or dispatch or bf16 or async"
+  LR=""; for M in 1 16; do for m in llama2-7b llama2-13b; do for d in up down; do for f in 0.25 0.5 0.75; do
+    LR="$LR\"lowrank $m $d r=$f M=$M\", "; done; done; done; done
+  kernel_bench 130 100 "($LR)"
+  engine 200 on nohf ;;
+pdl2)  # session 5: step profiles with PDL on and off, batch 1 and 64
+  ckpt
+  for b in ${PROFILE_BATCHES:-1 64}; do
+    PROFILE_TIMEOUT=70 profile1 random:llama-2-7b $b original; PROFILE_TIMEOUT=70 profile1 /tmp/l7b-30 $b compressed
+    PROFILE_TIMEOUT=70 profile1 random:llama-2-7b $b original-nopdl MODEGPT_PDL=0
+    PROFILE_TIMEOUT=70 profile1 /tmp/l7b-30 $b compressed-nopdl MODEGPT_PDL=0
+  done ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

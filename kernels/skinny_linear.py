@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, cdiv, dot_precision
+from ._common import SUPPORTED_DTYPES, cdiv, dot_precision, pdl_enabled, pdl_meta
 from ._tl import mma as _mma
+from ._tl import pdl_wait
 from .autotune import autotune, launch
 
 MAX_M = 16
@@ -84,7 +85,8 @@ def _load_x(ptrs, mask, UP_OFF, GATED: tl.constexpr, MASKED: tl.constexpr):
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, N_KEY, K_KEY, UP_OFF,
                    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr,
-                   GATED: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   GATED: tl.constexpr, X_ALIGN: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -97,9 +99,19 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
     # same reason as ALIGN, for the up half's loads: UP_OFF is a multiple of X_ALIGN (the launcher
     # checks), and writing it as a product by the constant lets the compiler prove that alignment
     up_off = (UP_OFF // X_ALIGN) * X_ALIGN
+    # The first whole weight tile (and the bias) need nothing from the previous kernel: under PDL
+    # they stream while that kernel finishes; activations are read only after pdl_wait. Its K mask
+    # (all or nothing: is there a whole tile at all?) compares against a multiple of BLOCK_K, which
+    # the compiler can prove, so the loads stay vectorized.
+    first = offs_b < k_main
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if M_PAD == 1:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, k_main, BLOCK_K):
+        w0 = tl.load(w_ptr + rows[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0)
+        pdl_wait(PDL)
+        x0 = _load_x(x_ptr + offs_b, first, up_off, GATED, True)
+        acc = tl.sum(w0.to(tl.float32) * x0.to(tl.float32)[None, :], axis=1)
+        for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
             x = _load_x(x_ptr + offs_k, offs_k < K, up_off, GATED, False)
@@ -111,13 +123,17 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
             x = _load_x(x_ptr + offs_k, k_mask, up_off, GATED, True)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += bias
         tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
     else:
         offs_m = tl.arange(0, M_PAD)
         m_mask = offs_m < M
-        acc2 = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, k_main, BLOCK_K):
+        w0 = tl.load(w_ptr + rows[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0)
+        pdl_wait(PDL)
+        x0 = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :],
+                     m_mask[:, None] & first[None, :], up_off, GATED, True)
+        acc2 = _mma(x0, w0, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
+        for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
             x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None], up_off, GATED, True)
@@ -130,7 +146,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
                         up_off, GATED, True)
             acc2 = _mma(x, w, acc2, PRECISION)
         if HAS_BIAS:
-            acc2 += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc2 += bias[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc2.to(y_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
@@ -180,18 +196,26 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
            (x2, weight, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
             cdiv(N, 256), cdiv(K, 256), K if gated else 0),
            dict(M_PAD=m_pad, HAS_BIAS=bias is not None, ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
-                PRECISION=dot_precision(x.dtype), GATED=gated, X_ALIGN=x_align), _INTERPRET)
+                PRECISION=dot_precision(x.dtype), GATED=gated, X_ALIGN=x_align, **pdl_meta(x.device)), _INTERPRET)
     return out
 
 
-_PICKS: dict[tuple, bool] = {}
+_PICKS: dict[tuple, object] = {}
 _FLUSH_BYTES = 128 << 20  # > 2x the H200's 60 MB L2: each timed call streams its weight from HBM
 
 
 def _graph_us(fn, flush: torch.Tensor, reps: int = 10) -> float:
     """Microseconds of `fn` as a CUDA graph replays it (what the engine's decode graphs see: no
     host launch cost, which dominates eager timing of a 10-60 us kernel), each call after an L2
-    flush; the flush alone is timed the same way and subtracted."""
+    flush and after a small PDL kernel (an RMSNorm of one 4096-wide row per token), as in the
+    engine, where every matmul follows one of our kernels: under PDL (``kernels._common``) our
+    kernels start streaming their weights while that predecessor finishes, cuBLAS does not.
+    The flush and the predecessor alone are timed the same way and subtracted."""
+    from .fused_norm import add_rms_norm_triton
+
+    rows = flush[: 4096 * 16 * 2].view(torch.bfloat16).view(16, 4096)
+    norm_w = flush[-4096 * 2:].view(torch.bfloat16)
+
     def timed(calls) -> float:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
@@ -208,44 +232,77 @@ def _graph_us(fn, flush: torch.Tensor, reps: int = 10) -> float:
             best = min(best, start.elapsed_time(end) * 1e3 / reps)
         return best
 
-    def both():
+    def before():
         flush.zero_()
+        add_rms_norm_triton(rows, None, norm_w, 1e-5)
+
+    def both():
+        before()
         fn()
 
-    return timed(both) - timed(flush.zero_)
+    return timed(both) - timed(before)
+
+
+def _timed_pick(key: tuple, candidates: dict, device: torch.device):
+    """The fastest of ``candidates`` (name -> zero-argument callable) by :func:`_graph_us`,
+    measured once per ``key``; None during another graph's capture (nothing can be timed then)."""
+    if key not in _PICKS:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        for fn in candidates.values():
+            fn()  # autotune / cuBLAS heuristics outside the capture
+        torch.cuda.synchronize()
+        flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
+        times = {name: _graph_us(fn, flush) for name, fn in candidates.items()}
+        del flush
+        _PICKS[key] = min(times, key=times.get)
+    return _PICKS[key]
 
 
 def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> bool:
     """Whether this kernel is faster than cuBLAS for ``x2`` ``[M, K]`` against ``weight``, decided
-    once per (N, K, M bucket, dtype, bias, gated, device) by timing both inside CUDA graphs with the
-    L2 flushed before each call (~10 ms per new shape, in the engine's warm-up before its own graph
-    capture). Eager timing would be wrong here: Triton's host launch path (~40 us) exceeds the
-    kernel, and an eager measurement on the H200 picked cuBLAS for every LLaMA-2-7B shape although
-    the kernel is 1.04-1.26x faster on most of them in graphs (and 0.96x on a 4096 -> 10752 q/k/v,
-    0.5x at 4-16 tokens with a K that is not a multiple of 16). During another graph's capture
-    nothing can be timed: an unseen shape then takes cuBLAS.
+    once per (N, K, M bucket, dtype, bias, gated, device, PDL) by timing both inside CUDA graphs
+    with the L2 flushed before each call (~10 ms per new shape, in the engine's warm-up before its
+    own graph capture). Eager timing would be wrong here: Triton's host launch path (~40 us)
+    exceeds the kernel, and an eager measurement on the H200 picked cuBLAS for every LLaMA-2-7B
+    shape although the kernel is 1.04-1.26x faster on most of them in graphs (and 0.96x on a
+    4096 -> 10752 q/k/v, 0.5x at 4-16 tokens with a K that is not a multiple of 16). During
+    another graph's capture nothing can be timed: an unseen shape then takes cuBLAS.
 
     ``gated``: ``x2`` is ``[M, 2K]`` (gate | up), and the fused SwiGLU + matmul launch is timed against
     what would run otherwise: the ``silu_mul`` launch, then the faster of this kernel and cuBLAS."""
-    key = (tuple(weight.shape), 1 if x2.shape[0] == 1 else MAX_M, weight.dtype, bias is not None, gated,
-           weight.device)
-    if key not in _PICKS:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        if gated:
-            from .fused_norm import silu_mul_triton
+    key = ("dense", tuple(weight.shape), 1 if x2.shape[0] == 1 else MAX_M, weight.dtype, bias is not None, gated,
+           weight.device, pdl_enabled(weight.device))
+    if gated:
+        from .fused_norm import silu_mul_triton
 
-            K = weight.shape[1]
+        K = weight.shape[1]
+        if key not in _PICKS and not torch.cuda.is_current_stream_capturing():
             h = silu_mul_triton(x2[:, :K], x2[:, K:])
             plain = skinny_linear_triton if beats_cublas(h, weight, bias) else torch.nn.functional.linear
-            ours_fn = lambda: skinny_linear_triton(x2, weight, bias, gated=True)  # noqa: E731
-            theirs_fn = lambda: plain(silu_mul_triton(x2[:, :K], x2[:, K:]), weight, bias)  # noqa: E731
         else:
-            ours_fn = lambda: skinny_linear_triton(x2, weight, bias)  # noqa: E731
-            theirs_fn = lambda: torch.nn.functional.linear(x2, weight, bias)  # noqa: E731
-        ours_fn(), theirs_fn()  # autotune / cuBLAS heuristics outside the capture
-        torch.cuda.synchronize()
-        flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=weight.device)
-        _PICKS[key] = _graph_us(ours_fn, flush) < _graph_us(theirs_fn, flush)
-        del flush
-    return _PICKS[key]
+            plain = None
+        candidates = {"ours": lambda: skinny_linear_triton(x2, weight, bias, gated=True),
+                      "theirs": lambda: plain(silu_mul_triton(x2[:, :K], x2[:, K:]), weight, bias)}
+    else:
+        candidates = {"ours": lambda: skinny_linear_triton(x2, weight, bias),
+                      "theirs": lambda: torch.nn.functional.linear(x2, weight, bias)}
+    return _timed_pick(key, candidates, weight.device) == "ours"
+
+
+def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool]:
+    """For a factorized linear ``(x2 @ A.T) @ B.T + bias`` at decode sizes: whether the shrink and
+    the expand each take this kernel (True) or cuBLAS (False), timed as PAIRS (all four
+    combinations, once per shape): with PDL the expand's weight stream overlaps the shrink only when
+    both are our kernels, which timing each stage alone cannot see. During another graph's capture
+    an unseen shape takes cuBLAS for both."""
+    key = ("lowrank", tuple(A.shape), tuple(B.shape), 1 if x2.shape[0] == 1 else MAX_M, A.dtype,
+           bias is not None, A.device, pdl_enabled(A.device))
+    cublas = torch.nn.functional.linear
+
+    def pair(first, second):
+        return lambda: second(first(x2, A, None), B, bias)
+
+    candidates = {(a, b): pair(skinny_linear_triton if a else cublas, skinny_linear_triton if b else cublas)
+                  for a in (True, False) for b in (True, False)}
+    return _timed_pick(key, candidates, A.device) or (False, False)

@@ -482,6 +482,82 @@ def test_triton_swiglu_linear_views_and_lead_dims(seed, force_triton):
     assert_close(y, ref_swiglu_linear(gate_up, w, None), dtype, seed, "swiglu strided")
 
 
+def _pdl_chain(x, d, wn, w_up, w_down, A, B, b):
+    """A decode-step-like chain in which every kernel reads the previous one's output: residual add +
+    RMSNorm, gate/up matmul, SwiGLU + down matmul, a low-rank pair (shrink, expand), and a final add +
+    RMSNorm. Returns the last residual and normed outputs."""
+    from kernels.fused_norm import add_rms_norm_triton
+    from kernels.skinny_linear import skinny_linear_triton
+
+    s, h = add_rms_norm_triton(x, d, wn, 1e-5)
+    gate_up = skinny_linear_triton(h, w_up)
+    y = skinny_linear_triton(gate_up, w_down, gated=True)
+    z = skinny_linear_triton(skinny_linear_triton(y, A), B, b)
+    return add_rms_norm_triton(s, z, wn, 1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs a CUDA GPU (SM90+ to be active)")
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("dims", [(200, 300, 37), (4096, 11008, 1024)], ids=lambda d: "x".join(map(str, d)))
+def test_pdl_chain_in_cuda_graph_same_bits_as_without(seed, force_triton, monkeypatch, M, dims):
+    """With PDL each kernel starts loading weights while its predecessor finishes and waits for it
+    before reading activations. Captured in a CUDA graph and replayed with new inputs, the chain must
+    give the same bits as with MODEGPT_PDL=0 (a missing wait would read the previous replay's stale
+    activations) and match the float64 reference."""
+    dtype = torch.bfloat16
+    K, F, R = dims
+    dev = "cuda"
+    wn = randn(K, dtype=dtype, device=dev, scale=0.5) + 1
+    w_up = randn(2 * F, K, dtype=dtype, device=dev, scale=K ** -0.5)
+    w_down = randn(K, F, dtype=dtype, device=dev, scale=F ** -0.5)
+    A = randn(R, K, dtype=dtype, device=dev, scale=K ** -0.5)
+    B = randn(K, R, dtype=dtype, device=dev, scale=R ** -0.5)
+    b = randn(K, dtype=dtype, device=dev)
+    x = randn(M, K, dtype=dtype, device=dev)
+    d = randn(M, K, dtype=dtype, device=dev)
+    results = {}
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("MODEGPT_PDL", pdl)
+        _pdl_chain(x, d, wn, w_up, w_down, A, B, b)  # compile / tune outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = _pdl_chain(x, d, wn, w_up, w_down, A, B, b)
+        got = []
+        for rep in range(3):
+            torch.manual_seed(seed + rep)
+            x.copy_(randn(M, K, dtype=dtype, device=dev))
+            d.copy_(randn(M, K, dtype=dtype, device=dev))
+            for o in outs:
+                o.fill_(float("nan"))
+            graph.replay()
+            got.append([o.clone() for o in outs])
+            if pdl == "1":
+                s_ref = (x.double() + d.double())
+                hn = s_ref * torch.rsqrt(s_ref.pow(2).mean(-1, keepdim=True) + 1e-5) * wn.double()
+                gu = hn @ w_up.double().T
+                y = ref_swiglu_linear(gu, w_down, None)
+                s2 = s_ref + (y @ A.double().T) @ B.double().T + b.double()
+                ref = s2 * torch.rsqrt(s2.pow(2).mean(-1, keepdim=True) + 1e-5) * wn.double()
+                assert_close(got[-1][1], ref, dtype, seed, f"PDL chain M={M} {dims}", tol=4e-2)
+        torch.cuda.synchronize()
+        results[pdl] = got
+    for rep, (on, off) in enumerate(zip(results["1"], results["0"])):
+        for a, o in zip(on, off):
+            assert torch.equal(a, o), f"replay {rep}: PDL changed the result (M={M} {dims}); seed={seed}"
+
+
+def test_pdl_is_off_on_cpu_and_when_disabled(monkeypatch):
+    """PDL only ever applies to CUDA launches (never the interpreter), and MODEGPT_PDL=0 turns it off."""
+    assert _common.pdl_meta(torch.device("cpu")) == {"PDL": False}
+    if CUDA:
+        monkeypatch.setenv("MODEGPT_PDL", "0")
+        assert _common.pdl_meta(torch.device("cuda")) == {"PDL": False}
+        monkeypatch.setenv("MODEGPT_PDL", "1")
+        sm90 = torch.cuda.get_device_capability()[0] >= 9
+        assert _common.pdl_enabled(torch.device("cuda")) == sm90
+
+
 def test_swiglu_linear_torch_path_and_errors(seed, monkeypatch):
     monkeypatch.setenv("MODEGPT_KERNELS", "torch")
     gate_up = randn(5, 2 * 24, dtype=torch.float32, device="cpu")
