@@ -10,6 +10,7 @@
 #   bash kernels/run_h200.sh compress13b  # 13B compression wall time and peak memory
 #   bash kernels/run_h200.sh final3    # session 4: changed-area CUDA tests, low-rank decode bench, engine, profiles
 #   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
+#   bash kernels/run_h200.sh pdl-ab    # session 5: PDL on/off x original/compressed, rotating rounds, + profiles
 #   bash kernels/run_h200.sh pdl2      # session 5: step profiles with PDL on/off, batch 1 and 64
 #   bash kernels/run_h200.sh all       # engine, kernel bench, tests: each under its own timeout
 set -uo pipefail
@@ -19,7 +20,10 @@ mkdir -p "$OUT"
 # lost behind the shard logs). On exit, everything goes into results.tgz and only it and the few
 # summary logs stay in $OUT.
 pack() {
-  (cd "$OUT" && tar czf results.tgz --exclude results.tgz . && find . -type f ! -name results.tgz ! -name run.log \
+  # tar exits 1 when a file changes while it reads it (a process still writing after a timeout): the
+  # archive is still good, so pack on regardless (2026-11-29, session 5: that lost a run's JSON)
+  (cd "$OUT" && { tar czf /tmp/results.tgz . || true; } && mv /tmp/results.tgz results.tgz \
+      && find . -type f ! -name results.tgz ! -name run.log \
       ! -name cuda-tests.log ! -name bench-engine-h200.log ! -name kernels-h200.log ! -name gpu.txt -delete) || true
 }
 [ "${PACK:-1}" = 1 ] && trap pack EXIT
@@ -141,6 +145,14 @@ pdl2)  # session 5: step profiles with PDL on and off, batch 1 and 64
     PROFILE_TIMEOUT=70 profile1 random:llama-2-7b $b original-nopdl MODEGPT_PDL=0
     PROFILE_TIMEOUT=70 profile1 /tmp/l7b-30 $b compressed-nopdl MODEGPT_PDL=0
   done ;;
+pdl-ab)  # session 5: PDL on/off and original/compressed in one process (rotating rounds), then step profiles
+  timeout 240 $PY -m pytest -q -p no:cacheprovider --timeout 230 -rfE tests/test_engine_cuda.py \
+      -k "cuda_graph_decode_equals_eager" > "$OUT/cuda-tests.log" 2>&1 &
+  ckpt; wait
+  timeout 300 $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_PDL=0 /tmp/l7b-30 \
+      /tmp/l7b-30@MODEGPT_PDL=0 --device cuda --dtype bfloat16 --batch 1 16 64 --steps 64 --rounds 4 \
+      --kv-cache-gb 6 --json "$OUT/bench-ab-pdl.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  PROFILE_TIMEOUT=60 profile1 /tmp/l7b-30 1 compressed; PROFILE_TIMEOUT=60 profile1 random:llama-2-7b 1 original ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

@@ -1,6 +1,8 @@
 """The benchmark commands run end to end on tiny presets and write their results files."""
 import json
 
+import pytest
+
 from compressor.cli import main
 
 
@@ -33,14 +35,28 @@ def test_bench_engine_compares_original_and_compressed(tmp_path):
     assert compressed["sequences_in_budget"] >= original["sequences_in_budget"]
 
 
-def test_bench_ab_alternates_rounds_and_reports_the_median_ratio(tmp_path):
+def test_bench_ab_alternates_rounds_and_reports_the_median_ratio(tmp_path, monkeypatch):
     from server.engine.bench_ab import main as bench_ab
 
     out = tmp_path / "ab.json"
-    res = bench_ab(["random:tiny-llama-gqa", "random:tiny-llama-gqa", "--dtype", "float32", "--batch", "2",
+    monkeypatch.delenv("MODEGPT_KERNELS", raising=False)
+    variants = ["random:tiny-llama-gqa", "random:tiny-llama-gqa@MODEGPT_KERNELS=torch,MODEGPT_PDL=0"]
+    res = bench_ab([*variants, "--dtype", "float32", "--batch", "2", "3",
                     "--prompt-len", "5", "--steps", "3", "--rounds", "3", "--json", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["speedup_b_over_a"] == res["speedup_b_over_a"] > 0
-    assert saved["models"] == {"a": "random:tiny-llama-gqa", "b": "random:tiny-llama-gqa"}
-    assert [len(saved["ms_per_step"][r]) for r in "ab"] == [3, 3]
-    assert all(x > 0 for r in "ab" for x in saved["ms_per_step"][r])
+    assert saved == json.loads(json.dumps(res))
+    assert saved["variants"] == variants and [r["batch"] for r in saved["runs"]] == [2, 3]
+    for run in saved["runs"]:
+        assert [len(run["ms_per_step"][v]) for v in variants] == [3, 3]
+        assert all(x > 0 for v in variants for x in run["ms_per_step"][v])
+        assert run["speedup_over_first"][variants[0]] == 1.0 and run["speedup_over_first"][variants[1]] > 0
+    import os
+    assert "MODEGPT_KERNELS" not in os.environ  # each variant's environment is restored after its rounds
+
+
+def test_bench_ab_rejects_a_malformed_variant():
+    from server.engine.bench_ab import parse_variant
+
+    assert parse_variant("ckpt@A=1,B=x=y") == ("ckpt", {"A": "1", "B": "x=y"})
+    with pytest.raises(SystemExit, match="SPEC@KEY=VAL"):
+        parse_variant("ckpt@NOEQUALS")

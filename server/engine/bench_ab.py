@@ -1,17 +1,23 @@
-"""Decode speed of two models in one process, measured in alternating rounds (A B B A A B ...).
+"""Decode speed of two or more model variants in one process, measured in rotating rounds (A B, B A, ...).
 
-    python -m server.engine.bench_ab ORIGINAL COMPRESSED [--device cpu] [--dtype bfloat16] [--batch 8]
+    python -m server.engine.bench_ab ORIGINAL COMPRESSED [--device cpu] [--dtype bfloat16] [--batch 8 ...]
+    python -m server.engine.bench_ab CKPT CKPT@MODEGPT_PDL=0 --device cuda --batch 1 64   # an env A/B
 
 `modegpt bench engine` times one model after the other. On a shared machine whose speed drifts (this
 project's 2-core CPU VM drifted by up to 30 % within minutes, docs/BENCHMARKS.md) that ordering biases
 the ratio; alternating rounds and taking medians cancels a slow drift. Each round decodes `--steps`
 greedy steps for `--batch` sequences of `--prompt-len` token prompts (the prefill is not timed).
-Prints the per-round milliseconds per step and the median ratio; `--json` writes them.
+A variant `SPEC@KEY=VAL,...` runs its engine under those environment variables (construction, graph
+capture and its rounds), so one process can compare kernel settings of one model as well.
+Prints the per-round milliseconds per step and each variant's median speedup over the first;
+`--json` writes them.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -41,40 +47,79 @@ def decode_ms_per_step(engine: LLMEngine, batch: int, prompt_len: int, steps: in
     return (time.perf_counter() - t) / max(n, 1) * 1e3
 
 
+def parse_variant(arg: str) -> tuple[str, dict[str, str]]:
+    """``SPEC`` or ``SPEC@KEY=VAL[,KEY=VAL...]``: a model and the environment its engine runs under
+    (set around its construction, graph capture and every round; e.g. ``MODEGPT_PDL=0``)."""
+    spec, _, env = arg.partition("@")
+    pairs = [kv for kv in env.split(",") if kv]
+    bad = [kv for kv in pairs if "=" not in kv or not kv.split("=", 1)[0]]
+    if not spec or bad:
+        raise SystemExit(f"bench_ab: {arg!r} is not SPEC or SPEC@KEY=VAL[,KEY=VAL]")
+    return spec, dict(kv.split("=", 1) for kv in pairs)
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("a", help="the baseline: MODEL spec or checkpoint")
-    ap.add_argument("b", help="the model compared with it")
+    ap.add_argument("models", nargs="+", metavar="SPEC[@KEY=VAL,...]",
+                    help="two or more variants; the first is the baseline: a MODEL spec or checkpoint, optionally "
+                         "with environment variables for its engine (e.g. /ckpt@MODEGPT_PDL=0)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, nargs="+", default=[8])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=4, help="timed rounds per model")
+    ap.add_argument("--rounds", type=int, default=4, help="timed rounds per variant and batch size")
     ap.add_argument("--kv-cache-gb", type=float, default=0.25)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if len(args.models) < 2:
+        ap.error("give at least two variants")
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
-    specs = {"a": args.a, "b": args.b}
-    engines = {}
-    for role, spec in specs.items():
-        loaded = load_modegpt(spec, args.device, dtype)
-        engines[role] = LLMEngine(loaded.config, loaded.state_dict, device=args.device, dtype=dtype,
-                                  kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), max_num_seqs=max(16, args.batch),
-                                  max_model_len=args.prompt_len + args.steps + 16)
-    for eng in engines.values():  # warm-up: allocator, oneDNN primitives, graphs
-        decode_ms_per_step(eng, args.batch, args.prompt_len, 4, "warm")
-    rounds: dict[str, list[float]] = {"a": [], "b": []}
-    for r in range(args.rounds):
-        for role in (("a", "b") if r % 2 == 0 else ("b", "a")):
-            rounds[role].append(decode_ms_per_step(engines[role], args.batch, args.prompt_len, args.steps, f"r{r}"))
-    med = {role: statistics.median(v) for role, v in rounds.items()}
+    variants = [parse_variant(m) for m in args.models]
+    names = list(args.models)
+    engines = []
+    for spec, env in variants:
+        with environment(env):
+            loaded = load_modegpt(spec, args.device, dtype)
+            engines.append(LLMEngine(loaded.config, loaded.state_dict, device=args.device, dtype=dtype,
+                                     kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
+                                     max_num_seqs=max(16, *args.batch), max_model_len=args.prompt_len + args.steps + 16))
+            del loaded
+    runs = []
+    for batch in args.batch:
+        for eng, (_, env) in zip(engines, variants):  # warm-up: allocator, oneDNN primitives, graphs
+            with environment(env):
+                decode_ms_per_step(eng, batch, args.prompt_len, 4, "warm")
+        rounds: list[list[float]] = [[] for _ in engines]
+        for r in range(args.rounds):  # rotate the order each round: A B C, B C A, C A B, ...
+            for k in range(len(engines)):
+                i = (k + r) % len(engines)
+                with environment(variants[i][1]):
+                    rounds[i].append(decode_ms_per_step(engines[i], batch, args.prompt_len, args.steps, f"r{r}"))
+        med = [statistics.median(v) for v in rounds]
+        runs.append({"batch": batch, "ms_per_step": dict(zip(names, rounds)), "median_ms_per_step": dict(zip(names, med)),
+                     "speedup_over_first": dict(zip(names, (med[0] / m for m in med)))})
+        for name, v, m in zip(names, rounds, med):
+            print(f"b={batch:<4} {name}: {' '.join(f'{x:.2f}' for x in v)} ms/step (median {m:.2f}, "
+                  f"x{med[0] / m:.3f} of the first)", flush=True)
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device, "dtype": str(dtype),
-              "batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps, "models": specs,
-              "ms_per_step": rounds, "median_ms_per_step": med, "speedup_b_over_a": med["a"] / med["b"]}
-    for role, v in rounds.items():
-        print(f"{role} = {specs[role]}: {' '.join(f'{x:.1f}' for x in v)} ms/step (median {med[role]:.1f})")
-    print(f"b is {result['speedup_b_over_a']:.2f}x a at batch {args.batch} ({dtype})")
+              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+              "prompt_len": args.prompt_len, "steps": args.steps, "rounds": args.rounds, "variants": names,
+              "runs": runs}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
