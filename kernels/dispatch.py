@@ -26,6 +26,13 @@ Policy (read per call, so tests and operators can flip it at run time):
 * ``swiglu_linear`` (a gated MLP's SwiGLU + down projection) at decode sizes runs as one skinny
   launch that applies the SwiGLU while loading its input, where that timed faster than
   ``silu_mul`` + ``linear`` (per shape, like ``linear``).
+* ``swiglu_mlp`` (the whole gated MLP) at decode sizes: the gate/up skinny launch with the SwiGLU
+  as its epilogue, then the down ``linear``, where that timed faster than ``linear`` +
+  ``swiglu_linear`` (per shape).
+* On SM90+ GPUs our kernels use programmatic dependent launch (``_common.pdl_enabled``;
+  ``MODEGPT_PDL=0`` turns it off): a kernel's weight loads start while the previous kernel finishes.
+  So the weights given to ``linear``/``swiglu_linear``/``swiglu_mlp``/``lowrank_linear`` must not be
+  written by the kernel launched just before on the same stream (model weights never are).
 * In ``auto`` mode an unexpected Triton failure (e.g. a compiler resource error on an untested
   GPU) is reported once as a warning and the call falls back to PyTorch; ``MODEGPT_KERNELS=triton``
   is strict and raises, so tests and benchmarks never measure the fallback by accident.
@@ -37,7 +44,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import _common, reference
 from ._common import HAVE_TRITON, SUPPORTED_DTYPES, interpret_mode
 
 if HAVE_TRITON:
@@ -48,7 +55,7 @@ if HAVE_TRITON:
     from .lowrank import lowrank_linear_triton
     from .rope import rope_gather_triton_, rope_qkv_triton_
     from .skinny_linear import MAX_M as _SKINNY_MAX_M
-    from .skinny_linear import beats_cublas, lowrank_pick, skinny_linear_triton
+    from .skinny_linear import _timed_pick, beats_cublas, lowrank_pick, skinny_linear_triton
 
 _ENV = "MODEGPT_KERNELS"
 _LOWRANK_MAX_ENV = "MODEGPT_LOWRANK_TRITON_MAX_TOKENS"
@@ -295,3 +302,42 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return linear(silu_mul(gate, up), weight, bias, out)
 
     return _run("swiglu_linear", tri, chain, (gate_up, weight, bias, out), ok)
+
+
+def swiglu_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor | None,
+               weight: torch.Tensor, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole SwiGLU MLP: ``linear(silu(gate) * up, weight, bias)`` with ``gate | up = linear(x,
+    gate_up_weight, gate_up_bias)`` (a fused ``[2I, H]`` weight, gate rows first; down ``weight``
+    ``[H, I]``).
+
+    At decode sizes there are two ways, timed against each other once per shape in CUDA graphs
+    (``mlp_pick``): the gate/up skinny launch with the SwiGLU in its epilogue (it writes ``[M, I]``)
+    followed by :func:`linear`; or :func:`linear` for gate/up followed by :func:`swiglu_linear`
+    (which itself picks the fused-input launch or ``silu_mul`` + :func:`linear`). The first saves a
+    launch per layer and recomputes nothing. Elsewhere: the second, i.e. the PyTorch sequence."""
+    rows = x.numel() // max(1, x.shape[-1])
+    two_i = gate_up_weight.shape[0] if gate_up_weight.dim() == 2 else -1
+    ok = (_skinny_ok(x, gate_up_weight, gate_up_bias, rows) and two_i % 2 == 0 and weight.dim() == 2
+          and weight.shape[-1] == two_i // 2 and (gate_up_bias is None or gate_up_bias.stride(0) == 1))
+    if ok and kernels_mode() == "auto" and backend_for(x, gate_up_weight, gate_up_bias, weight, bias, out) == "triton":
+        ok = mlp_pick(x.reshape(rows, x.shape[-1]), gate_up_weight, gate_up_bias, weight, bias) == "epilogue"
+
+    def tri():
+        return linear(skinny_linear_triton(x, gate_up_weight, gate_up_bias, swiglu_out=True), weight, bias, out)
+
+    def chain():
+        return swiglu_linear(linear(x, gate_up_weight, gate_up_bias), weight, bias, out)
+
+    return _run("swiglu_mlp", tri, chain, (x, gate_up_weight, gate_up_bias, weight, bias, out), ok)
+
+
+def mlp_pick(x2: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor | None,
+             weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """``"epilogue"`` or ``"chain"`` for :func:`swiglu_mlp` at this shape: the faster in CUDA graphs
+    (``skinny_linear._timed_pick``, once per shape; None during another graph's capture)."""
+    key = ("swiglu_mlp", tuple(gate_up_weight.shape), tuple(weight.shape), 1 if x2.shape[0] == 1 else _SKINNY_MAX_M,
+           x2.dtype, gate_up_bias is not None, bias is not None, x2.device, _common.pdl_enabled(x2.device))
+    return _timed_pick(key, {
+        "epilogue": lambda: linear(skinny_linear_triton(x2, gate_up_weight, gate_up_bias, swiglu_out=True), weight, bias),
+        "chain": lambda: swiglu_linear(linear(x2, gate_up_weight, gate_up_bias), weight, bias)}, x2.device)

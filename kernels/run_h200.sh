@@ -11,6 +11,7 @@
 #   bash kernels/run_h200.sh final3    # session 4: changed-area CUDA tests, low-rank decode bench, engine, profiles
 #   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
 #   bash kernels/run_h200.sh pdl-ab    # session 5: PDL on/off x original/compressed, rotating rounds, + profiles
+#   bash kernels/run_h200.sh final5    # session 5: changed-area CUDA tests, original vs 30 % A/B, profiles
 #   bash kernels/run_h200.sh pdl2      # session 5: step profiles with PDL on/off, batch 1 and 64
 #   bash kernels/run_h200.sh all       # engine, kernel bench, tests: each under its own timeout
 set -uo pipefail
@@ -152,6 +153,15 @@ pdl-ab)  # session 5: PDL on/off and original/compressed in one process (rotatin
   timeout 300 $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_PDL=0 /tmp/l7b-30 \
       /tmp/l7b-30@MODEGPT_PDL=0 --device cuda --dtype bfloat16 --batch 1 16 64 --steps 64 --rounds 4 \
       --kv-cache-gb 6 --json "$OUT/bench-ab-pdl.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  PROFILE_TIMEOUT=60 profile1 /tmp/l7b-30 1 compressed; PROFILE_TIMEOUT=60 profile1 random:llama-2-7b 1 original ;;
+final5)  # session 5, the recorded run: CUDA tests of what changed (PDL, SwiGLU epilogue), then the 30 %
+  # checkpoint against the original in one process (rotating rounds, kernels and PDL on), step profiles
+  ckpt
+  tests 150 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "pdl or skinny or swiglu or norm or silu or graph or dispatch or bf16 or async or engine"
+  timeout 240 $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 --device cuda --dtype bfloat16 \
+      --batch 1 16 64 256 --steps 64 --rounds 4 --kv-cache-gb 20 --json "$OUT/bench-ab-final.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
   PROFILE_TIMEOUT=60 profile1 /tmp/l7b-30 1 compressed; PROFILE_TIMEOUT=60 profile1 random:llama-2-7b 1 original ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;

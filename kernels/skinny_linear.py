@@ -61,12 +61,20 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _swiglu(g, u):
+    """``silu(g) * u`` rounded like ``kernels.fused_norm``'s ``silu_mul``: the activation, then the
+    product, each to the dtype of ``g``."""
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
 def _load_x(ptrs, mask, UP_OFF, GATED: tl.constexpr, MASKED: tl.constexpr):
     """The activation tile: ``x`` itself, or for ``GATED`` the SwiGLU of a fused gate/up row
     (``silu(gate) * up`` with up ``UP_OFF`` elements after gate), rounded exactly like
-    ``kernels.fused_norm``'s ``silu_mul`` (activation, then product, each to the input dtype), so the
-    fused matmul sees the same bits as the two-launch chain. ``MASKED=False``: no mask at all (the
-    whole-tile main loop), masked lanes read as 0 otherwise."""
+    ``kernels.fused_norm``'s ``silu_mul``, so the fused matmul sees the same bits as the two-launch
+    chain. ``MASKED=False``: no mask at all (the whole-tile main loop), masked lanes read as 0 otherwise."""
     if MASKED:
         x = tl.load(ptrs, mask=mask, other=0.0)
     else:
@@ -76,21 +84,23 @@ def _load_x(ptrs, mask, UP_OFF, GATED: tl.constexpr, MASKED: tl.constexpr):
             u = tl.load(ptrs + UP_OFF, mask=mask, other=0.0)
         else:
             u = tl.load(ptrs + UP_OFF)
-        gf = x.to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(x.dtype)
-        x = (act.to(tl.float32) * u.to(tl.float32)).to(x.dtype)
+        x = _swiglu(x, u)
     return x
 
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, N_KEY, K_KEY, UP_OFF,
                    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr,
-                   GATED: tl.constexpr, X_ALIGN: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   GATED: tl.constexpr, X_ALIGN: tl.constexpr, SWIGLU_OUT: tl.constexpr, PDL: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y = x @ W.T + b`` for ``N`` output rows; ``SWIGLU_OUT``: W holds gate rows ``[0, N)`` and up
+    rows ``[N, 2N)`` (a fused gate/up weight) and ``y = silu(gate) * up``, each program computing the
+    same rows of both halves, so the SwiGLU is an epilogue (no ``[M, 2N]`` round trip, no extra launch)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.multiple_of(offs_n.to(tl.int64) * stride_wn, ALIGN)
+    rows_u = tl.multiple_of((offs_n + N).to(tl.int64) * stride_wn, ALIGN)  # SWIGLU_OUT: the up half's rows
     # whole BLOCK_K tiles first, without a K mask: a mask `k < K` with K not provably a multiple of
     # 16 (7288, 9880) has per-element constancy and turns every load scalar (measured 1.1-2.2 TB/s
     # on the H200 against 3.6 for K = 11008); the ragged tail is one masked step after the loop
@@ -106,52 +116,85 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
     first = offs_b < k_main
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SWIGLU_OUT:
+            bias_u = tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if M_PAD == 1:
         w0 = tl.load(w_ptr + rows[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0)
+        if SWIGLU_OUT:
+            w0u = tl.load(w_ptr + rows_u[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0)
         pdl_wait(PDL)
-        x0 = _load_x(x_ptr + offs_b, first, up_off, GATED, True)
-        acc = tl.sum(w0.to(tl.float32) * x0.to(tl.float32)[None, :], axis=1)
+        x0 = _load_x(x_ptr + offs_b, first, up_off, GATED, True).to(tl.float32)[None, :]
+        acc = tl.sum(w0.to(tl.float32) * x0, axis=1)
+        if SWIGLU_OUT:
+            acc_u = tl.sum(w0u.to(tl.float32) * x0, axis=1)
         for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
+            x = _load_x(x_ptr + offs_k, offs_k < K, up_off, GATED, False).to(tl.float32)[None, :]
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
-            x = _load_x(x_ptr + offs_k, offs_k < K, up_off, GATED, False)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            acc += tl.sum(w.to(tl.float32) * x, axis=1)
+            if SWIGLU_OUT:
+                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+                acc_u += tl.sum(wu.to(tl.float32) * x, axis=1)
         if k_main < K:
             offs_k = k_main + offs_b
             k_mask = offs_k < K
+            x = _load_x(x_ptr + offs_k, k_mask, up_off, GATED, True).to(tl.float32)[None, :]
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            x = _load_x(x_ptr + offs_k, k_mask, up_off, GATED, True)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            acc += tl.sum(w.to(tl.float32) * x, axis=1)
+            if SWIGLU_OUT:
+                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                             other=0.0)
+                acc_u += tl.sum(wu.to(tl.float32) * x, axis=1)
         if HAS_BIAS:
             acc += bias
-        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+            if SWIGLU_OUT:
+                acc_u += bias_u
+        y = acc.to(y_ptr.dtype.element_ty)
+        if SWIGLU_OUT:
+            y = _swiglu(y, acc_u.to(y_ptr.dtype.element_ty))
+        tl.store(y_ptr + offs_n, y, mask=n_mask)
     else:
         offs_m = tl.arange(0, M_PAD)
         m_mask = offs_m < M
         w0 = tl.load(w_ptr + rows[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0)
+        if SWIGLU_OUT:
+            w0u = tl.load(w_ptr + rows_u[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0)
         pdl_wait(PDL)
         x0 = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :],
                      m_mask[:, None] & first[None, :], up_off, GATED, True)
         acc2 = _mma(x0, w0, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
+        if SWIGLU_OUT:
+            acc2_u = _mma(x0, w0u, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
         for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
-            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
             x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None], up_off, GATED, True)
+            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
             acc2 = _mma(x, w, acc2, PRECISION)
+            if SWIGLU_OUT:
+                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
+                acc2_u = _mma(x, wu, acc2_u, PRECISION)
         if k_main < K:
             offs_k = k_main + offs_b
             k_mask = offs_k < K
-            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
             x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None] & k_mask[None, :],
                         up_off, GATED, True)
+            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
             acc2 = _mma(x, w, acc2, PRECISION)
+            if SWIGLU_OUT:
+                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None],
+                             other=0.0)
+                acc2_u = _mma(x, wu, acc2_u, PRECISION)
         if HAS_BIAS:
             acc2 += bias[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc2.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+            if SWIGLU_OUT:
+                acc2_u += bias_u[None, :]
+        y2 = acc2.to(y_ptr.dtype.element_ty)
+        if SWIGLU_OUT:
+            y2 = _swiglu(y2, acc2_u.to(y_ptr.dtype.element_ty))
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y2, mask=m_mask[:, None] & n_mask[None, :])
 
 
-_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED"], prune=_prune)(_skinny_kernel)
+_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT"], prune=_prune)(_skinny_kernel)
 
 
 def _align(*ints: int) -> int:
@@ -162,12 +205,21 @@ def _align(*ints: int) -> int:
 
 
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         out: torch.Tensor | None = None, *, gated: bool = False) -> torch.Tensor:
+                         out: torch.Tensor | None = None, *, gated: bool = False,
+                         swiglu_out: bool = False) -> torch.Tensor:
     """Triton path of :func:`kernels.dispatch.linear` for ``x`` ``[..., K]`` with at most 16 rows.
 
     ``gated=True``: ``x`` is a fused gate/up output ``[..., 2K]`` (gate first) and the kernel computes
-    ``silu(gate) * up`` while loading it, i.e. :func:`kernels.dispatch.swiglu_linear` in one launch."""
-    N, K = weight.shape
+    ``silu(gate) * up`` while loading it, i.e. :func:`kernels.dispatch.swiglu_linear` in one launch.
+    ``swiglu_out=True``: ``weight`` (and ``bias``) is a fused gate/up weight ``[2I, K]`` (gate rows
+    first) and the result is ``silu(gate) * up`` ``[..., I]``, the SwiGLU applied in the epilogue
+    (:func:`kernels.dispatch.swiglu_mlp`); bit for bit ``silu_mul`` of this kernel's plain output."""
+    if gated and swiglu_out:
+        raise ValueError("gated (SwiGLU on the input) and swiglu_out (on the output) exclude each other")
+    rows_w, K = weight.shape
+    if swiglu_out and rows_w % 2:
+        raise ValueError(f"swiglu_out needs a fused gate/up weight with an even row count, got {rows_w}")
+    N = rows_w // 2 if swiglu_out else rows_w
     K_x = 2 * K if gated else K
     if x.shape[-1] != K_x:
         raise ValueError(f"shape mismatch: x[..., {x.shape[-1]}] and weight {tuple(weight.shape)}"
@@ -176,8 +228,8 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise TypeError(f"x, weight and bias must share one of {SUPPORTED_DTYPES}")
     if weight.stride(1) != 1:
         raise ValueError("weight needs unit stride along K")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    if bias is not None and (bias.shape != (rows_w,) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{rows_w}], got {tuple(bias.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K_x)
     if x2.stride(1) != 1:
@@ -196,7 +248,8 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
            (x2, weight, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
             cdiv(N, 256), cdiv(K, 256), K if gated else 0),
            dict(M_PAD=m_pad, HAS_BIAS=bias is not None, ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
-                PRECISION=dot_precision(x.dtype), GATED=gated, X_ALIGN=x_align, **pdl_meta(x.device)), _INTERPRET)
+                PRECISION=dot_precision(x.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
+                **pdl_meta(x.device)), _INTERPRET)
     return out
 
 

@@ -482,6 +482,65 @@ def test_triton_swiglu_linear_views_and_lead_dims(seed, force_triton):
     assert_close(y, ref_swiglu_linear(gate_up, w, None), dtype, seed, "swiglu strided")
 
 
+def ref_swiglu_mlp(x, w_gu, b_gu, w_d, b_d):
+    gu = ref_linear(x, w_gu, b_gu)
+    return ref_swiglu_linear(gu, w_d, b_d)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_skinny_swiglu_epilogue(seed, force_triton, shape, M, dtype):
+    """A fused gate/up matmul with the SwiGLU as its epilogue: ``silu(x @ Wg.T + bg) * (x @ Wu.T + bu)``,
+    bit for bit ``silu_mul`` of the plain kernel's output (the chain it replaces)."""
+    from kernels.fused_norm import silu_mul_triton
+    from kernels.skinny_linear import skinny_linear_triton
+
+    K, N = shape
+    x = randn(M, K, dtype=dtype, device=TRITON_DEVICE)
+    w = randn(2 * N, K, dtype=dtype, device=TRITON_DEVICE, scale=K ** -0.5)
+    b = randn(2 * N, dtype=dtype, device=TRITON_DEVICE) if M != 7 else None
+    out = nan_like((M, N), dtype, TRITON_DEVICE)
+    assert skinny_linear_triton(x, w, b, out, swiglu_out=True) is out
+    g, u = ref_linear(x, w, b).chunk(2, dim=-1)
+    assert_close(out, torch.nn.functional.silu(g) * u, dtype, seed, f"swiglu epilogue M={M} {shape} {dtype}")
+    plain = skinny_linear_triton(x, w, b)
+    assert torch.equal(out, silu_mul_triton(plain[:, :N], plain[:, N:])), "epilogue must round like silu_mul"
+
+
+@needs_triton
+def test_triton_swiglu_mlp(seed, force_triton):
+    """The whole SwiGLU MLP through dispatch (epilogue launch + down linear), leading dims, odd sizes."""
+    dtype = torch.bfloat16
+    K, I = 45, 37
+    x = randn(2, 3, K, dtype=dtype, device=TRITON_DEVICE)
+    w_gu = randn(2 * I, K, dtype=dtype, device=TRITON_DEVICE, scale=K ** -0.5)
+    b_gu = randn(2 * I, dtype=dtype, device=TRITON_DEVICE)
+    w_d = randn(K, I, dtype=dtype, device=TRITON_DEVICE, scale=I ** -0.5)
+    y = kernels.swiglu_mlp(x, w_gu, b_gu, w_d, None)
+    assert y.shape == (2, 3, K)
+    assert_close(y, ref_swiglu_mlp(x, w_gu, b_gu, w_d, None), dtype, seed, "swiglu mlp")
+
+
+def test_swiglu_mlp_torch_path_and_errors(seed, monkeypatch):
+    monkeypatch.setenv("MODEGPT_KERNELS", "torch")
+    x = randn(5, 24, dtype=torch.float32, device="cpu")
+    w_gu = randn(2 * 10, 24, dtype=torch.float32, device="cpu")
+    w_d = randn(24, 10, dtype=torch.float32, device="cpu")
+    b_d = randn(24, dtype=torch.float32, device="cpu")
+    out = nan_like((5, 24), torch.float32, "cpu")
+    assert kernels.swiglu_mlp(x, w_gu, None, w_d, b_d, out=out) is out
+    assert_close(out, ref_swiglu_mlp(x, w_gu, None, w_d, b_d), torch.float32, seed, "swiglu mlp torch")
+    if dispatch.HAVE_TRITON:
+        from kernels.skinny_linear import skinny_linear_triton
+
+        with pytest.raises(ValueError, match="even row count"):
+            skinny_linear_triton(x, w_gu[:19], swiglu_out=True)
+        with pytest.raises(ValueError, match="exclude each other"):
+            skinny_linear_triton(x, w_gu, gated=True, swiglu_out=True)
+
+
 def _pdl_chain(x, d, wn, w_up, w_down, A, B, b):
     """A decode-step-like chain in which every kernel reads the previous one's output: residual add +
     RMSNorm, gate/up matmul, SwiGLU + down matmul, a low-rank pair (shrink, expand), and a final add +

@@ -248,7 +248,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up is not None and self.down_proj.weight is not None:  # the common case: one fused op
-            return OPS["gated_mlp_down"](self.gate_up.fused(x), self.act, self.down_proj.weight, self.down_proj.bias)
+            return OPS["gated_mlp"](x, self.gate_up.weight, self.gate_up.bias, self.act, self.down_proj.weight,
+                                    self.down_proj.bias)
         if self.gate_up is not None:
             h = OPS["gated_mlp_act"](*self.gate_up(x), self.act)
         elif self.gated:

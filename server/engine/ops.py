@@ -93,6 +93,13 @@ def gated_mlp_down(gate_up: Tensor, act: str, weight: Tensor, bias: Tensor | Non
     return OPS["linear"](OPS["gated_mlp_act"](gate, up, act), weight, bias)
 
 
+def gated_mlp(x: Tensor, gate_up_weight: Tensor, gate_up_bias: Tensor | None, act: str, weight: Tensor,
+              bias: Tensor | None) -> Tensor:
+    """A whole gated MLP with a fused gate/up weight ``[2I, H]`` (gate rows first) and a dense down
+    weight ``[H, I]``: ``down(act(gate) * up)`` (one fusable op)."""
+    return OPS["gated_mlp_down"](OPS["linear"](x, gate_up_weight, gate_up_bias), act, weight, bias)
+
+
 def plain_mlp_act(up: Tensor, act: str) -> Tensor:
     return ACTIVATIONS[act](up)
 
@@ -224,6 +231,7 @@ OPS: dict[str, Callable] = {
     "factorized_linear": factorized_linear,
     "gated_mlp_act": gated_mlp_act,
     "gated_mlp_down": gated_mlp_down,
+    "gated_mlp": gated_mlp,
     "plain_mlp_act": plain_mlp_act,
     "rope_angles": rope_angles,
     "apply_rope": apply_rope,
@@ -252,8 +260,8 @@ def use_kernels() -> bool:
     """Route the ops the `kernels` package implements through `kernels.dispatch` (PROCESS-WIDE: the op
     table is global, so every engine of the process uses them). Covered: factorized linears
     (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_qkv_`, one launch per layer),
-    residual add + RMSNorm (`add_rms_norm`), the SwiGLU epilogue (`silu_mul`, or fused into the down
-    projection at decode sizes: `swiglu_linear`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
+    residual add + RMSNorm (`add_rms_norm`), the SwiGLU (`silu_mul`; at decode sizes fused into the
+    gate/up matmul's epilogue, `swiglu_mlp`, or into the down projection's input, `swiglu_linear`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
     `[num_blocks, block_size, Hkv, D]`, the layout the kernels read). `kernels.dispatch` still decides
     per call (Triton on CUDA, PyTorch elsewhere, `MODEGPT_KERNELS=torch` to force PyTorch). Dense
     linears go through `dispatch.linear` too: a skinny weight-streaming kernel at decode sizes.
@@ -289,6 +297,11 @@ def use_kernels() -> bool:
             return gated_mlp_down(gate_up, act, weight, bias)
         return dispatch.swiglu_linear(gate_up, weight, bias)
 
+    def gated_mlp_k(x, gate_up_weight, gate_up_bias, act, weight, bias):
+        if act not in ("silu", "swish"):
+            return gated_mlp(x, gate_up_weight, gate_up_bias, act, weight, bias)
+        return dispatch.swiglu_mlp(x, gate_up_weight, gate_up_bias, weight, bias)
+
     register_op("linear", dispatch.linear)
     register_op("decode_attention", decode)
     register_op("factorized_linear", lowrank)
@@ -296,6 +309,7 @@ def use_kernels() -> bool:
     register_op("add_norm", add_norm_k)
     register_op("gated_mlp_act", gated_act_k)
     register_op("gated_mlp_down", gated_down_k)
+    register_op("gated_mlp", gated_mlp_k)
     return True
 
 
