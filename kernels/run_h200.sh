@@ -157,7 +157,7 @@ pdl-ab)  # session 5: PDL on/off and original/compressed in one process (rotatin
 final5)  # session 5, the recorded run: CUDA tests of what changed (PDL, SwiGLU epilogue), then the 30 %
   # checkpoint against the original in one process (rotating rounds, kernels and PDL on), step profiles
   ckpt
-  TEST_TIMEOUT=120 tests 200 4 tests/test_engine_cuda.py tests/test_kernels.py \
+  TEST_TIMEOUT=120 tests 170 4 tests/test_engine_cuda.py tests/test_kernels.py \
       -k "pdl or skinny or swiglu or norm or silu or graph or dispatch or bf16 or async or engine"
   timeout 240 $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 --device cuda --dtype bfloat16 \
       --batch 1 16 64 256 --steps 64 --rounds 4 --kv-cache-gb 20 --json "$OUT/bench-ab-final.json" 2>&1 \
