@@ -340,4 +340,5 @@ def mlp_pick(x2: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torch
            x2.dtype, gate_up_bias is not None, bias is not None, x2.device, _common.pdl_enabled(x2.device))
     return _timed_pick(key, {
         "epilogue": lambda: linear(skinny_linear_triton(x2, gate_up_weight, gate_up_bias, swiglu_out=True), weight, bias),
-        "chain": lambda: swiglu_linear(linear(x2, gate_up_weight, gate_up_bias), weight, bias)}, x2.device)
+        "chain": lambda: swiglu_linear(linear(x2, gate_up_weight, gate_up_bias), weight, bias)}, x2.device,
+        prefer="epilogue")

@@ -163,6 +163,11 @@ final5)  # session 5, the recorded run: CUDA tests of what changed (PDL, SwiGLU 
       --batch 1 16 64 256 --steps 64 --rounds 4 --kv-cache-gb 20 --json "$OUT/bench-ab-final.json" 2>&1 \
       | tee "$OUT/bench-engine-h200.log"
   PROFILE_TIMEOUT=60 profile1 /tmp/l7b-30 1 compressed; PROFILE_TIMEOUT=60 profile1 random:llama-2-7b 1 original ;;
+ab1)  # session 5, last call: the original against the 30 % checkpoint at batch 1, rotating rounds
+  ckpt
+  timeout ${AB_TIMEOUT:-200} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 --device cuda \
+      --dtype bfloat16 --batch ${AB_BATCHES:-1} --steps 64 --rounds 5 --kv-cache-gb 4 \
+      --json "$OUT/bench-ab-b1.json" 2>&1 | tee "$OUT/bench-engine-h200.log" ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)
