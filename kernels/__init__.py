@@ -13,13 +13,15 @@ Public API (all in :mod:`kernels.dispatch`, which picks Triton or PyTorch per ca
   each (``kernels.fused_norm``)
 * :func:`swiglu_linear` - a gated MLP's SwiGLU + down projection, one skinny launch at decode sizes
 * :func:`swiglu_mlp` - a whole SwiGLU MLP; at decode sizes the SwiGLU is the gate/up launch's epilogue
+* :func:`add_rms_norm_linear`, :func:`add_rms_norm_swiglu_mlp` - residual add + RMSNorm and the matmul
+  after it; ``MODEGPT_FUSED_NORM=1`` folds the norm into the matmul at decode sizes
 
 ``kernels.bench.run_kernel_bench(path)`` times them against the PyTorch sequences they replace.
 Importing this package imports (does not compile) the Triton kernels when Triton is installed;
 without Triton everything runs on the PyTorch paths.
 """
-from .dispatch import (add_rms_norm, backend_for, decode_attention, linear, lowrank_linear, rope_gather_,
-                       rope_qkv_, silu_mul, swiglu_linear, swiglu_mlp)
+from .dispatch import (add_rms_norm, add_rms_norm_linear, add_rms_norm_swiglu_mlp, backend_for, decode_attention,
+                       linear, lowrank_linear, rope_gather_, rope_qkv_, silu_mul, swiglu_linear, swiglu_mlp)
 
-__all__ = ["add_rms_norm", "backend_for", "decode_attention", "linear", "lowrank_linear", "rope_gather_",
-           "rope_qkv_", "silu_mul", "swiglu_linear", "swiglu_mlp"]
+__all__ = ["add_rms_norm", "add_rms_norm_linear", "add_rms_norm_swiglu_mlp", "backend_for", "decode_attention",
+           "linear", "lowrank_linear", "rope_gather_", "rope_qkv_", "silu_mul", "swiglu_linear", "swiglu_mlp"]

@@ -19,7 +19,10 @@ Policy (read per call, so tests and operators can flip it at run time):
   (``MODEGPT_KERNELS=triton`` or a positive threshold) for the work in kernels/NOTES.md. The one-launch
   decode kernel ``lowrank.lowrank_decode_triton`` measured 0.72-1.11x of two cuBLAS calls (2026-11-29)
   and is not routed to either; it also shares one counter block per device, so two engines on separate
-  streams of one GPU must not run it concurrently.
+  streams of one GPU must not run it concurrently. At decode sizes (rows <= ``skinny_max_tokens()``)
+  the two stages are picked as a pair (``skinny_linear.lowrank_pick``: skinny or cuBLAS each, timed
+  together, because with PDL a skinny expand overlaps a skinny shrink): 0.92-1.30x of two cuBLAS
+  calls on the H200 (session 5, docs/BENCHMARKS.md).
 * ``linear`` (dense) in ``auto`` mode uses the skinny Triton kernel (``kernels.skinny_linear``) for
   at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default 16: decode steps) on the weight shapes where
   it timed faster than cuBLAS (once per shape, ``skinny_linear.beats_cublas``), cuBLAS otherwise.
@@ -29,6 +32,9 @@ Policy (read per call, so tests and operators can flip it at run time):
 * ``swiglu_mlp`` (the whole gated MLP) at decode sizes: the gate/up skinny launch with the SwiGLU
   as its epilogue, then the down ``linear``, where that timed faster than ``linear`` +
   ``swiglu_linear`` (per shape).
+* ``add_rms_norm_linear`` / ``add_rms_norm_swiglu_mlp`` (a residual add + RMSNorm and the matmul
+  after it) fold the norm into the skinny matmul at decode sizes under ``MODEGPT_FUSED_NORM=1``
+  (off by default: not yet timed on a GPU); otherwise ``add_rms_norm`` then the matmul.
 * On SM90+ GPUs our kernels use programmatic dependent launch (``_common.pdl_enabled``;
   ``MODEGPT_PDL=0`` turns it off): a kernel's weight loads start while the previous kernel finishes.
   So the weights given to ``linear``/``swiglu_linear``/``swiglu_mlp``/``lowrank_linear`` must not be
@@ -55,11 +61,12 @@ if HAVE_TRITON:
     from .lowrank import lowrank_linear_triton
     from .rope import rope_gather_triton_, rope_qkv_triton_
     from .skinny_linear import MAX_M as _SKINNY_MAX_M
-    from .skinny_linear import _timed_pick, beats_cublas, lowrank_pick, skinny_linear_triton
+    from .skinny_linear import _timed_pick, beats_cublas, lowrank_pick, norm_skinny_linear_triton, skinny_linear_triton
 
 _ENV = "MODEGPT_KERNELS"
 _LOWRANK_MAX_ENV = "MODEGPT_LOWRANK_TRITON_MAX_TOKENS"
 _SKINNY_MAX_ENV = "MODEGPT_SKINNY_MAX_TOKENS"
+_FUSED_NORM_ENV = "MODEGPT_FUSED_NORM"
 _warned: set[str] = set()
 
 
@@ -330,6 +337,61 @@ def swiglu_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torc
         return swiglu_linear(linear(x, gate_up_weight, gate_up_bias), weight, bias, out)
 
     return _run("swiglu_mlp", tri, chain, (x, gate_up_weight, gate_up_bias, weight, bias, out), ok)
+
+
+def fused_norm_enabled() -> bool:
+    """``MODEGPT_FUSED_NORM=1``: fold residual add + RMSNorm into the matmul after it at decode sizes
+    (:func:`add_rms_norm_linear`, :func:`add_rms_norm_swiglu_mlp`). Off by default until it has been
+    timed on a GPU (tested for correctness on the interpreter and written for the H200; read per call)."""
+    return os.environ.get(_FUSED_NORM_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
+
+
+def _fused_norm_ok(x, delta, norm_weight, weight, bias, rows) -> bool:
+    return (fused_norm_enabled() and _skinny_ok(x, weight, bias, rows) and kernels_mode() != "torch"
+            and backend_for(x, delta, norm_weight, weight, bias) == "triton" and norm_weight.dtype == x.dtype
+            and norm_weight.dim() == 1 and norm_weight.shape[0] == x.shape[-1] and norm_weight.stride(0) == 1
+            and (delta is None or (delta.dtype == x.dtype and delta.shape == x.shape))
+            and (bias is None or bias.stride(0) == 1))
+
+
+def add_rms_norm_linear(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, linear(rms_norm(s) * norm_weight, weight, bias))`` with ``s = x + delta``: with
+    :func:`fused_norm_enabled` at decode sizes on CUDA one skinny launch
+    (``skinny_linear.norm_skinny_linear_triton``), otherwise :func:`add_rms_norm` then :func:`linear`."""
+    rows = x.numel() // max(1, x.shape[-1])
+
+    def tri():
+        return norm_skinny_linear_triton(x, delta, norm_weight, eps, weight, bias)
+
+    def separate():
+        s, h = add_rms_norm(x, delta, norm_weight, eps)
+        return s, linear(h, weight, bias)
+
+    return _run("add_rms_norm_linear", tri, separate, (x, delta, norm_weight, weight, bias),
+                _fused_norm_ok(x, delta, norm_weight, weight, bias, rows))
+
+
+def add_rms_norm_swiglu_mlp(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                            gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor | None, weight: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, swiglu_mlp(rms_norm(s) * norm_weight, ...))`` with ``s = x + delta``: with
+    :func:`fused_norm_enabled` at decode sizes on CUDA the norm folded into the gate/up launch (with
+    the SwiGLU as its epilogue), then :func:`linear`; otherwise :func:`add_rms_norm` then :func:`swiglu_mlp`."""
+    rows = x.numel() // max(1, x.shape[-1])
+    ok = (_fused_norm_ok(x, delta, norm_weight, gate_up_weight, gate_up_bias, rows) and gate_up_weight.shape[0] % 2 == 0
+          and weight.dim() == 2 and weight.shape[-1] == gate_up_weight.shape[0] // 2)
+
+    def tri():
+        s, h = norm_skinny_linear_triton(x, delta, norm_weight, eps, gate_up_weight, gate_up_bias, swiglu_out=True)
+        return s, linear(h, weight, bias)
+
+    def separate():
+        s, h = add_rms_norm(x, delta, norm_weight, eps)
+        return s, swiglu_mlp(h, gate_up_weight, gate_up_bias, weight, bias)
+
+    return _run("add_rms_norm_swiglu_mlp", tri, separate, (x, delta, norm_weight, gate_up_weight, gate_up_bias, weight,
+                                                           bias), ok)
 
 
 def mlp_pick(x2: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor | None,

@@ -89,14 +89,54 @@ def _load_x(ptrs, mask, UP_OFF, GATED: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, N_KEY, K_KEY, UP_OFF,
+def _act(x_ptrs, d_ptrs, nw_ptrs, s_ptrs, mask, k_mask, UP_OFF, write_s, GATED: tl.constexpr, NORM: tl.constexpr,
+         HAS_DELTA: tl.constexpr, MASKED: tl.constexpr):
+    """``(a, sq)``: the activation tile the dot consumes, in fp32, and for ``NORM`` its squares.
+
+    Plain / ``GATED``: ``a = _load_x(...)`` (``sq`` is ``a``, unused). ``NORM`` (add + RMSNorm folded
+    into this matmul): the residual add ``s = round(x + d)`` (``x`` alone without ``HAS_DELTA``), stored
+    through ``s_ptrs`` where ``write_s`` (one program per K chunk, so the grid writes the new residual
+    stream exactly once), ``a = s * norm_weight`` and ``sq = s * s``: the row's ``1/rms`` is a per-row
+    scale, applied to the dot product once the squares of the whole row have been summed."""
+    if NORM:
+        if MASKED:
+            x = tl.load(x_ptrs, mask=mask, other=0.0)
+        else:
+            x = tl.load(x_ptrs)
+        if HAS_DELTA:
+            if MASKED:
+                d = tl.load(d_ptrs, mask=mask, other=0.0)
+            else:
+                d = tl.load(d_ptrs)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
+            if write_s:
+                if MASKED:
+                    tl.store(s_ptrs, x, mask=mask)
+                else:
+                    tl.store(s_ptrs, x)
+        w = tl.load(nw_ptrs, mask=k_mask, other=0.0)
+        sf = x.to(tl.float32)
+        return sf * w.to(tl.float32), sf * sf
+    else:
+        a = _load_x(x_ptrs, mask, UP_OFF, GATED, MASKED).to(tl.float32)
+        return a, a
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                   stride_dm, stride_sm, eps, N_KEY, K_KEY, UP_OFF,
                    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr,
-                   GATED: tl.constexpr, X_ALIGN: tl.constexpr, SWIGLU_OUT: tl.constexpr, PDL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``y = x @ W.T + b`` for ``N`` output rows; ``SWIGLU_OUT``: W holds gate rows ``[0, N)`` and up
-    rows ``[N, 2N)`` (a fused gate/up weight) and ``y = silu(gate) * up``, each program computing the
-    same rows of both halves, so the SwiGLU is an epilogue (no ``[M, 2N]`` round trip, no extra launch)."""
+                   GATED: tl.constexpr, X_ALIGN: tl.constexpr, SWIGLU_OUT: tl.constexpr, NORM: tl.constexpr,
+                   HAS_DELTA: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y = x @ W.T + b`` for ``N`` output rows.
+
+    ``SWIGLU_OUT``: W holds gate rows ``[0, N)`` and up rows ``[N, 2N)`` (a fused gate/up weight) and
+    ``y = silu(gate) * up``, each program computing the same rows of both halves, so the SwiGLU is an
+    epilogue (no ``[M, 2N]`` round trip, no extra launch). ``NORM``: ``x`` is the residual stream and
+    ``d`` (``HAS_DELTA``) the delta to add; the matmul runs on ``rms_norm(x + d) * norm_weight``
+    (see ``_act``) and ``x + d`` is written to ``s``."""
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.multiple_of(offs_n.to(tl.int64) * stride_wn, ALIGN)
@@ -105,6 +145,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
     # 16 (7288, 9880) has per-element constancy and turns every load scalar (measured 1.1-2.2 TB/s
     # on the H200 against 3.6 for K = 11008); the ragged tail is one masked step after the loop
     k_main = (K // BLOCK_K) * BLOCK_K
+    tail_writer = (k_main // BLOCK_K) % nprog == pid
     offs_b = tl.arange(0, BLOCK_K)
     # same reason as ALIGN, for the up half's loads: UP_OFF is a multiple of X_ALIGN (the launcher
     # checks), and writing it as a product by the constant lets the compiler prove that alignment
@@ -123,28 +164,41 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
         if SWIGLU_OUT:
             w0u = tl.load(w_ptr + rows_u[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0)
         pdl_wait(PDL)
-        x0 = _load_x(x_ptr + offs_b, first, up_off, GATED, True).to(tl.float32)[None, :]
-        acc = tl.sum(w0.to(tl.float32) * x0, axis=1)
+        a, sq = _act(x_ptr + offs_b, d_ptr + offs_b, nw_ptr + offs_b, s_ptr + offs_b, first, first, up_off, pid == 0,
+                     GATED, NORM, HAS_DELTA, True)
+        ssq = tl.sum(sq, axis=0)
+        acc = tl.sum(w0.to(tl.float32) * a[None, :], axis=1)
         if SWIGLU_OUT:
-            acc_u = tl.sum(w0u.to(tl.float32) * x0, axis=1)
+            acc_u = tl.sum(w0u.to(tl.float32) * a[None, :], axis=1)
         for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
-            x = _load_x(x_ptr + offs_k, offs_k < K, up_off, GATED, False).to(tl.float32)[None, :]
+            a, sq = _act(x_ptr + offs_k, d_ptr + offs_k, nw_ptr + offs_k, s_ptr + offs_k, offs_k < K, offs_k < K, up_off,
+                         (k0 // BLOCK_K) % nprog == pid, GATED, NORM, HAS_DELTA, False)
+            if NORM:
+                ssq += tl.sum(sq, axis=0)
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x, axis=1)
+            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
             if SWIGLU_OUT:
                 wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
-                acc_u += tl.sum(wu.to(tl.float32) * x, axis=1)
+                acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
         if k_main < K:
             offs_k = k_main + offs_b
             k_mask = offs_k < K
-            x = _load_x(x_ptr + offs_k, k_mask, up_off, GATED, True).to(tl.float32)[None, :]
+            a, sq = _act(x_ptr + offs_k, d_ptr + offs_k, nw_ptr + offs_k, s_ptr + offs_k, k_mask, k_mask, up_off,
+                         tail_writer, GATED, NORM, HAS_DELTA, True)
+            if NORM:
+                ssq += tl.sum(sq, axis=0)
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x, axis=1)
+            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
             if SWIGLU_OUT:
                 wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                              other=0.0)
-                acc_u += tl.sum(wu.to(tl.float32) * x, axis=1)
+                acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
+        if NORM:
+            rstd = tl.math.rsqrt(ssq / K + eps)
+            acc = acc * rstd
+            if SWIGLU_OUT:
+                acc_u = acc_u * rstd
         if HAS_BIAS:
             acc += bias
             if SWIGLU_OUT:
@@ -154,36 +208,54 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
             y = _swiglu(y, acc_u.to(y_ptr.dtype.element_ty))
         tl.store(y_ptr + offs_n, y, mask=n_mask)
     else:
+        dt = w_ptr.dtype.element_ty
         offs_m = tl.arange(0, M_PAD)
         m_mask = offs_m < M
+        xm = offs_m[:, None] * stride_xm
+        dm = offs_m[:, None] * stride_dm
+        sm = offs_m[:, None] * stride_sm
         w0 = tl.load(w_ptr + rows[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0)
         if SWIGLU_OUT:
             w0u = tl.load(w_ptr + rows_u[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0)
         pdl_wait(PDL)
-        x0 = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :],
-                     m_mask[:, None] & first[None, :], up_off, GATED, True)
-        acc2 = _mma(x0, w0, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
+        a, sq = _act(x_ptr + xm + offs_b[None, :], d_ptr + dm + offs_b[None, :], nw_ptr + offs_b[None, :],
+                     s_ptr + sm + offs_b[None, :], m_mask[:, None] & first[None, :], first[None, :], up_off, pid == 0,
+                     GATED, NORM, HAS_DELTA, True)
+        ssq2 = tl.sum(sq, axis=1)
+        acc2 = _mma(a.to(dt), w0, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
         if SWIGLU_OUT:
-            acc2_u = _mma(x0, w0u, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
+            acc2_u = _mma(a.to(dt), w0u, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
         for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
-            x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None], up_off, GATED, True)
+            a, sq = _act(x_ptr + xm + offs_k[None, :], d_ptr + dm + offs_k[None, :], nw_ptr + offs_k[None, :],
+                         s_ptr + sm + offs_k[None, :], m_mask[:, None], (offs_k < K)[None, :], up_off,
+                         (k0 // BLOCK_K) % nprog == pid, GATED, NORM, HAS_DELTA, True)
+            if NORM:
+                ssq2 += tl.sum(sq, axis=1)
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
-            acc2 = _mma(x, w, acc2, PRECISION)
+            acc2 = _mma(a.to(dt), w, acc2, PRECISION)
             if SWIGLU_OUT:
                 wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
-                acc2_u = _mma(x, wu, acc2_u, PRECISION)
+                acc2_u = _mma(a.to(dt), wu, acc2_u, PRECISION)
         if k_main < K:
             offs_k = k_main + offs_b
             k_mask = offs_k < K
-            x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_mask[:, None] & k_mask[None, :],
-                        up_off, GATED, True)
+            a, sq = _act(x_ptr + xm + offs_k[None, :], d_ptr + dm + offs_k[None, :], nw_ptr + offs_k[None, :],
+                         s_ptr + sm + offs_k[None, :], m_mask[:, None] & k_mask[None, :], k_mask[None, :], up_off,
+                         tail_writer, GATED, NORM, HAS_DELTA, True)
+            if NORM:
+                ssq2 += tl.sum(sq, axis=1)
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-            acc2 = _mma(x, w, acc2, PRECISION)
+            acc2 = _mma(a.to(dt), w, acc2, PRECISION)
             if SWIGLU_OUT:
                 wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None],
                              other=0.0)
-                acc2_u = _mma(x, wu, acc2_u, PRECISION)
+                acc2_u = _mma(a.to(dt), wu, acc2_u, PRECISION)
+        if NORM:
+            rstd2 = tl.math.rsqrt(ssq2 / K + eps)[:, None]
+            acc2 = acc2 * rstd2
+            if SWIGLU_OUT:
+                acc2_u = acc2_u * rstd2
         if HAS_BIAS:
             acc2 += bias[None, :]
             if SWIGLU_OUT:
@@ -194,7 +266,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y2, mask=m_mask[:, None] & n_mask[None, :])
 
 
-_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT"], prune=_prune)(_skinny_kernel)
+_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM"],
+                   prune=_prune)(_skinny_kernel)
 
 
 def _align(*ints: int) -> int:
@@ -202,6 +275,52 @@ def _align(*ints: int) -> int:
     for v in ints:
         g = math.gcd(g, int(v))
     return max(1, g)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool,
+           swiglu_out: bool) -> tuple[int, int, int]:
+    """(N, K, K of x) for a launch, or a clear error."""
+    if gated and swiglu_out:
+        raise ValueError("gated (SwiGLU on the input) and swiglu_out (on the output) exclude each other")
+    rows_w, K = weight.shape
+    if swiglu_out and rows_w % 2:
+        raise ValueError(f"swiglu_out needs a fused gate/up weight with an even row count, got {rows_w}")
+    K_x = 2 * K if gated else K
+    if x.shape[-1] != K_x:
+        raise ValueError(f"shape mismatch: x[..., {x.shape[-1]}] and weight {tuple(weight.shape)}"
+                         + (" (gated: x holds gate and up, 2 x in_features)" if gated else ""))
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"x, weight and bias must share one of {SUPPORTED_DTYPES}")
+    if weight.stride(1) != 1:
+        raise ValueError("weight needs unit stride along K")
+    if bias is not None and (bias.shape != (rows_w,) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{rows_w}], got {tuple(bias.shape)}")
+    return (rows_w // 2 if swiglu_out else rows_w), K, K_x
+
+
+def _rows2(t: torch.Tensor, cols: int) -> torch.Tensor:
+    t2 = t.reshape(-1, cols)
+    if t2.shape[0] > MAX_M:
+        raise ValueError(f"skinny_linear takes at most {MAX_M} rows, got {t2.shape[0]}")
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None) -> None:
+    """One skinny launch; ``norm``: ``(d2 or None, norm_weight, s2, eps)`` for the NORM prologue."""
+    M, K_x = x2.shape
+    N, K = y.shape[1], weight.shape[1]
+    if M == 0:
+        return
+    d2, nw, s2, eps = norm if norm is not None else (None, weight, x2, 0.0)
+    d2_ = d2 if d2 is not None else x2
+    x_align = _align(K, x2.stride(0), x2.data_ptr() // x2.element_size()) if gated else 1
+    launch(_skinny, lambda meta: (cdiv(N, meta["BLOCK_N"]),),
+           (x2, weight, bias if bias is not None else weight, y, d2_, nw, s2, M, N, K, x2.stride(0), weight.stride(0),
+            y.stride(0), d2_.stride(0), s2.stride(0), float(eps), cdiv(N, 256), cdiv(K, 256), K if gated else 0),
+           dict(M_PAD=1 if M == 1 else 16, HAS_BIAS=bias is not None,
+                ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
+                PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
+                NORM=norm is not None, HAS_DELTA=d2 is not None, **pdl_meta(x2.device)), _INTERPRET)
 
 
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -214,43 +333,37 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     ``swiglu_out=True``: ``weight`` (and ``bias``) is a fused gate/up weight ``[2I, K]`` (gate rows
     first) and the result is ``silu(gate) * up`` ``[..., I]``, the SwiGLU applied in the epilogue
     (:func:`kernels.dispatch.swiglu_mlp`); bit for bit ``silu_mul`` of this kernel's plain output."""
-    if gated and swiglu_out:
-        raise ValueError("gated (SwiGLU on the input) and swiglu_out (on the output) exclude each other")
-    rows_w, K = weight.shape
-    if swiglu_out and rows_w % 2:
-        raise ValueError(f"swiglu_out needs a fused gate/up weight with an even row count, got {rows_w}")
-    N = rows_w // 2 if swiglu_out else rows_w
-    K_x = 2 * K if gated else K
-    if x.shape[-1] != K_x:
-        raise ValueError(f"shape mismatch: x[..., {x.shape[-1]}] and weight {tuple(weight.shape)}"
-                         + (" (gated: x holds gate and up, 2 x in_features)" if gated else ""))
-    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"x, weight and bias must share one of {SUPPORTED_DTYPES}")
-    if weight.stride(1) != 1:
-        raise ValueError("weight needs unit stride along K")
-    if bias is not None and (bias.shape != (rows_w,) or bias.stride(0) != 1):
-        raise ValueError(f"bias must be a contiguous [{rows_w}], got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K_x)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    if M > MAX_M:
-        raise ValueError(f"skinny_linear takes at most {MAX_M} rows, got {M}")
+    N, K, K_x = _check(x, weight, bias, gated, swiglu_out)
+    x2 = _rows2(x, K_x)
     if out is None:
-        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
-    y = out.view(M, N)
-    if M == 0:
-        return out
-    m_pad = 1 if M == 1 else 16
-    x_align = _align(K, x2.stride(0), x2.data_ptr() // x2.element_size()) if gated else 1
-    launch(_skinny, lambda meta: (cdiv(N, meta["BLOCK_N"]),),
-           (x2, weight, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-            cdiv(N, 256), cdiv(K, 256), K if gated else 0),
-           dict(M_PAD=m_pad, HAS_BIAS=bias is not None, ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
-                PRECISION=dot_precision(x.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
-                **pdl_meta(x.device)), _INTERPRET)
+        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    _launch(x2, weight, bias, out.view(x2.shape[0], N), gated=gated, swiglu_out=swiglu_out)
     return out
+
+
+def norm_skinny_linear_triton(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                              weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                              swiglu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm folded into the skinny matmul after it: ``(s, linear(rms_norm(s) *
+    norm_weight, weight, bias))`` with ``s = x + delta`` (``x`` when ``delta`` is None), in ONE launch.
+
+    Each program sums the squares of the rows while it streams its K range and scales its dot
+    products by the rows' ``1/rms`` at the end; the programs write ``s`` a K chunk each. The
+    normalised activation is not rounded to the input dtype before the matmul (fp32 at one token,
+    ``s * norm_weight`` rounded once for the ``tl.dot`` path at 2-16), so results differ from
+    ``add_rms_norm`` then :func:`skinny_linear_triton` at the level of that rounding.
+    ``swiglu_out`` as in :func:`skinny_linear_triton`."""
+    N, K, _ = _check(x, weight, bias, False, swiglu_out)
+    if norm_weight.shape != (K,) or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
+        raise ValueError(f"norm_weight must be a contiguous [{K}] of {x.dtype}")
+    if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
+        raise ValueError(f"delta must match x: {tuple(x.shape)} {x.dtype}")
+    x2 = _rows2(x, K)
+    d2 = _rows2(delta, K) if delta is not None else None
+    s2 = torch.empty_like(x2) if d2 is not None else x2
+    y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    _launch(x2, weight, bias, y, swiglu_out=swiglu_out, norm=(d2, norm_weight, s2, eps))
+    return s2.view(x.shape), y.view(*x.shape[:-1], N)
 
 
 _PICKS: dict[tuple, object] = {}
@@ -378,4 +491,4 @@ def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch
 
     candidates = {(a, b): pair(skinny_linear_triton if a else cublas, skinny_linear_triton if b else cublas)
                   for a in (True, False) for b in (True, False)}
-    return _timed_pick(key, candidates, A.device, prefer=(True, True)) or (False, False)
+    return _timed_pick(key, candidates, A.device) or (False, False)

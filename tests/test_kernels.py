@@ -509,6 +509,64 @@ def test_triton_skinny_swiglu_epilogue(seed, force_triton, shape, M, dtype):
     assert torch.equal(out, silu_mul_triton(plain[:, :N], plain[:, N:])), "epilogue must round like silu_mul"
 
 
+def ref_norm_linear(x, d, nw, eps, w, b):
+    """float64 reference of add + RMSNorm then linear, from the residual rounded as the kernel stores it."""
+    s = (x.float() + d.float()).to(x.dtype) if d is not None else x
+    sd = s.double()
+    h = sd * torch.rsqrt(sd.pow(2).mean(-1, keepdim=True) + eps) * nw.double()
+    return s, ref_linear(h, w, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("swiglu_out", [False, True], ids=["plain", "swiglu"])
+def test_triton_norm_skinny_linear(seed, force_triton, shape, M, dtype, swiglu_out):
+    """Residual add + RMSNorm folded into the skinny matmul (the row's 1/rms applied after the dot):
+    the matmul matches the float64 reference of norm-then-linear, and the new residual stream is
+    exactly x + d rounded, every element written (the K chunks are spread over the programs)."""
+    from kernels.skinny_linear import norm_skinny_linear_triton
+
+    K, N = shape
+    x = randn(M, K, dtype=dtype, device=TRITON_DEVICE, scale=3.0)
+    d = randn(M, K, dtype=dtype, device=TRITON_DEVICE) if M != 7 else None
+    nw = randn(K, dtype=dtype, device=TRITON_DEVICE, scale=0.3) + 1
+    rows = 2 * N if swiglu_out else N
+    w = randn(rows, K, dtype=dtype, device=TRITON_DEVICE, scale=K ** -0.5)
+    b = randn(rows, dtype=dtype, device=TRITON_DEVICE) if M != 16 else None
+    s, y = norm_skinny_linear_triton(x, d, nw, 1e-5, w, b, swiglu_out=swiglu_out)
+    s_ref, y_ref = ref_norm_linear(x, d, nw, 1e-5, w, b)
+    if INTERPRET and dtype == torch.bfloat16:  # the interpreter rounds fp32 -> bf16 toward zero, torch to nearest
+        assert_close(s, s_ref.double(), dtype, seed, "norm skinny residual", tol=1e-2)
+    else:
+        assert torch.equal(s, s_ref), "the residual stream must be x + d, rounded once, in every element"
+    if swiglu_out:
+        g, u = y_ref.chunk(2, dim=-1)
+        y_ref = torch.nn.functional.silu(g) * u
+    assert_close(y, y_ref, dtype, seed, f"norm skinny M={M} {shape} {dtype} swiglu={swiglu_out}")
+
+
+def test_add_rms_norm_linear_cpu_takes_the_separate_path(seed, monkeypatch):
+    """On CPU tensors (no interpreter) the folded norm is never used, even when enabled: add_rms_norm then
+    the matmul, for the plain and the SwiGLU-MLP form."""
+    monkeypatch.setenv("MODEGPT_FUSED_NORM", "1")
+    assert dispatch.fused_norm_enabled()
+    x, d = randn(3, 24, dtype=torch.float32, device="cpu"), randn(3, 24, dtype=torch.float32, device="cpu")
+    nw = randn(24, dtype=torch.float32, device="cpu") + 1
+    w = randn(10, 24, dtype=torch.float32, device="cpu")
+    s, y = kernels.add_rms_norm_linear(x, d, nw, 1e-5, w)
+    s_ref, y_ref = ref_norm_linear(x, d, nw, 1e-5, w, None)
+    assert_close(s, s_ref.double(), torch.float32, seed, "residual")
+    assert_close(y, y_ref, torch.float32, seed, "norm linear cpu")
+    w_gu, w_d = randn(2 * 10, 24, dtype=torch.float32, device="cpu"), randn(24, 10, dtype=torch.float32, device="cpu")
+    s, y = kernels.add_rms_norm_swiglu_mlp(x, d, nw, 1e-5, w_gu, None, w_d)
+    h = s.double() * torch.rsqrt(s.double().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    assert_close(y, ref_swiglu_mlp(h, w_gu, None, w_d, None), torch.float32, seed, "norm swiglu mlp cpu")
+    monkeypatch.setenv("MODEGPT_FUSED_NORM", "0")
+    assert not dispatch.fused_norm_enabled()
+
+
 @needs_triton
 def test_triton_swiglu_mlp(seed, force_triton):
     """The whole SwiGLU MLP through dispatch (epilogue launch + down linear), leading dims, odd sizes."""
@@ -889,11 +947,14 @@ def test_triton_silu_mul_on_fused_halves(seed, force_triton, n, T, dtype):
 
 
 @needs_triton
-def test_triton_engine_kernels_on_off_same_generation(force_triton):
+@pytest.mark.parametrize("fused_norm", ["0", "1"], ids=["norm-apart", "norm-folded"])
+def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch, fused_norm):
     """A compressed model (odd per-layer q/k and v dims, GQA, factorized linears) in the engine: greedy
     tokens are identical with the Triton kernels (fused RoPE + cache write, paged decode attention,
-    low-rank linear, add + RMSNorm, SwiGLU) and with the PyTorch ops, and logprobs agree within float32
+    low-rank linear, add + RMSNorm, SwiGLU; with MODEGPT_FUSED_NORM=1 the add + RMSNorm folded into the
+    q/k/v and gate/up matmuls at decode) and with the PyTorch ops, and logprobs agree within float32
     tolerance."""
+    monkeypatch.setenv("MODEGPT_FUSED_NORM", fused_norm)
     from server.engine import ops
     from server.engine.engine import LLMEngine
     from server.engine.testing import assert_same_generations, llama_like_config, random_state_dict
@@ -909,6 +970,9 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton):
                                   SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1))
                 for i in range(3)]
 
+    folded = []  # counts the real kernel's calls: the folded path must run exactly when enabled
+    real = dispatch.norm_skinny_linear_triton
+    monkeypatch.setattr(dispatch, "norm_skinny_linear_triton", lambda *a, **k: folded.append(1) or real(*a, **k))
     try:
         ref = LLMEngine(cfg, sd, use_kernels=False, **kw).run_to_completion(reqs())
         eng = LLMEngine(cfg, sd, use_kernels=True, **kw)
@@ -916,6 +980,7 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton):
         got = eng.run_to_completion(reqs())
     finally:
         ops.reset_ops()
+    assert bool(folded) == (fused_norm == "1")
     assert_same_generations(ref, got, logprob_tol=1e-3)
 
 

@@ -188,9 +188,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor] | None,
                 meta: AttentionMetadata) -> Tensor:
-        T = x.shape[0]
-        Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
         q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        return self.attend(q, k, v, positions, kv_cache, meta)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor] | None,
+               meta: AttentionMetadata) -> Tensor:
+        """Everything after the q/k/v projection: RoPE, the cache, attention, the output projection."""
+        T = q.shape[0]
+        Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
         rope = self.use_rope and self.qk_dim > 0
         if kv_cache is not None:  # K/V go to the cache; attention reads them back from there
             if rope:
@@ -271,10 +276,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, delta, positions, kv_cache, meta):
         """`x` the residual stream, `delta` the previous layer's output not yet added to it (None for
-        the first layer): each add is fused with the norm after it. Returns the same pair."""
-        x, h = self.input_norm.add(x, delta)
-        x, h = self.post_attention_norm.add(x, self.self_attn(h, positions, kv_cache, meta))
-        return x, self.mlp(h)
+        the first layer): each add is fused with the norm after it, and (ops `norm_linear` /
+        `norm_gated_mlp`) with the fused matmul after that. Returns the same pair."""
+        attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_norm, self.post_attention_norm
+        if attn.qkv is not None:
+            x, qkv = OPS["norm_linear"](x, delta, n1.weight, n1.bias, n1.eps, n1.op, attn.qkv.weight, attn.qkv.bias)
+            a = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), positions, kv_cache, meta)
+        else:
+            x, h = n1.add(x, delta)
+            a = attn(h, positions, kv_cache, meta)
+        if mlp.gate_up is not None and mlp.down_proj.weight is not None:
+            return OPS["norm_gated_mlp"](x, a, n2.weight, n2.bias, n2.eps, n2.op, mlp.gate_up.weight, mlp.gate_up.bias,
+                                         mlp.act, mlp.down_proj.weight, mlp.down_proj.bias)
+        x, h = n2.add(x, a)
+        return x, mlp(h)
 
 
 class ModeGPTModel(nn.Module):

@@ -100,6 +100,22 @@ def gated_mlp(x: Tensor, gate_up_weight: Tensor, gate_up_bias: Tensor | None, ac
     return OPS["gated_mlp_down"](OPS["linear"](x, gate_up_weight, gate_up_bias), act, weight, bias)
 
 
+def norm_linear(x: Tensor, delta: Tensor | None, norm_weight: Tensor, norm_bias: Tensor | None, eps: float,
+                norm: str, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`add_norm` then the linear that reads its output: `(s, linear(norm(s), weight, bias))` (one
+    fusable op: the norm's per-row scale can be applied after the matmul)."""
+    s, h = OPS["add_norm"](x, delta, norm_weight, norm_bias, eps, norm)
+    return s, OPS["linear"](h, weight, bias)
+
+
+def norm_gated_mlp(x: Tensor, delta: Tensor | None, norm_weight: Tensor, norm_bias: Tensor | None, eps: float,
+                   norm: str, gate_up_weight: Tensor, gate_up_bias: Tensor | None, act: str, weight: Tensor,
+                   bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`add_norm` then the gated MLP that reads its output: `(s, gated_mlp(norm(s), ...))` (one fusable op)."""
+    s, h = OPS["add_norm"](x, delta, norm_weight, norm_bias, eps, norm)
+    return s, OPS["gated_mlp"](h, gate_up_weight, gate_up_bias, act, weight, bias)
+
+
 def plain_mlp_act(up: Tensor, act: str) -> Tensor:
     return ACTIVATIONS[act](up)
 
@@ -232,6 +248,8 @@ OPS: dict[str, Callable] = {
     "gated_mlp_act": gated_mlp_act,
     "gated_mlp_down": gated_mlp_down,
     "gated_mlp": gated_mlp,
+    "norm_linear": norm_linear,
+    "norm_gated_mlp": norm_gated_mlp,
     "plain_mlp_act": plain_mlp_act,
     "rope_angles": rope_angles,
     "apply_rope": apply_rope,
@@ -302,6 +320,17 @@ def use_kernels() -> bool:
             return gated_mlp(x, gate_up_weight, gate_up_bias, act, weight, bias)
         return dispatch.swiglu_mlp(x, gate_up_weight, gate_up_bias, weight, bias)
 
+    def norm_linear_k(x, delta, norm_weight, norm_bias, eps, norm, weight, bias):
+        if norm != "rms_norm" or norm_bias is not None:
+            return norm_linear(x, delta, norm_weight, norm_bias, eps, norm, weight, bias)
+        return dispatch.add_rms_norm_linear(x, delta, norm_weight, eps, weight, bias)
+
+    def norm_gated_mlp_k(x, delta, norm_weight, norm_bias, eps, norm, gate_up_weight, gate_up_bias, act, weight, bias):
+        if norm != "rms_norm" or norm_bias is not None or act not in ("silu", "swish"):
+            return norm_gated_mlp(x, delta, norm_weight, norm_bias, eps, norm, gate_up_weight, gate_up_bias, act,
+                                  weight, bias)
+        return dispatch.add_rms_norm_swiglu_mlp(x, delta, norm_weight, eps, gate_up_weight, gate_up_bias, weight, bias)
+
     register_op("linear", dispatch.linear)
     register_op("decode_attention", decode)
     register_op("factorized_linear", lowrank)
@@ -310,6 +339,8 @@ def use_kernels() -> bool:
     register_op("gated_mlp_act", gated_act_k)
     register_op("gated_mlp_down", gated_down_k)
     register_op("gated_mlp", gated_mlp_k)
+    register_op("norm_linear", norm_linear_k)
+    register_op("norm_gated_mlp", norm_gated_mlp_k)
     return True
 
 
