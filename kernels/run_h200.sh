@@ -12,6 +12,7 @@
 #   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
 #   bash kernels/run_h200.sh pdl-ab    # session 5: PDL on/off x original/compressed, rotating rounds, + profiles
 #   bash kernels/run_h200.sh final5    # session 5: changed-area CUDA tests, original vs 30 % A/B, profiles
+#   bash kernels/run_h200.sh next6     # prepared for session 6: unverified CUDA tests + folded-norm A/B
 #   bash kernels/run_h200.sh pdl2      # session 5: step profiles with PDL on/off, batch 1 and 64
 #   bash kernels/run_h200.sh all       # engine, kernel bench, tests: each under its own timeout
 set -uo pipefail
@@ -168,6 +169,15 @@ ab1)  # session 5, last call: the original against the 30 % checkpoint at batch 
   timeout ${AB_TIMEOUT:-200} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 --device cuda \
       --dtype bfloat16 --batch ${AB_BATCHES:-1} --steps 64 --rounds 5 --kv-cache-gb 4 \
       --json "$OUT/bench-ab-b1.json" 2>&1 | tee "$OUT/bench-engine-h200.log" ;;
+next6)  # prepared for session 6 (not run yet): the CUDA tests of session 5's unverified code (folded norm,
+  # SwiGLU epilogue, pick warm-up), then the A/B with the folded norm on and off. A cold Triton cache
+  # costs minutes of autotuning before the first A/B line (session 5, calls 3-4): the A/B gets 330 s.
+  ckpt
+  TEST_TIMEOUT=150 tests 200 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "pdl or norm_skinny or swiglu_mlp or swiglu_epilogue or bridge or cuda_graph or engine"
+  timeout 330 $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_FUSED_NORM=1 /tmp/l7b-30 \
+      /tmp/l7b-30@MODEGPT_FUSED_NORM=1 --device cuda --dtype bfloat16 --batch 1 16 --steps 64 --rounds 4 \
+      --kv-cache-gb 4 --json "$OUT/bench-ab-fused-norm.json" 2>&1 | tee "$OUT/bench-engine-h200.log" ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)
