@@ -38,6 +38,11 @@ needs_triton = pytest.mark.skipif(
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOKENS = [1, 7, 300]
+# Triton's interpreter casts fp32 -> bf16 toward zero (up to 2^-7 relative, twice round-to-nearest's
+# error); a kernel that rounds three or four times on the way (gate and up, the SwiGLU, its product, a
+# normalised input) measured up to 2.01e-2 there against the float64 reference (session 5, one seed of
+# many); the GPU rounds to nearest and stays under the plain bf16 bound.
+INTERP_BF16_CHAIN_TOL = 3e-2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -504,7 +509,8 @@ def test_triton_skinny_swiglu_epilogue(seed, force_triton, shape, M, dtype):
     out = nan_like((M, N), dtype, TRITON_DEVICE)
     assert skinny_linear_triton(x, w, b, out, swiglu_out=True) is out
     g, u = ref_linear(x, w, b).chunk(2, dim=-1)
-    assert_close(out, torch.nn.functional.silu(g) * u, dtype, seed, f"swiglu epilogue M={M} {shape} {dtype}")
+    assert_close(out, torch.nn.functional.silu(g) * u, dtype, seed, f"swiglu epilogue M={M} {shape} {dtype}",
+                 tol=INTERP_BF16_CHAIN_TOL if INTERPRET and dtype == torch.bfloat16 else None)
     plain = skinny_linear_triton(x, w, b)
     assert torch.equal(out, silu_mul_triton(plain[:, :N], plain[:, N:])), "epilogue must round like silu_mul"
 
@@ -544,7 +550,8 @@ def test_triton_norm_skinny_linear(seed, force_triton, shape, M, dtype, swiglu_o
     if swiglu_out:
         g, u = y_ref.chunk(2, dim=-1)
         y_ref = torch.nn.functional.silu(g) * u
-    assert_close(y, y_ref, dtype, seed, f"norm skinny M={M} {shape} {dtype} swiglu={swiglu_out}")
+    assert_close(y, y_ref, dtype, seed, f"norm skinny M={M} {shape} {dtype} swiglu={swiglu_out}",
+                 tol=INTERP_BF16_CHAIN_TOL if INTERPRET and dtype == torch.bfloat16 else None)
 
 
 def test_add_rms_norm_linear_cpu_takes_the_separate_path(seed, monkeypatch):
