@@ -19,6 +19,11 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
   ``tl.multiple_of``, which keeps 16-byte vector loads.
 * fp32 accumulation, one rounding to the output dtype, bias added in fp32 (as cuBLAS does; results
   match it up to summation order).
+* Programmatic dependent launch (``kernels._common.pdl_enabled``, SM90+): the first weight tile and
+  the bias load before the grid-dependency wait, so they stream while the previous kernel finishes.
+* Variants fold the work around a matmul into it: ``GATED`` (SwiGLU of the input while loading it),
+  ``SWIGLU_OUT`` (SwiGLU of a fused gate/up output as the epilogue) and ``NORM`` (residual add +
+  RMSNorm of the input, its per-row ``1/rms`` applied after the dot; opt-in, ``MODEGPT_FUSED_NORM``).
 
 Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
 compressed model share a handful of tunings; results persist in Triton's cache (``kernels.autotune``).
