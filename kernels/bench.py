@@ -36,7 +36,6 @@ about 3 minutes.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ import statistics
 import time
 import traceback
 from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -150,13 +150,14 @@ def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Te
                        True)
             out.update(skinny_pair_us=us, skinny_pair=_rates(us, nbytes, flops),
                        speedup_skinny_pair_vs_baseline=base / us)
-            with _env("MODEGPT_PDL", "0"):  # the same pair without programmatic dependent launch
+            # the same pair without programmatic dependent launch
+            with mock.patch.dict(os.environ, {"MODEGPT_PDL": "0"}):
                 us = _time([lambda i=i: skinny_linear_triton(skinny_linear_triton(x, As[i]), Bs[i])
                             for i in range(n)], True)
             out.update(skinny_pair_nopdl_us=us, skinny_pair_nopdl=_rates(us, nbytes, flops),
                        speedup_skinny_pair_nopdl_vs_baseline=base / us)
             # what ships: kernels.lowrank_linear in auto mode (per-shape pick of the pair, timed in graphs)
-            with _env("MODEGPT_KERNELS", "auto"):
+            with mock.patch.dict(os.environ, {"MODEGPT_KERNELS": "auto"}):
                 y = dispatch.lowrank_linear(x, As[0], Bs[0])
                 out["rel_diff_auto_vs_baseline"] = _rel(y, y_ref)
                 out["auto_pick"] = list(lowrank_pick(x, As[0], Bs[0], None))
@@ -166,19 +167,6 @@ def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Te
             out["skinny_pair_error"] = repr(exc)[:500]
             torch.cuda.synchronize()
     return out
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _lowrank_case(model: str, direction: str, frac: float, M: int, dtype: torch.dtype) -> dict:

@@ -75,21 +75,24 @@ def _swiglu(g, u):
 
 
 @triton.jit
+def _ld(ptrs, mask, MASKED: tl.constexpr):
+    """``tl.load`` with ``mask`` (masked lanes read 0) or, ``MASKED=False``, no mask at all."""
+    if MASKED:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        v = tl.load(ptrs)
+    return v
+
+
+@triton.jit
 def _load_x(ptrs, mask, UP_OFF, GATED: tl.constexpr, MASKED: tl.constexpr):
     """The activation tile: ``x`` itself, or for ``GATED`` the SwiGLU of a fused gate/up row
     (``silu(gate) * up`` with up ``UP_OFF`` elements after gate), rounded exactly like
     ``kernels.fused_norm``'s ``silu_mul``, so the fused matmul sees the same bits as the two-launch
     chain. ``MASKED=False``: no mask at all (the whole-tile main loop), masked lanes read as 0 otherwise."""
-    if MASKED:
-        x = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        x = tl.load(ptrs)
+    x = _ld(ptrs, mask, MASKED)
     if GATED:
-        if MASKED:
-            u = tl.load(ptrs + UP_OFF, mask=mask, other=0.0)
-        else:
-            u = tl.load(ptrs + UP_OFF)
-        x = _swiglu(x, u)
+        x = _swiglu(x, _ld(ptrs + UP_OFF, mask, MASKED))
     return x
 
 
@@ -104,15 +107,9 @@ def _act(x_ptrs, d_ptrs, nw_ptrs, s_ptrs, mask, k_mask, UP_OFF, write_s, GATED: 
     stream exactly once), ``a = s * norm_weight`` and ``sq = s * s``: the row's ``1/rms`` is a per-row
     scale, applied to the dot product once the squares of the whole row have been summed."""
     if NORM:
-        if MASKED:
-            x = tl.load(x_ptrs, mask=mask, other=0.0)
-        else:
-            x = tl.load(x_ptrs)
+        x = _ld(x_ptrs, mask, MASKED)
         if HAS_DELTA:
-            if MASKED:
-                d = tl.load(d_ptrs, mask=mask, other=0.0)
-            else:
-                d = tl.load(d_ptrs)
+            d = _ld(d_ptrs, mask, MASKED)
             x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
             if write_s:
                 if MASKED:

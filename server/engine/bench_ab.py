@@ -15,12 +15,12 @@ Prints the per-round milliseconds per step and each variant's median speedup ove
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -58,20 +58,6 @@ def parse_variant(arg: str) -> tuple[str, dict[str, str]]:
     return spec, dict(kv.split("=", 1) for kv in pairs)
 
 
-@contextlib.contextmanager
-def environment(env: dict[str, str]):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", metavar="SPEC[@KEY=VAL,...]",
@@ -93,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(args.models)
     engines = []
     for spec, env in variants:
-        with environment(env):
+        with mock.patch.dict(os.environ, env):
             loaded = load_modegpt(spec, args.device, dtype)
             engines.append(LLMEngine(loaded.config, loaded.state_dict, device=args.device, dtype=dtype,
                                      kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
@@ -102,13 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for batch in args.batch:
         for eng, (_, env) in zip(engines, variants):  # warm-up: allocator, oneDNN primitives, graphs
-            with environment(env):
+            with mock.patch.dict(os.environ, env):
                 decode_ms_per_step(eng, batch, args.prompt_len, 4, "warm")
         rounds: list[list[float]] = [[] for _ in engines]
         for r in range(args.rounds):  # rotate the order each round: A B C, B C A, C A B, ...
             for k in range(len(engines)):
                 i = (k + r) % len(engines)
-                with environment(variants[i][1]):
+                with mock.patch.dict(os.environ, variants[i][1]):
                     rounds[i].append(decode_ms_per_step(engines[i], batch, args.prompt_len, args.steps, f"r{r}"))
         med = [statistics.median(v) for v in rounds]
         runs.append({"batch": batch, "ms_per_step": dict(zip(names, rounds)), "median_ms_per_step": dict(zip(names, med)),
