@@ -17,6 +17,13 @@ Tuning happens on the first call for a new key, which benchmarks kernels: it mus
 during CUDA-graph capture, so the engine warms every (M bucket, shape) it will capture first
 (``kernels.bench`` does the same).
 
+Cold start: Triton's autotuner compiles the configs of a new key one after another, and a fresh
+GPU machine spent minutes there (2026-11-29, session 5: two engine A/Bs produced nothing within 240 s
+and 170 s). Before a key is tuned for the first time, :func:`launch` therefore compiles all its pruned
+configs at once on a thread pool (Triton's ``AsyncCompileMode``, Triton >= 3.4; its compiler
+releases the GIL: measured 1.8x on this project's 2-core CPU machine for 4 sm_90 compiles on 2
+threads), so the autotuner finds them compiled. Timing uses short windows (``_quick_bench``).
+
 ``MODEGPT_AUTOTUNE=off`` skips tuning (the first config that passes pruning and fits in shared
 memory); the test suite sets it.
 
@@ -26,8 +33,10 @@ the test shapes: loops run several iterations with ragged tails, which is what t
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import triton
@@ -37,9 +46,11 @@ from ._common import interpret_mode
 
 
 def _quick_bench(fn, quantiles=None, **_):
-    # Short warm-up/repeat windows (ms): decode kernels take microseconds, and the bench must tune
-    # dozens of shapes within minutes. Medians over 25 ms are stable to a few percent.
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    # Short warm-up/repeat windows (ms): decode kernels take microseconds, and an engine start must
+    # tune dozens of shapes. do_bench clears the L2 (a 256 MB memset, ~0.1 ms) before every timed call,
+    # so a 10 us kernel costs ~0.1 ms per repetition: 8 ms of kernel time is ~800 repetitions, ~0.1 s per
+    # config, and their median is stable to a few percent.
+    return triton.testing.do_bench(fn, warmup=2, rep=8, quantiles=quantiles)
 
 
 def autotune(configs: Sequence[triton.Config], key: list[str],
@@ -92,13 +103,47 @@ def _untuned_launch(kernel, grid, args: tuple, kwargs: dict) -> None:
                 raise
 
 
+def tuning_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """The key under which Triton's autotuner stores this launch's best config (as its ``run``
+    computes it: the values of the ``key`` arguments, then the dtypes of the tensor arguments)."""
+    named = {k: v for k, v in {**dict(zip(kernel.arg_names, args)), **kwargs}.items() if k in kernel.arg_names}
+    return tuple([named[k] for k in kernel.keys if k in named]
+                 + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+
+
+@functools.lru_cache(maxsize=1)
+def _compile_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, min(32, os.cpu_count() or 1)), thread_name_prefix="triton-compile")
+
+
+def precompile(kernel, grid, args: tuple, kwargs: dict) -> bool:
+    """Compile every pruned config of the autotuned ``kernel`` for this launch, in parallel, unless
+    its tuning key is already tuned (then there is nothing to compile). False where the installed
+    Triton has no async compile mode, or during a CUDA-graph capture (a first compile loads a module,
+    which would invalidate the capture; the caller's launch then fails loudly as before)."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # pragma: no cover - Triton < 3.4
+        return False
+    import torch
+
+    if tuning_key(kernel, args, kwargs) in kernel.cache or torch.cuda.is_current_stream_capturing():
+        return False
+    with AsyncCompileMode(_compile_pool()):
+        kernel.warmup(*args, grid=grid, **kwargs)
+    return True
+
+
 def launch(kernel, grid, args: tuple, kwargs: dict, interpret_config: dict) -> None:
     """Launch an autotuned ``kernel``; under the interpreter, its raw function with a fixed config;
-    with autotuning off, its raw function with its first valid config that fits."""
+    with autotuning off, its raw function with its first valid config that fits; otherwise tuned,
+    with all configs of a new key compiled in parallel first (:func:`precompile`)."""
     if interpret_mode():
         fn = kernel.fn if hasattr(kernel, "fn") else kernel
         fn[grid](*args, **kwargs, **interpret_config)
     elif not autotuning_enabled() and hasattr(kernel, "configs"):
         _untuned_launch(kernel, grid, args, kwargs)
     else:
+        if hasattr(kernel, "configs") and len(kernel.configs) > 1:
+            precompile(kernel, grid, args, kwargs)
         kernel[grid](*args, **kwargs)

@@ -12,6 +12,7 @@
 #   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
 #   bash kernels/run_h200.sh pdl-ab    # session 5: PDL on/off x original/compressed, rotating rounds, + profiles
 #   bash kernels/run_h200.sh final5    # session 5: changed-area CUDA tests, original vs 30 % A/B, profiles
+#   bash kernels/run_h200.sh s6a       # session 6: folded-norm A/B, CUDA tests of unverified code, Triton cache back
 #   bash kernels/run_h200.sh next6     # prepared for session 6: unverified CUDA tests + folded-norm A/B
 #   bash kernels/run_h200.sh pdl2      # session 5: step profiles with PDL on/off, batch 1 and 64
 #   bash kernels/run_h200.sh all       # engine, kernel bench, tests: each under its own timeout
@@ -24,8 +25,8 @@ mkdir -p "$OUT"
 pack() {
   # tar exits 1 when a file changes while it reads it (a process still writing after a timeout): the
   # archive is still good, so pack on regardless (2026-11-29, session 5: that lost a run's JSON)
-  (cd "$OUT" && { tar czf /tmp/results.tgz . || true; } && mv /tmp/results.tgz results.tgz \
-      && find . -type f ! -name results.tgz ! -name run.log \
+  (cd "$OUT" && { tar czf /tmp/results.tgz --exclude='./triton-cache.tgz.*' . || true; } && mv /tmp/results.tgz results.tgz \
+      && find . -type f ! -name results.tgz ! -name run.log ! -name 'triton-cache.tgz.*' \
       ! -name cuda-tests.log ! -name bench-engine-h200.log ! -name kernels-h200.log ! -name gpu.txt -delete) || true
 }
 [ "${PACK:-1}" = 1 ] && trap pack EXIT
@@ -33,6 +34,21 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+# Triton's cache (compiled kernels and autotuning results, keyed by Triton version, GPU target and kernel
+# source) travels between calls: every call gets a fresh machine, and a cold cache cost minutes of
+# compiling and tuning (session 5). A call that carries `.tcache` (ignored by git: .git/info/exclude)
+# starts from it; `tcache_out` returns the cache as <= 15 MiB parts (the device returns 16 MiB a file),
+# to be copied back into .tcache here.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+mkdir -p "$TRITON_CACHE_DIR"
+if ls .tcache/triton-cache.tgz.* > /dev/null 2>&1; then
+  cat .tcache/triton-cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files carried in"
+fi
+tcache_out() {
+  tar czf - -C "$TRITON_CACHE_DIR" . | split -b 15M -d - "$OUT/triton-cache.tgz."
+  ls -la "$OUT"/triton-cache.tgz.* | tee -a "$OUT/run.log"
+}
 
 tests() {  # [timeout] [shards] [pytest selection...]: the CUDA suite in parallel shards (Triton compiles
   # are CPU-bound and the GPU machine has 16 cores); each test bounded (a hang costs 60 s), and every
@@ -178,6 +194,16 @@ next6)  # prepared for session 6 (not run yet): the CUDA tests of session 5's un
   timeout 330 $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_FUSED_NORM=1 /tmp/l7b-30 \
       /tmp/l7b-30@MODEGPT_FUSED_NORM=1 --device cuda --dtype bfloat16 --batch 1 16 --steps 64 --rounds 4 \
       --kv-cache-gb 4 --json "$OUT/bench-ab-fused-norm.json" 2>&1 | tee "$OUT/bench-engine-h200.log" ;;
+s6a)  # session 6, first call: the 7B original and 30 % checkpoint, each with the folded add + RMSNorm
+  # (MODEGPT_FUSED_NORM=1) and without, in one process (rotating rounds); then the CUDA tests of the code
+  # session 5 left unverified and of the parallel precompile; then the Triton cache goes back
+  ckpt
+  timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_FUSED_NORM=1 \
+      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_FUSED_NORM=1 --device cuda --dtype bfloat16 --batch 1 16 64 --steps 64 \
+      --rounds 4 --kv-cache-gb 4 --json "$OUT/bench-ab-fused-norm.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  TEST_TIMEOUT=150 tests ${TESTS_TIMEOUT:-170} 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "pdl or norm_skinny or swiglu_mlp or swiglu_epilogue or bridge or cuda_graph or engine or precompile"
+  tcache_out ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

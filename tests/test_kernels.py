@@ -730,6 +730,39 @@ def test_untuned_launches_take_a_valid_config():
     assert cfg.kwargs["BLOCK_M"] == 16 and cfg.kwargs["GROUP_M"] == 1
 
 
+@pytest.mark.skipif(not CUDA, reason="compiles for and tunes on a CUDA GPU")
+def test_precompile_builds_every_config_and_keys_like_the_autotuner(seed, monkeypatch):
+    """With autotuning on, a new key's configs are compiled in parallel before Triton tunes them
+    (kernels.autotune.precompile): afterwards the kernel's binary cache holds one entry per pruned
+    config, the autotuner stores its pick under our ``tuning_key`` (so a tuned key is never
+    precompiled again), and the tuned launch is correct."""
+    from kernels import autotune, skinny_linear
+
+    monkeypatch.setenv("MODEGPT_AUTOTUNE", "on")
+    N, K, M = 4096 + 48 + 16 * (seed % 7), 1000 + 8 * (seed % 5), 5  # a key no other test tunes
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    w = randn(N, K, dtype=torch.bfloat16, device="cuda", scale=K ** -0.5)
+    captured = {}
+    real = autotune.launch
+
+    def spy(kernel, grid, args, kwargs, interpret_config):
+        captured.update(kernel=kernel, grid=grid, args=args, kwargs=kwargs)
+        return real(kernel, grid, args, kwargs, interpret_config)
+
+    monkeypatch.setattr(skinny_linear, "launch", spy)
+    binaries = skinny_linear._skinny.fn.device_caches[torch.cuda.current_device()][0]
+    before = len(binaries)
+    out = skinny_linear.skinny_linear_triton(x, w)
+    kernel, args, kwargs = captured["kernel"], captured["args"], captured["kwargs"]
+    key = autotune.tuning_key(kernel, args, kwargs)
+    assert key in kernel.cache, f"autotuner keyed {list(kernel.cache)[-1]}, ours {key}"
+    pruned = autotune.pruned_configs(kernel, args, kwargs)
+    # every pruned config compiled (one may have been compiled already by an untuned test of this specialization)
+    assert len(pruned) > 1 and len(binaries) - before >= len(pruned) - 1
+    assert not autotune.precompile(kernel, captured["grid"], args, kwargs)  # tuned: nothing to do
+    assert_close(out, x.double() @ w.double().t(), torch.bfloat16, seed, "tuned skinny")
+
+
 def test_linear_dispatch_rows_threshold(monkeypatch):
     """Above MODEGPT_SKINNY_MAX_TOKENS rows (default 16) a dense linear stays on cuBLAS/PyTorch."""
     monkeypatch.delenv("MODEGPT_SKINNY_MAX_TOKENS", raising=False)

@@ -78,18 +78,25 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [parse_variant(m) for m in args.models]
     names = list(args.models)
     engines = []
-    for spec, env in variants:
+    t0 = time.perf_counter()
+
+    def progress(what: str) -> None:  # a run cut short by a time limit still says where its time went
+        print(f"[{time.perf_counter() - t0:6.1f} s] {what}", flush=True)
+
+    for name, (spec, env) in zip(names, variants):
         with mock.patch.dict(os.environ, env):
             loaded = load_modegpt(spec, args.device, dtype)
             engines.append(LLMEngine(loaded.config, loaded.state_dict, device=args.device, dtype=dtype,
                                      kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
                                      max_num_seqs=max(16, *args.batch), max_model_len=args.prompt_len + args.steps + 16))
             del loaded
+        progress(f"built {name} (loaded, warmed up, graphs captured)")
     runs = []
     for batch in args.batch:
         for eng, (_, env) in zip(engines, variants):  # warm-up: allocator, oneDNN primitives, graphs
             with mock.patch.dict(os.environ, env):
                 decode_ms_per_step(eng, batch, args.prompt_len, 4, "warm")
+        progress(f"warmed up b={batch}")
         rounds: list[list[float]] = [[] for _ in engines]
         for r in range(args.rounds):  # rotate the order each round: A B C, B C A, C A B, ...
             for k in range(len(engines)):
