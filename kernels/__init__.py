@@ -9,6 +9,7 @@ Public API (all in :mod:`kernels.dispatch`, which picks Triton or PyTorch per ca
 * :func:`rope_qkv_` - a layer's query, key and value RoPE + cache write in one launch (``kernels.rope``)
 * :func:`decode_attention` - split-K decode attention with ``d_qk != d_v`` and GQA
   (``kernels.decode_attention``)
+* :func:`rope_decode_attention` - a decode step's RoPE, cache write and attention in one launch
 * :func:`add_rms_norm`, :func:`silu_mul` - residual add + RMSNorm and the SwiGLU epilogue, one pass
   each (``kernels.fused_norm``)
 * :func:`swiglu_linear` - a gated MLP's SwiGLU + down projection, one skinny launch at decode sizes
@@ -21,7 +22,9 @@ Importing this package imports (does not compile) the Triton kernels when Triton
 without Triton everything runs on the PyTorch paths.
 """
 from .dispatch import (add_rms_norm, add_rms_norm_linear, add_rms_norm_swiglu_mlp, backend_for, decode_attention,
-                       linear, lowrank_linear, rope_gather_, rope_qkv_, silu_mul, swiglu_linear, swiglu_mlp)
+                       linear, lowrank_linear, rope_decode_attention, rope_gather_, rope_qkv_, silu_mul,
+                       swiglu_linear, swiglu_mlp)
 
 __all__ = ["add_rms_norm", "add_rms_norm_linear", "add_rms_norm_swiglu_mlp", "backend_for", "decode_attention",
-           "linear", "lowrank_linear", "rope_gather_", "rope_qkv_", "silu_mul", "swiglu_linear", "swiglu_mlp"]
+           "linear", "lowrank_linear", "rope_decode_attention", "rope_gather_", "rope_qkv_", "silu_mul",
+           "swiglu_linear", "swiglu_mlp"]

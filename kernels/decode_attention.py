@@ -40,6 +40,8 @@ import triton.language as tl
 
 from ._common import cdiv, dot_precision, interpret_mode, next_pow2, pdl_meta, sm_count, workspace
 from ._tl import mma, pdl_wait
+from .rope import _rows, rope_qkv_triton_
+from .rope import rope_cos_sin as _rope_cos_sin
 
 _LOG2E = 1.4426950408889634
 
@@ -47,12 +49,23 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _attn_partition_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
+        pos_ptr, freq_ptr, slot_ptr, kn_ptr, vn_ptr, out_ptr, cnt_ptr,
         group, block_size, part_len, scale_log2,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+        stride_f, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh,
         DQK: tl.constexpr, DV: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
         SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, HALF_PAD: tl.constexpr,
+        FOLD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
+    """One (sequence, KV head, partition). ``ROPE``: ``q`` is the projection output before RoPE and the
+    new token's key/value rows (``kn``/``vn``) are not in the cache yet: the program rotates its query
+    heads itself (rotate-half pairs ``(i, i + DQK/2)`` at ``freq[kvh]``, rounded to the input dtype
+    as ``kernels.rope`` does), scores the two halves as two dot products, and the program whose
+    partition holds position ``len - 1`` writes the rotated key and the value into ``slot`` first.
+    ``FOLD`` (with ``SPLIT``): the last partition of a (sequence, KV head) to finish, counted by
+    ``cnt`` (zero before the launch, zero again after it), combines the partials into ``out``, so
+    no second launch is needed."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -65,8 +78,36 @@ def _attn_partition_kernel(
     d_mask = offs_d < DQK
     offs_e = tl.arange(0, DV_PAD)
     e_mask = offs_e < DV
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    HALF: tl.constexpr = DQK // 2
+    offs_i = tl.arange(0, HALF_PAD)
+    i_mask = offs_i < HALF
+    if ROPE:
+        c, sn = _rope_cos_sin(tl.load(pos_ptr + b).to(tl.float32),
+                              tl.load(freq_ptr + kvh * stride_f + offs_i, mask=i_mask, other=0.0))
+        qrow = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_i[None, :]
+        qm = g_mask[:, None] & i_mask[None, :]
+        q1 = tl.load(qrow, mask=qm, other=0.0)
+        q2 = tl.load(qrow + HALF, mask=qm, other=0.0)
+        qa = (q1.to(tl.float32) * c[None, :] - q2.to(tl.float32) * sn[None, :]).to(q1.dtype)
+        qb = (q2.to(tl.float32) * c[None, :] + q1.to(tl.float32) * sn[None, :]).to(q1.dtype)
+        q = qa  # unused below under ROPE; keeps one definition of q for the compiler
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        if (slot >= 0) & (seq_len > 0) & ((seq_len - 1) // part_len == sp):
+            kn = kn_ptr + b * stride_knb + kvh * stride_knh + offs_i
+            k1 = tl.load(kn, mask=i_mask, other=0.0).to(tl.float32)
+            k2 = tl.load(kn + HALF, mask=i_mask, other=0.0).to(tl.float32)
+            blk_new = slot // block_size
+            in_new = slot % block_size
+            kd = k_ptr + blk_new * stride_kb + in_new * stride_ks + kvh * stride_kh + offs_i
+            tl.store(kd, (k1 * c - k2 * sn).to(k_ptr.dtype.element_ty), mask=i_mask)
+            tl.store(kd + HALF, (k2 * c + k1 * sn).to(k_ptr.dtype.element_ty), mask=i_mask)
+            vn = tl.load(vn_ptr + b * stride_vnb + kvh * stride_vnh + offs_e, mask=e_mask, other=0.0)
+            tl.store(v_ptr + blk_new * stride_vb + in_new * stride_vs + kvh * stride_vh + offs_e,
+                     vn.to(v_ptr.dtype.element_ty), mask=e_mask)
+            tl.debug_barrier()  # the whole program reads the new row back from the cache below
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
     lo = sp * part_len
     hi = tl.minimum(lo + part_len, seq_len)
@@ -80,9 +121,16 @@ def _attn_partition_kernel(
         within = (pos % block_size).to(tl.int64)
         # rows start ALIGN_K elements apart at least: lets the loads vectorize on odd head dims
         k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + kvh * stride_kh, ALIGN_K)
-        kt = tl.load(k_ptr + k_rows[None, :] + offs_d[:, None],
-                     mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK_PAD, BLOCK_N]
-        s = mma(q, kt, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION) * scale_log2
+        if ROPE:  # the two rotate-half halves of the keys against those of the queries
+            km = p_mask[None, :] & i_mask[:, None]
+            ka = tl.load(k_ptr + k_rows[None, :] + offs_i[:, None], mask=km, other=0.0)  # [HALF_PAD, BLOCK_N]
+            kb = tl.load(k_ptr + k_rows[None, :] + HALF + offs_i[:, None], mask=km, other=0.0)
+            s = mma(qb, kb, mma(qa, ka, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION), PRECISION)
+        else:
+            kt = tl.load(k_ptr + k_rows[None, :] + offs_d[:, None],
+                         mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK_PAD, BLOCK_N]
+            s = mma(q, kt, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
+        s = s * scale_log2
         s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every iteration has a valid key
         alpha = tl.exp2(m_i - m_new)
@@ -102,9 +150,42 @@ def _attn_partition_kernel(
                  o, mask=o_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + sp, lse, mask=g_mask)
+        if FOLD:
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            n_split = tl.num_programs(2)
+            cnt = cnt_ptr + b * tl.num_programs(1) + kvh
+            if tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1:
+                _combine_group(o_ptr, lse_ptr, out_ptr, b, heads, g_mask, offs_e, e_mask, n_split, stride_ob,
+                               stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh, G_PAD, DV_PAD, S_PAD)
+                tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch (graph replays too)
     else:
         tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_e[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _combine_group(o_ptr, lse_ptr, out_ptr, b, heads, g_mask, offs_e, e_mask, n_split, stride_ob, stride_oh,
+                   stride_os, stride_lb, stride_lh, stride_outb, stride_outh, G_PAD: tl.constexpr,
+                   DV_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    """``_combine_kernel``'s sum for the query heads of one KV head, in the program that arrived last:
+    the other programs' partials are read through L2 (``.cg``), never a stale L1 line."""
+    offs_s = tl.arange(0, S_PAD)
+    lse = tl.load(lse_ptr + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :],
+                  mask=g_mask[:, None] & (offs_s < n_split)[None, :], other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m[:, None])  # [G_PAD, S_PAD]; empty partitions weigh 0
+    o_mask = g_mask[:, None] & e_mask[None, :]
+    acc = tl.zeros((G_PAD, DV_PAD), dtype=tl.float32)
+    for i in range(0, n_split):
+        w_i = tl.sum(tl.where(offs_s[None, :] == i, w, 0.0), axis=1)
+        part = tl.load(o_ptr + b * stride_ob + heads[:, None] * stride_oh + i * stride_os + offs_e[None, :],
+                       mask=o_mask, other=0.0, cache_modifier=".cg")
+        acc += part * w_i[:, None]
+    w_sum = tl.sum(w, axis=1)
+    o = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+    tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_e[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -155,18 +236,58 @@ def plan_splits(batch: int, kv_heads: int, capacity: int, block_n: int, device: 
     return cdiv(capacity, part_len), part_len
 
 
+def _caches4(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (k_cache if k_cache.dim() == 4 else k_cache.unsqueeze(1)), (v_cache if v_cache.dim() == 4 else v_cache.unsqueeze(1))
+
+
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, *, max_context_len: int | None = None,
-                            num_splits: int | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """Triton path of :func:`kernels.dispatch.decode_attention`.
 
     ``max_context_len`` (a host int, optional) bounds the partitions more tightly than the block
-    table's capacity; ``num_splits`` overrides the split heuristic (tests, tuning).
+    table's capacity; ``num_splits`` overrides the split heuristic (tests, tuning). ``counters``: a
+    zeroed int32 tensor of at least ``B * Hkv`` elements that no concurrent launch uses; with it a
+    split context is combined by its last partition (one launch instead of two), and the counters
+    are zero again afterwards.
     """
+    return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, None,
+                   counters)
+
+
+def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                 inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                 scale: float, out: torch.Tensor | None = None, *,
+                                 max_context_len: int | None = None, num_splits: int | None = None,
+                                 counters: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton path of :func:`kernels.dispatch.rope_decode_attention`: RoPE of the queries and of the
+    new keys, the cache write of the new keys and values, and decode attention in one launch (two
+    with a split context and no ``counters``: the partitions, then their combine; ``counters`` as in
+    :func:`decode_attention_triton`). ``q`` is not modified."""
+    B = context_lens.shape[0]
+    hkv, half = inv_freq.shape
+    d = 2 * half
+    if inv_freq.dtype != torch.float32 or inv_freq.stride(-1) != 1 or d == 0:
+        raise TypeError("inv_freq must be a non-empty float32 [Hkv, d/2] with unit last stride")
+    kc, vc = _caches4(k_cache, v_cache)
+    dv = vc.shape[3]
+    H = q.shape[-1] // d if q.dim() == 2 else q.shape[1]
+    qr = _rows(q, B, H, d, "q")
+    kr = _rows(k, B, hkv, d, "k")
+    vr = _rows(v, B, hkv, dv, "v")
+    if positions.shape != (B,) or slot_mapping.shape != (B,):
+        raise ValueError(f"positions and slot_mapping must be [{B}], got {tuple(positions.shape)} / "
+                         f"{tuple(slot_mapping.shape)}")
+    return _decode(qr, kc, vc, block_tables, context_lens, scale, out, max_context_len, num_splits,
+                   (positions, inv_freq, slot_mapping, kr, vr), counters)
+
+
+def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, rope,
+            counters=None):
     B, H, dqk = q.shape
-    kc = k_cache if k_cache.dim() == 4 else k_cache.unsqueeze(1)
-    vc = v_cache if v_cache.dim() == 4 else v_cache.unsqueeze(1)
+    kc, vc = _caches4(k_cache, v_cache)
     _, block_size, hkv, dqk_c = kc.shape
     dv = vc.shape[3]
     if dqk_c != dqk or vc.shape[:3] != kc.shape[:3] or H % hkv:
@@ -177,7 +298,18 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out = torch.empty((B, H, dv), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    if dv == 0:  # nothing to attend into
+    if rope is not None:
+        positions, inv_freq, slots, kn, vn = rope
+        if inv_freq.shape != (hkv, dqk // 2) or dqk % 2:
+            raise ValueError(f"inv_freq {tuple(inv_freq.shape)} does not match {hkv} KV heads of {dqk}")
+        extra = (positions, inv_freq, slots, kn, vn)
+        extra_strides = (inv_freq.stride(0), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1))
+    else:
+        extra = (context_lens,) * 5  # unused under ROPE=False
+        extra_strides = (0,) * 5
+    if dv == 0:  # nothing to attend into (the new key still goes to the cache)
+        if rope is not None:
+            rope_qkv_triton_(q.clone(), kn, vn, positions, inv_freq, k_cache, v_cache, slots)
         return out.zero_()
     group = H // hkv
     capacity = block_tables.shape[1] * block_size
@@ -188,23 +320,31 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     splits, part_len = plan_splits(B, hkv, capacity, block_n, q.device, num_splits)
     g_pad, dqk_pad, dv_pad = max(16, next_pow2(group)), max(16, next_pow2(dqk)), max(16, next_pow2(dv))
     meta = dict(G_PAD=g_pad, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=block_n,
-                PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2, **pdl_meta(q.device))
+                PRECISION=dot_precision(q.dtype), ROPE=rope is not None, HALF_PAD=max(16, next_pow2(dqk // 2)),
+                num_warps=4, num_stages=2, **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))
     common = (q, kc, vc, block_tables, context_lens)
     sizes = (group, block_size, part_len, float(scale) * _LOG2E,
              q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
              vc.stride(0), vc.stride(1), vc.stride(2), block_tables.stride(0))
+    s_pad = max(2, next_pow2(splits))
     if splits == 1:
         _attn_partition_kernel[(B, hkv, 1)](
-            *common, out, out, *sizes, out.stride(0), out.stride(1), 0, 0, 0, SPLIT=False, **meta)
+            *common, out, out, *extra, out, context_lens, *sizes, out.stride(0), out.stride(1), 0, 0, 0,
+            *extra_strides, 0, 0, SPLIT=False, FOLD=False, S_PAD=s_pad, **meta)
         return out
     part = workspace((B, H, splits, dv), q.device)
     lse = workspace((B, H, splits), q.device)
+    fold = counters is not None
+    if fold and (counters.dtype != torch.int32 or counters.numel() < B * hkv or not counters.is_contiguous()):
+        raise ValueError(f"counters must be a contiguous int32 tensor of at least {B * hkv} zeros")
     _attn_partition_kernel[(B, hkv, splits)](
-        *common, part, lse, *sizes, part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1), SPLIT=True, **meta)
-    _combine_kernel[(B, H)](
-        part, lse, out, splits, dv, part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        S_PAD=max(2, next_pow2(splits)), DV_PAD=dv_pad, num_warps=4, **pdl_meta(q.device))
+        *common, part, lse, *extra, out, counters if fold else context_lens, *sizes, part.stride(0), part.stride(1),
+        part.stride(2), lse.stride(0), lse.stride(1), *extra_strides, out.stride(0), out.stride(1),
+        SPLIT=True, FOLD=fold, S_PAD=s_pad, **meta)
+    if not fold:
+        _combine_kernel[(B, H)](
+            part, lse, out, splits, dv, part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            S_PAD=s_pad, DV_PAD=dv_pad, num_warps=4, **pdl_meta(q.device))
     return out

@@ -56,7 +56,7 @@ from ._common import HAVE_TRITON, SUPPORTED_DTYPES, interpret_mode
 if HAVE_TRITON:
     # Imported eagerly: a lazy ``from .decode_attention import ...`` would rebind the package
     # attribute ``kernels.decode_attention`` from this module's function to the submodule.
-    from .decode_attention import decode_attention_triton
+    from .decode_attention import decode_attention_triton, rope_decode_attention_triton
     from .fused_norm import add_rms_norm_triton, silu_mul_triton
     from .lowrank import lowrank_linear_triton
     from .rope import rope_gather_triton_, rope_qkv_triton_
@@ -230,7 +230,8 @@ def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor | None = None, max_context_len: int | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, max_context_len: int | None = None,
+                     counters: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention: ``q`` ``[B, H, d_qk]`` against each sequence's first
     ``context_lens[b]`` cached keys/values -> ``[B, H, d_v]``.
 
@@ -239,6 +240,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     int32 maps position ``p`` to block ``block_tables[b, p // block_size]``. ``scale`` is the
     softmax scale (MoDeGPT: the ORIGINAL ``head_dim ** -0.5``). Query head h reads KV head
     ``h // (H / Hkv)``. ``max_context_len`` (host int) only narrows the work partitioning.
+    ``counters`` (GPU): a zeroed int32 buffer of at least ``B * Hkv`` that no concurrent call shares
+    (the engine keeps one per model); with it a split context is combined by the last partition to
+    finish instead of a second launch.
     """
     ok = (q.dtype in SUPPORTED_DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
           and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -246,12 +250,43 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     def tri():
         return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out,
-                                       max_context_len=max_context_len)
+                                       max_context_len=max_context_len, counters=counters)
 
     def ref():
         return reference.decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, out)
 
     return _run("decode_attention", tri, ref, (q, k_cache, v_cache, block_tables, context_lens, out), ok)
+
+
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                          scale: float, out: torch.Tensor | None = None,
+                          max_context_len: int | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step's attention from the raw projection outputs: :func:`rope_qkv_` (RoPE of the
+    queries and keys at the kept frequencies, keys and values written to the cache at
+    ``slot_mapping``) then :func:`decode_attention`, with ``q`` ``[B, H * d]``, ``k`` ``[B, Hkv * d]``
+    and ``v`` ``[B, Hkv * d_v]`` (row-strided views of a fused QKV output are fine; ``q`` is not
+    modified). On the GPU it is one launch: each attention program rotates its query heads, and the
+    program that owns the newest position writes the new key and value before it reads the cache
+    (two launches fewer per layer than the two ops with ``counters``, as in :func:`decode_attention`;
+    one fewer without, where a split context needs its combine launch)."""
+    d = 2 * inv_freq.shape[-1]
+    ok = (q.dtype in SUPPORTED_DTYPES and all(t.dtype == q.dtype for t in (k, v, k_cache, v_cache))
+          and inv_freq.dtype == torch.float32 and d > 0 and block_tables.stride(-1) == 1
+          and all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache)))
+
+    def tri():
+        return rope_decode_attention_triton(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping,
+                                            block_tables, context_lens, scale, out, max_context_len=max_context_len,
+                                            counters=counters)
+
+    def ref():
+        return reference.rope_decode_attention_torch(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping,
+                                                     block_tables, context_lens, scale, out)
+
+    return _run("rope_decode_attention", tri, ref,
+                (q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, block_tables, context_lens, out), ok)
 
 
 _MAX_NORM_COLS = 1 << 16  # one program holds a whole row

@@ -124,6 +124,16 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def rope_decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                                inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of :func:`kernels.dispatch.rope_decode_attention`: :func:`rope_qkv_torch_` on a copy
+    of the queries, then :func:`decode_attention_torch`."""
+    qr = rope_qkv_torch_(q.clone(), k, v, positions, inv_freq, k_cache, v_cache, slot_mapping)
+    return decode_attention_torch(qr, k_cache, v_cache, block_tables, context_lens, scale, out)
+
+
 def add_rms_norm_torch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                        residual_out: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,18 +27,23 @@ from ._tl import pdl_wait
 from .reference import _flat_cache
 
 @triton.jit
+def rope_cos_sin(pos, f):
+    """``(cos, sin)`` of the fp32 angles ``pos * f``, reduced to [-pi, pi] first (module doc)."""
+    ang = pos * f
+    # 2*pi = 6.28125 + 0.00193530717958647...; k * 6.28125 is exact in fp32 for |k| < 2^16
+    k = tl.floor(ang * 0.15915494309189535 + 0.5)
+    red = (ang - k * 6.28125) - k * 0.0019353071795864769
+    return tl.cos(red), tl.sin(red)
+
+
+@triton.jit
 def _rotate_heads(x_ptr, out_ptr, freq_ptr, pos, src, dst, offs_h, h_mask, group, half, stride_xh, stride_f,
                   stride_oh, HALF_PAD: tl.constexpr):
     """Rotate heads ``offs_h`` of token row ``src`` of x into row ``dst`` of out (fp32 math)."""
     offs_i = tl.arange(0, HALF_PAD)
     mask = h_mask[:, None] & (offs_i < half)[None, :]
     f = tl.load(freq_ptr + (offs_h // group)[:, None] * stride_f + offs_i[None, :], mask=mask, other=0.0)
-    ang = pos * f
-    # 2*pi = 6.28125 + 0.00193530717958647...; k * 6.28125 is exact in fp32 for |k| < 2^16
-    k = tl.floor(ang * 0.15915494309189535 + 0.5)
-    red = (ang - k * 6.28125) - k * 0.0019353071795864769
-    c = tl.cos(red)
-    s = tl.sin(red)
+    c, s = rope_cos_sin(pos, f)
     xp = x_ptr + src + offs_h[:, None] * stride_xh + offs_i[None, :]
     x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(xp + half, mask=mask, other=0.0).to(tl.float32)

@@ -12,6 +12,7 @@
 #   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
 #   bash kernels/run_h200.sh pdl-ab    # session 5: PDL on/off x original/compressed, rotating rounds, + profiles
 #   bash kernels/run_h200.sh final5    # session 5: changed-area CUDA tests, original vs 30 % A/B, profiles
+#   bash kernels/run_h200.sh s6b       # session 6: RoPE + attention (+ combine) in one launch: CUDA tests, A/B
 #   bash kernels/run_h200.sh s6a       # session 6: folded-norm A/B, CUDA tests of unverified code, Triton cache back
 #   bash kernels/run_h200.sh next6     # prepared for session 6: unverified CUDA tests + folded-norm A/B
 #   bash kernels/run_h200.sh pdl2      # session 5: step profiles with PDL on/off, batch 1 and 64
@@ -45,8 +46,10 @@ mkdir -p "$TRITON_CACHE_DIR"
 if ls .tcache/triton-cache.tgz.* > /dev/null 2>&1; then
   cat .tcache/triton-cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files carried in"
 fi
-tcache_out() {
-  tar czf - -C "$TRITON_CACHE_DIR" . | split -b 15M -d - "$OUT/triton-cache.tgz."
+touch /tmp/tcache-start
+tcache_out() {  # only what this call added (the carried part is already here)
+  (cd "$TRITON_CACHE_DIR" && find . -mindepth 1 -maxdepth 1 -type d -newer /tmp/tcache-start -print0 \
+      | tar czf - --null -T -) | split -b 15M -d - "$OUT/triton-cache.tgz."
   ls -la "$OUT"/triton-cache.tgz.* | tee -a "$OUT/run.log"
 }
 
@@ -203,6 +206,17 @@ s6a)  # session 6, first call: the 7B original and 30 % checkpoint, each with th
       --rounds 4 --kv-cache-gb 4 --json "$OUT/bench-ab-fused-norm.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   TEST_TIMEOUT=150 tests ${TESTS_TIMEOUT:-170} 4 tests/test_engine_cuda.py tests/test_kernels.py \
       -k "pdl or norm_skinny or swiglu_mlp or swiglu_epilogue or bridge or cuda_graph or engine or precompile"
+  tcache_out ;;
+s6b)  # session 6, second call: RoPE + cache write + attention (+ the split combine) in one launch. CUDA
+  # tests of it and of what failed in s6a, then original and 30 % with the new attention, with the old
+  # two/three-launch path (MODEGPT_ROPE_ATTENTION=0) and with the combine as its own launch
+  ckpt
+  TEST_TIMEOUT=120 tests ${TESTS_TIMEOUT:-150} 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "attention or rope or precompile or bridge or cuda_graph or engine or pdl"
+  timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_ROPE_ATTENTION=0 \
+      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ROPE_ATTENTION=0 /tmp/l7b-30@MODEGPT_ATTN_COMBINE_FOLD=0 --device cuda \
+      --dtype bfloat16 --batch 1 16 64 --steps 64 --rounds 4 --kv-cache-gb 4 --json "$OUT/bench-ab-rope-attn.json" \
+      2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;

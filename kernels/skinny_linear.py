@@ -434,6 +434,7 @@ def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None)
             return None
         flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
         before = _predecessor(flush)
+        flush.zero_()  # its fill kernel too: a test process had launched none before (H200, session 6)
         before()
         for fn in candidates.values():
             fn()  # autotune / cuBLAS heuristics / module loads outside the capture

@@ -903,18 +903,103 @@ def test_triton_decode_attention(seed, force_triton, heads, B, dtype):
 @needs_triton
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype):
-    """Forced partitionings, incl. partitions past a sequence's end and an empty context."""
+@pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
+def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold):
+    """Forced partitionings, incl. partitions past a sequence's end and an empty context; with
+    counters the last partition combines (run twice: the counters must be zero again after a call)."""
     from kernels.decode_attention import decode_attention_triton
 
     H, hkv, dqk, dv = ATTN_SMALL[0]
     lens = torch.tensor([1, 0, 77, 33])
     q, kc, vc, tables, lens = attention_inputs(4, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
-    out = nan_like((4, H, dv), dtype, TRITON_DEVICE)
-    decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=num_splits)
+    counters = torch.zeros(4 * hkv + 3, dtype=torch.int32, device=TRITON_DEVICE) if fold else None
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
-    assert_close(out, ref, dtype, seed, f"decode attention splits={num_splits}")
-    assert torch.all(out[1] == 0), f"empty context must give zeros; seed={seed}"
+    for _ in range(2 if fold else 1):
+        out = nan_like((4, H, dv), dtype, TRITON_DEVICE)
+        decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=num_splits, counters=counters)
+        assert_close(out, ref, dtype, seed, f"decode attention splits={num_splits} fold={fold}")
+        assert torch.all(out[1] == 0), f"empty context must give zeros; seed={seed}"
+        if fold:
+            assert not counters.any(), f"counters left at {counters.tolist()}; seed={seed}"
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("B", [1, 7])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
+def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, dtype, fold):
+    """RoPE + cache write + decode attention in one launch, from row-strided views of one fused
+    projection output: the new keys (rotated) and values land in their slots (poisoned with NaN
+    first, so reading them before the write would show), nothing else in the caches changes, q is
+    not modified, and the output matches the float64 reference. One padding row (context 0, slot -1)
+    writes nothing and attends to nothing."""
+    from kernels.decode_attention import rope_decode_attention_triton
+
+    H, hkv, dqk, dv = heads
+    block_size = 16
+    max_len = 700 if CUDA else 70
+    lens = torch.randint(1, max_len + 1, (B,))
+    lens[0] = max_len
+    if B > 1:
+        lens[B // 2] = 0
+    _, kc, vc, tables, lens = attention_inputs(B, H, hkv, dqk, dv, dtype, TRITON_DEVICE, max_len, block_size, lens)
+    last = (lens.long() - 1).clamp_min(0)
+    slots = tables.long().gather(1, (last // block_size)[:, None])[:, 0] * block_size + last % block_size
+    slots[lens == 0] = -1
+    kflat, vflat = kc.view(-1, hkv, dqk), vc.view(-1, hkv, dv)
+    live = slots >= 0
+    kflat[slots[live]] = float("nan")
+    vflat[slots[live]] = float("nan")
+    kc0, vc0 = kc.clone(), vc.clone()
+    f = inv_freq_for(hkv, dqk // 2, 128, TRITON_DEVICE)
+    pos = last.to(TRITON_DEVICE)
+    fused = randn(B, (H + hkv) * dqk + hkv * dv + 8, dtype=dtype, device=TRITON_DEVICE)
+    orig = fused.clone()
+    q, k, v = fused[:, :H * dqk], fused[:, H * dqk:(H + hkv) * dqk], fused[:, (H + hkv) * dqk:-8]
+    out = nan_like((B, H, dv), dtype, TRITON_DEVICE)
+    counters = torch.zeros(B * hkv, dtype=torch.int32, device=TRITON_DEVICE) if fold else None
+    rope_decode_attention_triton(q, k, v, pos, f, kc, vc, slots, tables, lens, 0.125, out, num_splits=num_splits,
+                                 counters=counters)
+    assert counters is None or not counters.any(), f"counters must end at zero; seed={seed}"
+
+    assert torch.equal(fused, orig), f"q, k, v are inputs only; seed={seed}"
+    ref_k = ref_rope(orig[:, H * dqk:(H + hkv) * dqk].reshape(B, hkv, dqk), pos, f)
+    assert_close(kflat[slots[live]], ref_k[live], dtype, seed, f"new keys B={B} {heads}")
+    assert torch.equal(vflat[slots[live]], v.reshape(B, hkv, dv)[live]), f"new values; seed={seed}"
+    untouched = torch.ones(kflat.shape[0], dtype=torch.bool, device=TRITON_DEVICE)
+    untouched[slots[live]] = False
+    assert torch.equal(kflat[untouched], kc0.view(-1, hkv, dqk)[untouched]), f"other keys; seed={seed}"
+    assert torch.equal(vflat[untouched], vc0.view(-1, hkv, dv)[untouched]), f"other values; seed={seed}"
+    kref, vref = kc0.double(), vc0.double()
+    kref.view(-1, hkv, dqk)[slots[live]] = ref_k[live]
+    vref.view(-1, hkv, dv)[slots[live]] = v.reshape(B, hkv, dv)[live].double()
+    ref_q = ref_rope(orig[:, :H * dqk].reshape(B, H, dqk), pos, f)
+    ref = ref_decode_attention(ref_q, kref, vref, tables, lens, 0.125)
+    assert_close(out, ref, dtype, seed, f"rope + decode attention B={B} splits={num_splits} {heads}")
+    if B > 1:
+        assert torch.all(out[B // 2] == 0), f"an empty context gives zeros; seed={seed}"
+
+
+def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
+    """The PyTorch path (CPU serving, MODEGPT_KERNELS=torch) is rope_qkv_ then decode_attention,
+    without touching q."""
+    monkeypatch.setenv("MODEGPT_KERNELS", "torch")
+    H, hkv, dqk, dv = ATTN_SMALL[0]
+    B = 3
+    _, kc, vc, tables, lens = attention_inputs(B, H, hkv, dqk, dv, torch.float32, "cpu", 40)
+    last = lens.long() - 1
+    slots = tables.long().gather(1, (last // 16)[:, None])[:, 0] * 16 + last % 16
+    f = inv_freq_for(hkv, dqk // 2, 128, "cpu")
+    q, k, v = (randn(B, n, dtype=torch.float32, device="cpu") for n in (H * dqk, hkv * dqk, hkv * dv))
+    q0 = q.clone()
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = kernels.rope_decode_attention(q, k, v, last, f, kc, vc, slots, tables, lens, 0.2)
+    assert torch.equal(q, q0)
+    qr = kernels.rope_qkv_(q0.clone(), k, v, last, f, kc2, vc2, slots)
+    want = kernels.decode_attention(qr, kc2, vc2, tables, lens, 0.2)
+    assert torch.equal(got, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
 @needs_triton
@@ -991,14 +1076,19 @@ def test_triton_silu_mul_on_fused_halves(seed, force_triton, n, T, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("fused_norm", ["0", "1"], ids=["norm-apart", "norm-folded"])
-def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch, fused_norm):
+@pytest.mark.parametrize("fused_norm,rope_attention,fold", [("0", "1", "1"), ("1", "1", "1"), ("0", "0", "1"),
+                                                            ("0", "1", "0")],
+                         ids=["default", "norm-folded", "rope-apart", "combine-launch"])
+def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch, fused_norm, rope_attention, fold):
     """A compressed model (odd per-layer q/k and v dims, GQA, factorized linears) in the engine: greedy
-    tokens are identical with the Triton kernels (fused RoPE + cache write, paged decode attention,
+    tokens are identical with the Triton kernels (fused RoPE + cache write, paged decode attention, both
+    in one launch at decode,
     low-rank linear, add + RMSNorm, SwiGLU; with MODEGPT_FUSED_NORM=1 the add + RMSNorm folded into the
     q/k/v and gate/up matmuls at decode) and with the PyTorch ops, and logprobs agree within float32
     tolerance."""
     monkeypatch.setenv("MODEGPT_FUSED_NORM", fused_norm)
+    monkeypatch.setenv("MODEGPT_ROPE_ATTENTION", rope_attention)
+    monkeypatch.setenv("MODEGPT_ATTN_COMBINE_FOLD", fold)
     from server.engine import ops
     from server.engine.engine import LLMEngine
     from server.engine.testing import assert_same_generations, llama_like_config, random_state_dict
@@ -1010,13 +1100,17 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch,
               max_model_len=64, cuda_graphs=False)
 
     def reqs():
-        return [GenerationRequest(f"e{i}", list(range(3 + i, 10 + 3 * i)),
+        return [GenerationRequest(f"e{i}", list(range(3 + i, 10 + 15 * i)),  # up to 41 tokens: split contexts
                                   SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1))
                 for i in range(3)]
 
     folded = []  # counts the real kernel's calls: the folded path must run exactly when enabled
     real = dispatch.norm_skinny_linear_triton
     monkeypatch.setattr(dispatch, "norm_skinny_linear_triton", lambda *a, **k: folded.append(1) or real(*a, **k))
+    one_launch = []  # decode steps take RoPE + cache write + attention as one kernel (counters: combine too)
+    real_attn = dispatch.rope_decode_attention_triton
+    monkeypatch.setattr(dispatch, "rope_decode_attention_triton",
+                        lambda *a, **k: one_launch.append(k.get("counters") is not None) or real_attn(*a, **k))
     try:
         ref = LLMEngine(cfg, sd, use_kernels=False, **kw).run_to_completion(reqs())
         eng = LLMEngine(cfg, sd, use_kernels=True, **kw)
@@ -1025,6 +1119,11 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch,
     finally:
         ops.reset_ops()
     assert bool(folded) == (fused_norm == "1")
+    if rope_attention == "1":
+        assert len(one_launch) >= 5 * cfg["num_hidden_layers"], "decode steps use rope_decode_attention"
+        assert all(one_launch) == (fold == "1")
+    else:
+        assert not one_launch
     assert_same_generations(ref, got, logprob_tol=1e-3)
 
 

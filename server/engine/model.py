@@ -46,6 +46,9 @@ class AttentionMetadata:
     prefill_context_lens: list[int] = field(default_factory=list)
     prefill_block_tables: list[Tensor] = field(default_factory=list)  # per prefill seq: [m_i] int64
     block_size: int = 16
+    # zeroed int32 [>= num_decode * Hkv], one per model (runner): lets the decode attention kernel combine a
+    # split context in its last partition instead of a second launch (kernels.dispatch.decode_attention)
+    attn_counters: Tensor | None = None
 
     @staticmethod
     def no_cache(query_lens: list[int]) -> "AttentionMetadata":
@@ -197,6 +200,11 @@ class Attention(nn.Module):
         T = q.shape[0]
         Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
         rope = self.use_rope and self.qk_dim > 0
+        if kv_cache is not None and rope and T and meta.num_decode == T:  # decode only: RoPE, cache, attention
+            o = OPS["rope_decode_attention"](q, k, v, positions, self.rope_freqs, kv_cache[0], kv_cache[1],
+                                             meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+                                             self.scale, meta.block_size, meta.attn_counters)
+            return self.o_proj(o.reshape(T, self.num_heads * self.v_dim))
         if kv_cache is not None:  # K/V go to the cache; attention reads them back from there
             if rope:
                 q = OPS["rope_store_kv"](q, k, v, positions, self.rope_freqs, kv_cache[0], kv_cache[1],

@@ -13,6 +13,7 @@ Dk = qk_dim (kept query/key dim per head), Dv = v_dim (kept value dim per head).
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -237,6 +238,17 @@ def decode_attention(
     return out.reshape(B, H, v.shape[-1]).to(q.dtype)
 
 
+def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, freqs: Tensor, k_cache: Tensor,
+                          v_cache: Tensor, slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor,
+                          scale: float, block_size: int, counters: Tensor | None = None) -> Tensor:
+    """A decode-only step's attention from the projection outputs: `rope_store_kv` (RoPE, K/V into
+    the cache) then `decode_attention`; `[B, H, Dv]`. The Triton version
+    (`kernels.dispatch.rope_decode_attention`) does both in one launch; `counters` (the model's
+    `AttentionMetadata.attn_counters`) let it combine a split context in that launch too."""
+    qr = OPS["rope_store_kv"](q, k, v, positions, freqs, k_cache, v_cache, slot_mapping)
+    return OPS["decode_attention"](qr, k_cache, v_cache, block_tables, context_lens, scale, block_size)
+
+
 # ------------------------------------------------------------------------------------------- table
 
 OPS: dict[str, Callable] = {
@@ -257,6 +269,7 @@ OPS: dict[str, Callable] = {
     "rope_store_kv": rope_store_kv,
     "prefill_attention": prefill_attention,
     "decode_attention": decode_attention,
+    "rope_decode_attention": rope_decode_attention,
 }
 _DEFAULTS = dict(OPS)
 
@@ -278,6 +291,7 @@ def use_kernels() -> bool:
     """Route the ops the `kernels` package implements through `kernels.dispatch` (PROCESS-WIDE: the op
     table is global, so every engine of the process uses them). Covered: factorized linears
     (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_qkv_`, one launch per layer),
+    a decode step's RoPE, cache write and attention in one launch (`rope_decode_attention`),
     residual add + RMSNorm (`add_rms_norm`), the SwiGLU (`silu_mul`; at decode sizes fused into the
     gate/up matmul's epilogue, `swiglu_mlp`, or into the down projection's input, `swiglu_linear`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
     `[num_blocks, block_size, Hkv, D]`, the layout the kernels read). `kernels.dispatch` still decides
@@ -293,6 +307,18 @@ def use_kernels() -> bool:
         kc = k_cache.view(-1, block_size, k_cache.shape[1], k_cache.shape[2])
         vc = v_cache.view(-1, block_size, v_cache.shape[1], v_cache.shape[2])
         return dispatch.decode_attention(q.contiguous(), kc, vc, block_tables, context_lens, scale)
+
+    def rope_decode(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale,
+                    block_size, counters=None):
+        if os.environ.get("MODEGPT_ROPE_ATTENTION", "1").strip() == "0":  # A/B: the two-launch path
+            return rope_decode_attention(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables,
+                                         context_lens, scale, block_size)
+        kc = k_cache.view(-1, block_size, k_cache.shape[1], k_cache.shape[2])
+        vc = v_cache.view(-1, block_size, v_cache.shape[1], v_cache.shape[2])
+        if os.environ.get("MODEGPT_ATTN_COMBINE_FOLD", "1").strip() == "0":  # A/B: the combine as its own launch
+            counters = None
+        return dispatch.rope_decode_attention(q, k, v, positions, freqs, kc, vc, slot_mapping, block_tables,
+                                              context_lens, scale, counters=counters)
 
     def lowrank(x, weight_a, weight_b, bias):
         return dispatch.lowrank_linear(x, weight_a, weight_b, bias)
@@ -333,6 +359,7 @@ def use_kernels() -> bool:
 
     register_op("linear", dispatch.linear)
     register_op("decode_attention", decode)
+    register_op("rope_decode_attention", rope_decode)
     register_op("factorized_linear", lowrank)
     register_op("rope_store_kv", rope_store)
     register_op("add_norm", add_norm_k)

@@ -73,6 +73,10 @@ class ModelRunner:
                                kv_cache_dtype or dtype)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
+        # the decode attention kernel's split-combine counters (AttentionMetadata.attn_counters): one
+        # buffer per model, because two models of one process may run at once
+        self.attn_counters = torch.zeros(max_num_seqs * int(config["num_key_value_heads"]), dtype=torch.int32,
+                                         device=self.device) if self.kernels else None
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
@@ -119,7 +123,7 @@ class ModelRunner:
         nd = len(out.decodes)
         dec_tables = [alloc.table(c.seq.request_id) for c in out.decodes]
         dec_ctx = [c.end for c in out.decodes]
-        meta = AttentionMetadata(num_decode=nd, block_size=bs)
+        meta = AttentionMetadata(num_decode=nd, block_size=bs, attn_counters=self.attn_counters)
         meta.prefill_query_lens = [c.num_tokens for c in out.prefills]
         meta.prefill_context_lens = [c.end for c in out.prefills]
         meta.prefill_block_tables = [
@@ -182,7 +186,8 @@ class ModelRunner:
         pool = None
         for b in reversed(buckets):
             meta = AttentionMetadata(num_decode=b, slot_mapping=self.g_slots[:b], decode_block_tables=self.g_tables[:b],
-                                     decode_context_lens=self.g_ctx[:b], block_size=self.block_size)
+                                     decode_context_lens=self.g_ctx[:b], block_size=self.block_size,
+                                     attn_counters=self.attn_counters)
             # warm up on a side stream (lazy inits, autotuning) before capture
             s = torch.cuda.Stream(device=dev)
             s.wait_stream(torch.cuda.current_stream(dev))
