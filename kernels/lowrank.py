@@ -139,9 +139,36 @@ _INTERPRET_SHRINK = dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=32, GROUP_M=2)
 _INTERPRET_EXPAND = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_R=16, GROUP_M=2)
 
 
+_SMEM_BYTES = 220 * 1024  # the H100/H200 allow 227 KB of shared memory per block
+
+
+def _stage_bytes(c: triton.Config, elem: int) -> int:
+    """Shared memory of one pipeline stage: the shrink's x and A tiles, or the expand's fp32 t and B tiles."""
+    k = c.kwargs
+    if "BLOCK_K" in k:
+        return (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_R"]) * elem
+    return k["BLOCK_M"] * k["BLOCK_R"] * 4 + k["BLOCK_R"] * k["BLOCK_N"] * elem
+
+
+def _fit_smem(configs: list, elem: int) -> list:
+    """Each config with as many of its pipeline stages (>= 2) as fit in shared memory; fp32 doubles
+    every tile, and on the H200 no decode config of the 64-row bucket fitted as written (all asked
+    for 245-390 KB), so a float32 call failed where it should only run with shallower pipelines."""
+    out = []
+    for c in configs:
+        stages = c.num_stages
+        while stages > 2 and stages * _stage_bytes(c, elem) > _SMEM_BYTES:
+            stages -= 1
+        if stages * _stage_bytes(c, elem) <= _SMEM_BYTES:
+            out.append(c if stages == c.num_stages else triton.Config(dict(c.kwargs), num_warps=c.num_warps,
+                                                                      num_stages=stages))
+    return out or [min(configs, key=lambda c: _stage_bytes(c, elem))]
+
+
 def _prune(rank_arg: str, small_dims: tuple[str, ...]):
     """Keep the configs of the call's regime: for decode buckets the bucket's BLOCK_M and
-    GROUP_M 1, for prefill the GROUP_M 8 family; drop tiles much wider than tiny dims."""
+    GROUP_M 1, for prefill the GROUP_M 8 family; drop tiles much wider than tiny dims; shallower
+    pipelines where a tile set would not fit in shared memory (:func:`_fit_smem`)."""
 
     def prune(configs, named_args, **kwargs):
         bucket = named_args["M_BUCKET"]
@@ -154,7 +181,8 @@ def _prune(rank_arg: str, small_dims: tuple[str, ...]):
             cap = max(16, next_pow2(named_args[rank_arg if name == "BLOCK_R" else "N"]))
             narrowed = [c for c in keep if c.kwargs[name] <= cap]
             keep = narrowed or keep[:1]
-        return keep
+        weight = named_args.get("a_ptr", named_args.get("b_ptr"))
+        return _fit_smem(keep, weight.element_size() if hasattr(weight, "element_size") else 2)
 
     return prune
 

@@ -12,6 +12,7 @@
 #   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
 #   bash kernels/run_h200.sh pdl-ab    # session 5: PDL on/off x original/compressed, rotating rounds, + profiles
 #   bash kernels/run_h200.sh final5    # session 5: changed-area CUDA tests, original vs 30 % A/B, profiles
+#   bash kernels/run_h200.sh s6c       # session 6, recorded: CUDA tests, original vs 30 % at 1/16/64/256, combine fold A/B
 #   bash kernels/run_h200.sh s6b       # session 6: RoPE + attention (+ combine) in one launch: CUDA tests, A/B
 #   bash kernels/run_h200.sh s6a       # session 6: folded-norm A/B, CUDA tests of unverified code, Triton cache back
 #   bash kernels/run_h200.sh next6     # prepared for session 6: unverified CUDA tests + folded-norm A/B
@@ -217,6 +218,18 @@ s6b)  # session 6, second call: RoPE + cache write + attention (+ the split comb
       /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ROPE_ATTENTION=0 /tmp/l7b-30@MODEGPT_ATTN_COMBINE_FOLD=0 --device cuda \
       --dtype bfloat16 --batch 1 16 64 --steps 64 --rounds 4 --kv-cache-gb 4 --json "$OUT/bench-ab-rope-attn.json" \
       2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
+s6c)  # session 6, third call (the recorded one): CUDA tests of the fixes (pick capture, float32 low-rank
+  # tiles, the attention variants), then the original against the 30 % checkpoint in the default
+  # configuration (RoPE launch, attention with its split combine folded in) and with the combine as its
+  # own launch, at batch 1, 16, 64 and 256 in one process
+  ckpt
+  TEST_TIMEOUT=120 tests ${TESTS_TIMEOUT:-150} 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "attention or rope or precompile or bridge or cuda_graph or engine or pdl"
+  timeout ${AB_TIMEOUT:-330} $PY -m server.engine.bench_ab random:llama-2-7b \
+      random:llama-2-7b@MODEGPT_ATTN_COMBINE_FOLD=0 /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ATTN_COMBINE_FOLD=0 \
+      --device cuda --dtype bfloat16 --batch 1 16 64 256 --steps 48 --rounds 4 --kv-cache-gb 18 \
+      --json "$OUT/bench-ab-final6.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;

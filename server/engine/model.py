@@ -227,7 +227,8 @@ class Attention(nn.Module):
         nd = meta.num_decode
         if nd:
             outs.append(OPS["decode_attention"](q[:nd], kv_cache[0], kv_cache[1], meta.decode_block_tables,
-                                                meta.decode_context_lens, self.scale, meta.block_size))
+                                                meta.decode_context_lens, self.scale, meta.block_size,
+                                                meta.attn_counters))
         start = nd
         for i, (ql, cl) in enumerate(zip(meta.prefill_query_lens, meta.prefill_context_lens)):
             qi = q[start:start + ql]

@@ -213,6 +213,7 @@ def decode_attention(
     context_lens: Tensor,
     scale: float,
     block_size: int,
+    counters: Tensor | None = None,
 ) -> Tensor:
     """One query token per sequence over its paged context (a masked matmul; CUDA-graph safe).
 
@@ -220,7 +221,8 @@ def decode_attention(
     length including the token being decoded, >= 1). Returns `[B, H, Dv]`. The gathered width is
     M * block_size, fixed by the caller (a CUDA-graph bucket or the batch maximum); slots beyond a
     sequence's length are masked. Scores are accumulated by the matmul in the model dtype, softmax
-    in float32. A Triton paged-attention kernel is meant to replace this whole function.
+    in float32. `counters` (`AttentionMetadata.attn_counters`) are for the Triton kernel, which
+    replaces this whole function on the GPU; unused here.
     """
     B, H, Dk = q.shape
     Hkv = k_cache.shape[1]
@@ -246,7 +248,7 @@ def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, fr
     (`kernels.dispatch.rope_decode_attention`) does both in one launch; `counters` (the model's
     `AttentionMetadata.attn_counters`) let it combine a split context in that launch too."""
     qr = OPS["rope_store_kv"](q, k, v, positions, freqs, k_cache, v_cache, slot_mapping)
-    return OPS["decode_attention"](qr, k_cache, v_cache, block_tables, context_lens, scale, block_size)
+    return OPS["decode_attention"](qr, k_cache, v_cache, block_tables, context_lens, scale, block_size, counters)
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -303,22 +305,27 @@ def use_kernels() -> bool:
     except ImportError:
         return False
 
-    def decode(q, k_cache, v_cache, block_tables, context_lens, scale, block_size):
+    def fold(counters):  # A/B switch: MODEGPT_ATTN_COMBINE_FOLD=0 keeps the split combine as its own launch
+        return None if os.environ.get("MODEGPT_ATTN_COMBINE_FOLD", "1").strip() == "0" else counters
+
+    def decode(q, k_cache, v_cache, block_tables, context_lens, scale, block_size, counters=None):
         kc = k_cache.view(-1, block_size, k_cache.shape[1], k_cache.shape[2])
         vc = v_cache.view(-1, block_size, v_cache.shape[1], v_cache.shape[2])
-        return dispatch.decode_attention(q.contiguous(), kc, vc, block_tables, context_lens, scale)
+        return dispatch.decode_attention(q.contiguous(), kc, vc, block_tables, context_lens, scale,
+                                         counters=fold(counters))
 
     def rope_decode(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale,
                     block_size, counters=None):
-        if os.environ.get("MODEGPT_ROPE_ATTENTION", "1").strip() == "0":  # A/B: the two-launch path
+        # MODEGPT_ROPE_ATTENTION=1: RoPE and the cache write inside the attention kernel. Off by default: on
+        # the H200 it measured 1-2 % slower at batch 1 and 8 % slower at 64 (2-4 % faster at 16) than the
+        # RoPE launch followed by attention (docs/BENCHMARKS.md, session 6)
+        if os.environ.get("MODEGPT_ROPE_ATTENTION", "0").strip() != "1":
             return rope_decode_attention(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables,
-                                         context_lens, scale, block_size)
+                                         context_lens, scale, block_size, counters)
         kc = k_cache.view(-1, block_size, k_cache.shape[1], k_cache.shape[2])
         vc = v_cache.view(-1, block_size, v_cache.shape[1], v_cache.shape[2])
-        if os.environ.get("MODEGPT_ATTN_COMBINE_FOLD", "1").strip() == "0":  # A/B: the combine as its own launch
-            counters = None
         return dispatch.rope_decode_attention(q, k, v, positions, freqs, kc, vc, slot_mapping, block_tables,
-                                              context_lens, scale, counters=counters)
+                                              context_lens, scale, counters=fold(counters))
 
     def lowrank(x, weight_a, weight_b, bias):
         return dispatch.lowrank_linear(x, weight_a, weight_b, bias)
