@@ -111,6 +111,7 @@ PYEOF
 profile1() {  # model batch tag [env...]: one step profile with per-kernel trace
   local m=$1 b=$2 tag=$3; shift 3
   env "$@" timeout ${PROFILE_TIMEOUT:-150} $PY -m server.engine.profile_step "$m" --device cuda --batch $b --trace --steps 30 \
+      --kv-cache-gb ${PROFILE_KV_GB:-4} \
       --json "$OUT/profile-$tag-b$b.json" > "$OUT/profile-$tag-b$b.log" 2>&1 || echo "profile $tag b=$b failed"
 }
 profile() {  # where a decode step goes: per-kernel device time inside the graph, host, sampler (batch 1 and 64)
@@ -231,6 +232,10 @@ s6c)  # session 6, third call (the recorded one): CUDA tests of the fixes (pick 
       --device cuda --dtype bfloat16 --batch 1 16 64 256 --steps 48 --rounds 4 --kv-cache-gb 18 \
       --json "$OUT/bench-ab-final6.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
+s6d)  # session 6, last call: where a batch-256 decode step goes, original and 30 % (per-kernel trace)
+  ckpt
+  PROFILE_KV_GB=28 PROFILE_TIMEOUT=120 profile1 random:llama-2-7b 256 original
+  PROFILE_KV_GB=28 PROFILE_TIMEOUT=120 profile1 /tmp/l7b-30 256 compressed ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

@@ -56,11 +56,11 @@ def kernel_breakdown(fn, steps: int, top: int = 30) -> dict:
 
 
 def profile_step(spec: str, device: str, steps: int = 50, dtype: torch.dtype | None = None,
-                 trace: bool = False, compile: bool = False, batch: int = 1) -> dict:
+                 trace: bool = False, compile: bool = False, batch: int = 1, kv_cache_gb: float = 4.0) -> dict:
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     loaded = load_modegpt(spec, device, dtype)
-    eng = LLMEngine(loaded.config, loaded.state_dict, device=device, dtype=dtype, kv_cache_bytes=4 << 30,
+    eng = LLMEngine(loaded.config, loaded.state_dict, device=device, dtype=dtype, kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
                     max_num_seqs=batch, max_model_len=64 + 4 * steps + 16, eos_token_id=None, compile=compile)
     vocab = int(loaded.config["vocab_size"])
     for i in range(batch):
@@ -98,8 +98,11 @@ def main(argv=None) -> int:
     p.add_argument("--trace", action="store_true", help="per-kernel device time of the graph replay")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode forward")
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    p.add_argument("--kv-cache-gb", type=float, default=4.0,
+                   help="KV cache budget; each sequence holds 64 + 4 x steps tokens (batch 256 of LLaMA-2-7B: ~26 GB)")
     a = p.parse_args(argv)
-    r = profile_step(a.model, a.device, a.steps, trace=a.trace, compile=a.compile, batch=a.batch)
+    r = profile_step(a.model, a.device, a.steps, trace=a.trace, compile=a.compile, batch=a.batch,
+                     kv_cache_gb=a.kv_cache_gb)
     print(json.dumps(r, indent=1))
     if a.json:
         with open(a.json, "w") as f:
