@@ -34,7 +34,11 @@ Policy (read per call, so tests and operators can flip it at run time):
   ``swiglu_linear`` (per shape).
 * ``add_rms_norm_linear`` / ``add_rms_norm_swiglu_mlp`` (a residual add + RMSNorm and the matmul
   after it) fold the norm into the skinny matmul at decode sizes under ``MODEGPT_FUSED_NORM=1``
-  (off by default: not yet timed on a GPU); otherwise ``add_rms_norm`` then the matmul.
+  (off by default: 4-22 % slower on the H200 at 1-16 tokens, docs/BENCHMARKS.md session 6); otherwise
+  ``add_rms_norm`` then the matmul.
+* ``decode_attention`` with ``counters`` combines a split context in its last partition (one launch);
+  ``rope_decode_attention`` also does the RoPE and the new token's cache write in that launch
+  (the engine's ``MODEGPT_ROPE_ATTENTION=1``; off by default, slower at 1 and 64 sequences on the H200).
 * On SM90+ GPUs our kernels use programmatic dependent launch (``_common.pdl_enabled``;
   ``MODEGPT_PDL=0`` turns it off): a kernel's weight loads start while the previous kernel finishes.
   So the weights given to ``linear``/``swiglu_linear``/``swiglu_mlp``/``lowrank_linear`` must not be
@@ -376,8 +380,9 @@ def swiglu_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torc
 
 def fused_norm_enabled() -> bool:
     """``MODEGPT_FUSED_NORM=1``: fold residual add + RMSNorm into the matmul after it at decode sizes
-    (:func:`add_rms_norm_linear`, :func:`add_rms_norm_swiglu_mlp`). Off by default until it has been
-    timed on a GPU (tested for correctness on the interpreter and written for the H200; read per call)."""
+    (:func:`add_rms_norm_linear`, :func:`add_rms_norm_swiglu_mlp`). Off by default: on the H200 it
+    measured 0.95-0.96x at batch 1 and 0.78-0.83x at 16 (every program re-reads the whole row for its
+    sum of squares; docs/BENCHMARKS.md, session 6). Read per call."""
     return os.environ.get(_FUSED_NORM_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
 
 
