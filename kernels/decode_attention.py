@@ -29,6 +29,15 @@ Design:
   Partitions past a sequence's length do no work and write an empty partial (lse = -inf).
 * Scores use ``exp2`` with ``scale * log2(e)`` folded into one multiply; fp32 everywhere except
   the MMA operands (16-bit inputs: P is rounded to the value dtype, as in FlashAttention).
+* ``counters`` (the engine passes one zeroed int32 buffer per model): the last partition of a
+  (sequence, KV head) to finish combines the partials itself, so a split context is one launch; it
+  finds out by an acq_rel ticket and resets the ticket, so graph replays need no memset. Measured on
+  the H200 within noise of the two-launch version (docs/BENCHMARKS.md, session 6).
+* ``rope_decode_attention_triton`` also takes the raw projection outputs: each program rotates its
+  query heads (the two rotate-half halves scored as two dot products) and the program owning the
+  newest position writes the rotated key and the value into the cache before reading it. One launch
+  instead of the RoPE launch + attention, but measured slower at 1 and 64 sequences (every program
+  recomputes the rotation the RoPE launch did once per token), so the engine keeps it opt-in.
 """
 from __future__ import annotations
 
@@ -156,7 +165,8 @@ def _attn_partition_kernel(
             cnt = cnt_ptr + b * tl.num_programs(1) + kvh
             if tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1:
                 _combine_group(o_ptr, lse_ptr, out_ptr, b, heads, g_mask, offs_e, e_mask, n_split, stride_ob,
-                               stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh, G_PAD, DV_PAD, S_PAD)
+                               stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                               G_PAD, DV_PAD, S_PAD)
                 tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch (graph replays too)
     else:
         tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_e[None, :],
@@ -237,7 +247,8 @@ def plan_splits(batch: int, kv_heads: int, capacity: int, block_n: int, device: 
 
 
 def _caches4(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (k_cache if k_cache.dim() == 4 else k_cache.unsqueeze(1)), (v_cache if v_cache.dim() == 4 else v_cache.unsqueeze(1))
+    """The caches as ``[num_blocks, block_size, Hkv, d]`` (a flat ``[num_slots, Hkv, d]`` is block size 1)."""
+    return tuple(c if c.dim() == 4 else c.unsqueeze(1) for c in (k_cache, v_cache))
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

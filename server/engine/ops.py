@@ -244,9 +244,10 @@ def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, fr
                           v_cache: Tensor, slot_mapping: Tensor, block_tables: Tensor, context_lens: Tensor,
                           scale: float, block_size: int, counters: Tensor | None = None) -> Tensor:
     """A decode-only step's attention from the projection outputs: `rope_store_kv` (RoPE, K/V into
-    the cache) then `decode_attention`; `[B, H, Dv]`. The Triton version
-    (`kernels.dispatch.rope_decode_attention`) does both in one launch; `counters` (the model's
-    `AttentionMetadata.attn_counters`) let it combine a split context in that launch too."""
+    the cache) then `decode_attention`; `[B, H, Dv]`. With the kernels this is the RoPE launch and
+    one attention launch (`counters`, the model's `AttentionMetadata.attn_counters`, let the attention
+    kernel combine a split context itself); `MODEGPT_ROPE_ATTENTION=1` makes it one launch
+    (`kernels.dispatch.rope_decode_attention`), measured slower on the H200, so opt-in."""
     qr = OPS["rope_store_kv"](q, k, v, positions, freqs, k_cache, v_cache, slot_mapping)
     return OPS["decode_attention"](qr, k_cache, v_cache, block_tables, context_lens, scale, block_size, counters)
 
@@ -293,7 +294,8 @@ def use_kernels() -> bool:
     """Route the ops the `kernels` package implements through `kernels.dispatch` (PROCESS-WIDE: the op
     table is global, so every engine of the process uses them). Covered: factorized linears
     (`lowrank_linear`), RoPE at the kept frequencies fused with the K/V cache write (`rope_qkv_`, one launch per layer),
-    a decode step's RoPE, cache write and attention in one launch (`rope_decode_attention`),
+    paged decode attention with a split context combined in the same launch (the model's counters; opt-in,
+    `MODEGPT_ROPE_ATTENTION=1`: RoPE and the cache write in that launch too, `rope_decode_attention`),
     residual add + RMSNorm (`add_rms_norm`), the SwiGLU (`silu_mul`; at decode sizes fused into the
     gate/up matmul's epilogue, `swiglu_mlp`, or into the down projection's input, `swiglu_linear`) and paged decode attention (our flat `[num_slots, Hkv, D]` caches are viewed as
     `[num_blocks, block_size, Hkv, D]`, the layout the kernels read). `kernels.dispatch` still decides

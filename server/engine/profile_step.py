@@ -60,7 +60,8 @@ def profile_step(spec: str, device: str, steps: int = 50, dtype: torch.dtype | N
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     loaded = load_modegpt(spec, device, dtype)
-    eng = LLMEngine(loaded.config, loaded.state_dict, device=device, dtype=dtype, kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
+    eng = LLMEngine(loaded.config, loaded.state_dict, device=device, dtype=dtype,
+                    kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
                     max_num_seqs=batch, max_model_len=64 + 4 * steps + 16, eos_token_id=None, compile=compile)
     vocab = int(loaded.config["vocab_size"])
     for i in range(batch):
