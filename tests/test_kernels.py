@@ -763,6 +763,26 @@ def test_precompile_builds_every_config_and_keys_like_the_autotuner(seed, monkey
     assert_close(out, x.double() @ w.double().t(), torch.bfloat16, seed, "tuned skinny")
 
 
+@pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
+def test_lowrank_configs_fit_shared_memory_in_float32():
+    """fp32 doubles every tile: the pruner keeps each low-rank config with as many pipeline stages as
+    fit (H200, session 6: the 64-row decode bucket asked for 240 KB of 227), and leaves the 16-bit
+    configs exactly as written."""
+    from kernels import lowrank
+    from kernels.autotune import pruned_configs
+
+    for configs in (lowrank._SHRINK_CONFIGS, lowrank._EXPAND_CONFIGS):
+        assert [(c.kwargs, c.num_stages) for c in lowrank._fit_smem(configs, 2)] == \
+            [(c.kwargs, c.num_stages) for c in configs]
+        fp32 = lowrank._fit_smem(configs, 4)
+        assert fp32 and all(c.num_stages * lowrank._stage_bytes(c, 4) <= lowrank._SMEM_BYTES for c in fp32)
+        assert any(c.num_stages < o.num_stages for c in fp32 for o in configs if c.kwargs == o.kwargs)
+    x, a = torch.zeros(64, 4096), torch.zeros(1024, 4096)  # fp32, the 64-row decode bucket
+    args = (x, a, x, 64, 4096, 1024, 4096, 1, 4096, 1, 64 * 1024, 1024, lowrank.m_bucket(64), 1)
+    for cfg in pruned_configs(lowrank._shrink, args, {"PRECISION": "ieee"}):
+        assert cfg.num_stages * lowrank._stage_bytes(cfg, 4) <= lowrank._SMEM_BYTES
+
+
 def test_linear_dispatch_rows_threshold(monkeypatch):
     """Above MODEGPT_SKINNY_MAX_TOKENS rows (default 16) a dense linear stays on cuBLAS/PyTorch."""
     monkeypatch.delenv("MODEGPT_SKINNY_MAX_TOKENS", raising=False)
