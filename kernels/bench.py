@@ -19,6 +19,8 @@ What is timed:
 * ``rope_qkv``: the one-launch layer op vs the two ``rope_gather_`` launches it replaced.
 * ``attention_short``: batch-1 decode attention over short contexts, the split heuristic vs one
   partition per KV head.
+* ``run_attention_sweep`` (separately): decode attention under 18 launch configurations (key tile,
+  warps, stages) against the default, batch 16-256, (d_qk, d_v) 128 / 112 / 96, contexts 128 / 1024.
 
 How: decode sizes (tokens / batch <= 256) are captured in a CUDA graph and timed over graph
 replays (what a graph-captured engine sees: no Python, launch gaps inside the graph included);
@@ -220,9 +222,9 @@ def _gather_sdpa(q, kc, vc, tables, lens, scale):
         q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=hkv != H)[:, :, 0]
 
 
-def _attention_case(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtype) -> dict:
-    from .decode_attention import decode_attention_triton, plan_splits
-
+def _attention_inputs(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtype):
+    """32 heads (MHA) over a paged cache of block size 16, with enough block tables over distinct
+    blocks to defeat L2: ``(q, k_cache, v_cache, tables, lens, bytes moved, flops)``."""
     H = hkv = 32
     dqk, dv = dims
     bs = 16
@@ -237,9 +239,19 @@ def _attention_case(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtype)
     tables = [perm[i * B * blocks:(i + 1) * B * blocks].view(B, blocks) for i in range(n)]
     lens = torch.full((B,), ctx, device=dev, dtype=torch.int32)
     q = torch.randn(B, H, dqk, device=dev, dtype=dtype)
+    return q, kc, vc, tables, lens, kv_bytes + B * H * (dqk + dv) * esz, 2.0 * B * H * ctx * (dqk + dv)
+
+
+def _attention_case(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtype) -> dict:
+    from .decode_attention import decode_attention_triton, plan_splits
+
+    H = hkv = 32
+    dqk, dv = dims
+    bs = 16
+    dev = torch.device("cuda")
+    q, kc, vc, tables, lens, nbytes, flops = _attention_inputs(dims, B, ctx, dtype)
+    n = len(tables)
     scale = 128 ** -0.5
-    nbytes = kv_bytes + B * H * (dqk + dv) * esz
-    flops = 2.0 * B * H * ctx * (dqk + dv)
     o_tri = decode_attention_triton(q, kc, vc, tables[0], lens, scale)
     case = {"kernel": "decode_attention", "heads": H, "kv_heads": hkv, "d_qk": dqk, "d_v": dv, "batch": B,
             "context": ctx, "block_size": bs, "dtype": str(dtype), "timing": "cuda_graph",
@@ -498,6 +510,79 @@ def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.d
     results["total_s"] = round(time.time() - t0, 1)
     _write(out_path, results)
     print(f"{len(results['cases'])} cases in {results['total_s']} s -> {out_path}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# decode attention launch configurations (session 6: at batch 256 it moved the KV cache at ~2.5 TB/s)
+# ------------------------------------------------------------------------------------------------
+ATTENTION_SWEEP_CONFIGS = [{"BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                           for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+ATTENTION_SWEEP_CASES = [(B, dims, ctx) for B in (256, 64, 16) for ctx in (128, 1024)
+                         for dims in ((128, 128), (112, 112), (96, 96))]
+
+
+def run_attention_sweep(out_path: str, time_budget_s: float = 240.0, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Time ``decode_attention_triton`` under every launch configuration of ``ATTENTION_SWEEP_CONFIGS``
+    against ``decode_attention.DEFAULT_CONFIG`` for each case (batch, (d_qk, d_v), context) of
+    ``ATTENTION_SWEEP_CASES``, 32 heads, CUDA graphs, L2 defeated; each case records its timings,
+    achieved TB/s, the best configuration and its speedup, and that its output matches the default's.
+    Writes JSON after every case; cases past the budget are recorded as skipped."""
+    from .decode_attention import DEFAULT_CONFIG, decode_attention_triton
+
+    t0 = time.time()
+    results: dict = {"kind": "attention_sweep", "dtype": str(dtype), "torch": torch.__version__,
+                     "default_config": DEFAULT_CONFIG, "configs": ATTENTION_SWEEP_CONFIGS, "cases": []}
+    if not torch.cuda.is_available():
+        results["error"] = "CUDA is not available: nothing to benchmark"
+        _write(out_path, results)
+        return results
+    results["device"] = torch.cuda.get_device_name()
+    torch.manual_seed(0)
+    for B, dims, ctx in ATTENTION_SWEEP_CASES:
+        case: dict = {"batch": B, "d_qk": dims[0], "d_v": dims[1], "context": ctx}
+        if time.time() - t0 > time_budget_s:
+            results["cases"].append(dict(case, skipped="time budget exhausted"))
+            continue
+        try:
+            q, kc, vc, tables, lens, nbytes, flops = _attention_inputs(dims, B, ctx, dtype)
+            ref = decode_attention_triton(q, kc, vc, tables[0], lens, 128 ** -0.5)
+            timings = {}
+            for cfg in [DEFAULT_CONFIG] + [c for c in ATTENTION_SWEEP_CONFIGS if c != DEFAULT_CONFIG]:
+                name = "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**cfg)
+                try:
+                    out = decode_attention_triton(q, kc, vc, tables[0], lens, 128 ** -0.5, config=cfg)
+                    if _rel(out, ref) > 1e-2:
+                        timings[name] = {"error": f"output differs from the default's by {_rel(out, ref):.2e}"}
+                        continue
+                    us = _time_graph([lambda i=i, c=cfg: decode_attention_triton(q, kc, vc, tables[i], lens,
+                                                                                    128 ** -0.5, config=c)
+                                      for i in range(len(tables))])
+                    timings[name] = {"us": us, "TBps": nbytes / (us * 1e-6) / 1e12}
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record, go on
+                    timings[name] = {"error": repr(exc)[:300]}
+                    torch.cuda.synchronize()
+            ok = {k: v for k, v in timings.items() if "us" in v}
+            default = "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**DEFAULT_CONFIG)
+            best = min(ok, key=lambda k: ok[k]["us"])
+            case.update(bytes=nbytes, flops=flops, timings=timings, best=best,
+                        best_speedup_vs_default=ok[default]["us"] / ok[best]["us"] if default in ok else None)
+            del q, kc, vc, tables
+        except Exception as exc:  # noqa: BLE001
+            case["error"] = repr(exc)[:500]
+            torch.cuda.synchronize()
+        case["wall_s"] = round(time.time() - t0, 1)
+        results["cases"].append(case)
+        if "best" in case:
+            d = case["timings"].get(default, {})
+            print(f"attention B={B} {dims} ctx={ctx}: default {d.get('us', float('nan')):.1f} us "
+                  f"({d.get('TBps', float('nan')):.2f} TB/s), best {case['best']} "
+                  f"{case['timings'][case['best']]['us']:.1f} us ({case['timings'][case['best']]['TBps']:.2f} TB/s), "
+                  f"x{case['best_speedup_vs_default']:.2f}", flush=True)
+        torch.cuda.empty_cache()
+        _write(out_path, results)
+    results["total_s"] = round(time.time() - t0, 1)
+    _write(out_path, results)
     return results
 
 

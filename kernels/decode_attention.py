@@ -254,17 +254,19 @@ def _caches4(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, *, max_context_len: int | None = None,
-                            num_splits: int | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, counters: torch.Tensor | None = None,
+                            config: dict | None = None) -> torch.Tensor:
     """Triton path of :func:`kernels.dispatch.decode_attention`.
 
     ``max_context_len`` (a host int, optional) bounds the partitions more tightly than the block
     table's capacity; ``num_splits`` overrides the split heuristic (tests, tuning). ``counters``: a
     zeroed int32 tensor of at least ``B * Hkv`` elements that no concurrent launch uses; with it a
     split context is combined by its last partition (one launch instead of two), and the counters
-    are zero again afterwards.
+    are zero again afterwards. ``config`` overrides the launch configuration (``BLOCK_N``,
+    ``num_warps``, ``num_stages``; :data:`DEFAULT_CONFIG` otherwise): for ``kernels.bench``'s sweep.
     """
     return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, None,
-                   counters)
+                   counters, config)
 
 
 def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -295,8 +297,26 @@ def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                    (positions, inv_freq, slot_mapping, kr, vr), counters)
 
 
+# The launch configuration every call uses. Keys tiles of 64 (16 under the interpreter, so loops run
+# several iterations on small test shapes), 4 warps, 2 stages; `kernels.bench.run_attention_sweep` times
+# the alternatives (session 6: at batch 256 the kernel moved the KV cache at only ~2.5 TB/s).
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def _launch_config(config: dict | None) -> dict:
+    cfg = dict(DEFAULT_CONFIG, **({"BLOCK_N": 16} if interpret_mode() else {}))
+    if config:
+        unknown = set(config) - set(DEFAULT_CONFIG)
+        if unknown:
+            raise ValueError(f"unknown attention config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
+        cfg.update(config)
+    if cfg["BLOCK_N"] < 16 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1):
+        raise ValueError(f"BLOCK_N must be a power of two >= 16, got {cfg['BLOCK_N']}")
+    return cfg
+
+
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, rope,
-            counters=None):
+            counters=None, config=None):
     B, H, dqk = q.shape
     kc, vc = _caches4(k_cache, v_cache)
     _, block_size, hkv, dqk_c = kc.shape
@@ -327,12 +347,12 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     if max_context_len is not None:
         capacity = min(capacity, int(max_context_len))
     capacity = max(capacity, 1)
-    block_n = 16 if interpret_mode() else 64
-    splits, part_len = plan_splits(B, hkv, capacity, block_n, q.device, num_splits)
+    cfg = _launch_config(config)
+    splits, part_len = plan_splits(B, hkv, capacity, cfg["BLOCK_N"], q.device, num_splits)
     g_pad, dqk_pad, dv_pad = max(16, next_pow2(group)), max(16, next_pow2(dqk)), max(16, next_pow2(dv))
-    meta = dict(G_PAD=g_pad, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=block_n,
+    meta = dict(G_PAD=g_pad, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
                 PRECISION=dot_precision(q.dtype), ROPE=rope is not None, HALF_PAD=max(16, next_pow2(dqk // 2)),
-                num_warps=4, num_stages=2, **pdl_meta(q.device))
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))
     common = (q, kc, vc, block_tables, context_lens)
     sizes = (group, block_size, part_len, float(scale) * _LOG2E,

@@ -12,6 +12,7 @@
 #   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
 #   bash kernels/run_h200.sh pdl-ab    # session 5: PDL on/off x original/compressed, rotating rounds, + profiles
 #   bash kernels/run_h200.sh final5    # session 5: changed-area CUDA tests, original vs 30 % A/B, profiles
+#   bash kernels/run_h200.sh attn-sweep  # next: decode attention launch configs at batch 16-256
 #   bash kernels/run_h200.sh s6c       # session 6, recorded: CUDA tests, original vs 30 % at 1/16/64/256, combine fold A/B
 #   bash kernels/run_h200.sh s6b       # session 6: RoPE + attention (+ combine) in one launch: CUDA tests, A/B
 #   bash kernels/run_h200.sh s6a       # session 6: folded-norm A/B, CUDA tests of unverified code, Triton cache back
@@ -236,11 +237,16 @@ s6d)  # session 6, last call: where a batch-256 decode step goes, original and 3
   ckpt
   PROFILE_KV_GB=28 PROFILE_TIMEOUT=120 profile1 random:llama-2-7b 256 original
   PROFILE_KV_GB=28 PROFILE_TIMEOUT=120 profile1 /tmp/l7b-30 256 compressed ;;
+attn-sweep)  # prepared in session 6 for the next: decode attention launch configs at batch 16-256 (the
+  # batch-256 step spends half its graph in attention, at ~2.5 TB/s), then its CUDA tests
+  timeout ${SWEEP_TIMEOUT:-300} $PY -c "from kernels.bench import run_attention_sweep
+run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-240})" 2>&1 | tee "$OUT/kernels-h200.log"
+  TEST_TIMEOUT=120 tests 150 4 tests/test_kernels.py -k "attention" ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)
   $PY -m compressor.cli bench compress random:llama-2-13b --ratio 0.3 --device cuda --workdir /tmp/bc \
       --json "$OUT/bench-compress-13b-h200.json" --quiet 2>&1 | tee "$OUT/bench-compress-13b.log"
   ;;
-*) echo "usage: $0 tests|kernels|engine|profile|engine-on+profile|iterate|iterate2|final|final2|all|compress13b" >&2; exit 2 ;;
+*) echo "usage: $0 MODE (modes: the header of this file; e.g. tests, kernels, engine, profile, s6c, attn-sweep)" >&2; exit 2 ;;
 esac

@@ -1023,6 +1023,27 @@ def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("config", [{"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128},
+                                    {"num_stages": 4}], ids=["32-8w-3s", "128", "4s"])
+def test_triton_decode_attention_launch_configs(seed, force_triton, config):
+    """The launch configurations kernels.bench.run_attention_sweep times are all correct (split and
+    unsplit, a ragged last tile); a bad one is refused before anything launches."""
+    from kernels.decode_attention import decode_attention_triton
+
+    H, hkv, dqk, dv = ATTN_SMALL[0]
+    lens = torch.tensor([70, 1, 33])
+    q, kc, vc, tables, lens = attention_inputs(3, H, hkv, dqk, dv, torch.float32, TRITON_DEVICE, 80, lens=lens)
+    ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
+    for splits in (1, 3):
+        out = nan_like((3, H, dv), torch.float32, TRITON_DEVICE)
+        decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config)
+        assert_close(out, ref, torch.float32, seed, f"decode attention {config} splits={splits}")
+    for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}):
+        with pytest.raises(ValueError):
+            decode_attention_triton(q, kc, vc, tables, lens, 0.3, config=bad)
+
+
+@needs_triton
 def test_triton_rope_then_attention_flat_cache(seed, force_triton):
     """End to end on a flat [num_slots, Hkv, d] cache: keys written by rope_gather_ at scattered
     slots, read back by decode_attention through a per-position slot table (block_size 1)."""
