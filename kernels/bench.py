@@ -522,6 +522,10 @@ ATTENTION_SWEEP_CASES = [(B, dims, ctx) for B in (256, 64, 16) for ctx in (128, 
                          for dims in ((128, 128), (112, 112), (96, 96))]
 
 
+def _config_name(cfg: dict) -> str:
+    return "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**cfg)
+
+
 def run_attention_sweep(out_path: str, time_budget_s: float = 240.0, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Time ``decode_attention_triton`` under every launch configuration of ``ATTENTION_SWEEP_CONFIGS``
     against ``decode_attention.DEFAULT_CONFIG`` for each case (batch, (d_qk, d_v), context) of
@@ -549,7 +553,7 @@ def run_attention_sweep(out_path: str, time_budget_s: float = 240.0, dtype: torc
             ref = decode_attention_triton(q, kc, vc, tables[0], lens, 128 ** -0.5)
             timings = {}
             for cfg in [DEFAULT_CONFIG] + [c for c in ATTENTION_SWEEP_CONFIGS if c != DEFAULT_CONFIG]:
-                name = "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**cfg)
+                name = _config_name(cfg)
                 try:
                     out = decode_attention_triton(q, kc, vc, tables[0], lens, 128 ** -0.5, config=cfg)
                     if _rel(out, ref) > 1e-2:
@@ -563,7 +567,7 @@ def run_attention_sweep(out_path: str, time_budget_s: float = 240.0, dtype: torc
                     timings[name] = {"error": repr(exc)[:300]}
                     torch.cuda.synchronize()
             ok = {k: v for k, v in timings.items() if "us" in v}
-            default = "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**DEFAULT_CONFIG)
+            default = _config_name(DEFAULT_CONFIG)
             best = min(ok, key=lambda k: ok[k]["us"])
             case.update(bytes=nbytes, flops=flops, timings=timings, best=best,
                         best_speedup_vs_default=ok[default]["us"] / ok[best]["us"] if default in ok else None)

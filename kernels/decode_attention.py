@@ -99,7 +99,6 @@ def _attn_partition_kernel(
         q2 = tl.load(qrow + HALF, mask=qm, other=0.0)
         qa = (q1.to(tl.float32) * c[None, :] - q2.to(tl.float32) * sn[None, :]).to(q1.dtype)
         qb = (q2.to(tl.float32) * c[None, :] + q1.to(tl.float32) * sn[None, :]).to(q1.dtype)
-        q = qa  # unused below under ROPE; keeps one definition of q for the compiler
         slot = tl.load(slot_ptr + b).to(tl.int64)
         if (slot >= 0) & (seq_len > 0) & ((seq_len - 1) // part_len == sp):
             kn = kn_ptr + b * stride_knb + kvh * stride_knh + offs_i

@@ -387,7 +387,7 @@ def fused_norm_enabled() -> bool:
 
 
 def _fused_norm_ok(x, delta, norm_weight, weight, bias, rows) -> bool:
-    return (fused_norm_enabled() and _skinny_ok(x, weight, bias, rows) and kernels_mode() != "torch"
+    return (fused_norm_enabled() and _skinny_ok(x, weight, bias, rows)
             and backend_for(x, delta, norm_weight, weight, bias) == "triton" and norm_weight.dtype == x.dtype
             and norm_weight.dim() == 1 and norm_weight.shape[0] == x.shape[-1] and norm_weight.stride(0) == 1
             and (delta is None or (delta.dtype == x.dtype and delta.shape == x.shape))

@@ -310,11 +310,12 @@ def use_kernels() -> bool:
     def fold(counters):  # A/B switch: MODEGPT_ATTN_COMBINE_FOLD=0 keeps the split combine as its own launch
         return None if os.environ.get("MODEGPT_ATTN_COMBINE_FOLD", "1").strip() == "0" else counters
 
+    def paged(cache, block_size):  # our flat [num_slots, Hkv, D] cache as the kernels' [blocks, block_size, Hkv, D]
+        return cache.view(-1, block_size, cache.shape[1], cache.shape[2])
+
     def decode(q, k_cache, v_cache, block_tables, context_lens, scale, block_size, counters=None):
-        kc = k_cache.view(-1, block_size, k_cache.shape[1], k_cache.shape[2])
-        vc = v_cache.view(-1, block_size, v_cache.shape[1], v_cache.shape[2])
-        return dispatch.decode_attention(q.contiguous(), kc, vc, block_tables, context_lens, scale,
-                                         counters=fold(counters))
+        return dispatch.decode_attention(q.contiguous(), paged(k_cache, block_size), paged(v_cache, block_size),
+                                         block_tables, context_lens, scale, counters=fold(counters))
 
     def rope_decode(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale,
                     block_size, counters=None):
@@ -324,9 +325,8 @@ def use_kernels() -> bool:
         if os.environ.get("MODEGPT_ROPE_ATTENTION", "0").strip() != "1":
             return rope_decode_attention(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables,
                                          context_lens, scale, block_size, counters)
-        kc = k_cache.view(-1, block_size, k_cache.shape[1], k_cache.shape[2])
-        vc = v_cache.view(-1, block_size, v_cache.shape[1], v_cache.shape[2])
-        return dispatch.rope_decode_attention(q, k, v, positions, freqs, kc, vc, slot_mapping, block_tables,
+        return dispatch.rope_decode_attention(q, k, v, positions, freqs, paged(k_cache, block_size),
+                                              paged(v_cache, block_size), slot_mapping, block_tables,
                                               context_lens, scale, counters=fold(counters))
 
     def lowrank(x, weight_a, weight_b, bias):
