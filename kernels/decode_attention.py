@@ -42,6 +42,7 @@ Design:
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import triton
@@ -66,7 +67,7 @@ def _attn_partition_kernel(
         DQK: tl.constexpr, DV: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
         SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, HALF_PAD: tl.constexpr,
-        FOLD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
+        FOLD: tl.constexpr, S_PAD: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, KV head, partition). ``ROPE``: ``q`` is the projection output before RoPE and the
     new token's key/value rows (``kn``/``vn``) are not in the cache yet: the program rotates its query
     heads itself (rotate-half pairs ``(i, i + DQK/2)`` at ``freq[kvh]``, rounded to the input dtype
@@ -74,7 +75,10 @@ def _attn_partition_kernel(
     partition holds position ``len - 1`` writes the rotated key and the value into ``slot`` first.
     ``FOLD`` (with ``SPLIT``): the last partition of a (sequence, KV head) to finish, counted by
     ``cnt`` (zero before the launch, zero again after it), combines the partials into ``out``, so
-    no second launch is needed."""
+    no second launch is needed. ``DOT=False`` (not with ``ROPE``): scores and the value sum on the CUDA
+    cores (fp32 products reduced over the tile), no tensor-core tile and so no padding of the query
+    heads to 16 rows and no staging of K/V tiles in shared memory; ``G_PAD`` is then the group itself
+    rounded up to a power of two (1 for multi-head attention)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -134,10 +138,14 @@ def _attn_partition_kernel(
             ka = tl.load(k_ptr + k_rows[None, :] + offs_i[:, None], mask=km, other=0.0)  # [HALF_PAD, BLOCK_N]
             kb = tl.load(k_ptr + k_rows[None, :] + HALF + offs_i[:, None], mask=km, other=0.0)
             s = mma(qb, kb, mma(qa, ka, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION), PRECISION)
-        else:
+        elif DOT:
             kt = tl.load(k_ptr + k_rows[None, :] + offs_d[:, None],
                          mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK_PAD, BLOCK_N]
             s = mma(q, kt, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
+        else:
+            kr = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :],
+                         mask=p_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, DQK_PAD]
+            s = tl.sum(q.to(tl.float32)[:, None, :] * kr.to(tl.float32)[None, :, :], axis=2)
         s = s * scale_log2
         s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every iteration has a valid key
@@ -147,7 +155,10 @@ def _attn_partition_kernel(
         v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + kvh * stride_vh, ALIGN_V)
         vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
                      mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV_PAD]
-        acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
+        if DOT:
+            acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
 
     nonempty = l_i > 0.0
@@ -254,7 +265,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, *, max_context_len: int | None = None,
                             num_splits: int | None = None, counters: torch.Tensor | None = None,
-                            config: dict | None = None) -> torch.Tensor:
+                            config: dict | None = None, compile_only: bool = False) -> torch.Tensor:
     """Triton path of :func:`kernels.dispatch.decode_attention`.
 
     ``max_context_len`` (a host int, optional) bounds the partitions more tightly than the block
@@ -262,10 +273,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     zeroed int32 tensor of at least ``B * Hkv`` elements that no concurrent launch uses; with it a
     split context is combined by its last partition (one launch instead of two), and the counters
     are zero again afterwards. ``config`` overrides the launch configuration (``BLOCK_N``,
-    ``num_warps``, ``num_stages``; :data:`DEFAULT_CONFIG` otherwise): for ``kernels.bench``'s sweep.
+    ``num_warps``, ``num_stages``, ``DOT``; :data:`DEFAULT_CONFIG` otherwise): for ``kernels.bench``'s
+    sweep, which also uses ``compile_only`` (compile the kernels this call would launch, launch
+    nothing: under Triton's ``AsyncCompileMode`` many configurations compile in parallel).
     """
     return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, None,
-                   counters, config)
+                   counters, config, compile_only)
 
 
 def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -299,7 +312,22 @@ def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 # The launch configuration every call uses. Keys tiles of 64 (16 under the interpreter, so loops run
 # several iterations on small test shapes), 4 warps, 2 stages; `kernels.bench.run_attention_sweep` times
 # the alternatives (session 6: at batch 256 the kernel moved the KV cache at only ~2.5 TB/s).
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DOT": True}
+
+
+def config_name(cfg: dict) -> str:
+    """``"BLOCK_N/<warps>w/<stages>s"`` plus ``"/cc"`` for the CUDA-core path: the names of
+    ``kernels.bench``'s sweep and of ``MODEGPT_ATTN_CONFIG`` (:func:`parse_config`)."""
+    cfg = dict(DEFAULT_CONFIG, **cfg)
+    return "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**cfg) + ("" if cfg["DOT"] else "/cc")
+
+
+def parse_config(name: str) -> dict:
+    """The launch configuration a :func:`config_name` names (``"32/4w/1s/cc"``), or ValueError."""
+    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s(/cc)?", name.strip())
+    if m is None:
+        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s[/cc], e.g. 64/4w/2s")
+    return _launch_config({"BLOCK_N": int(m[1]), "num_warps": int(m[2]), "num_stages": int(m[3]), "DOT": not m[4]})
 
 
 def _launch_config(config: dict | None) -> dict:
@@ -311,11 +339,20 @@ def _launch_config(config: dict | None) -> dict:
         cfg.update(config)
     if cfg["BLOCK_N"] < 16 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1):
         raise ValueError(f"BLOCK_N must be a power of two >= 16, got {cfg['BLOCK_N']}")
+    if not isinstance(cfg["DOT"], bool):
+        raise ValueError(f"DOT must be True (tensor-core tiles) or False (CUDA cores), got {cfg['DOT']!r}")
     return cfg
 
 
+def _start(kernel, grid, compile_only: bool, *args, **kwargs) -> None:
+    if compile_only:
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, num_splits, rope,
-            counters=None, config=None):
+            counters=None, config=None, compile_only=False):
     B, H, dqk = q.shape
     kc, vc = _caches4(k_cache, v_cache)
     _, block_size, hkv, dqk_c = kc.shape
@@ -347,9 +384,11 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
         capacity = min(capacity, int(max_context_len))
     capacity = max(capacity, 1)
     cfg = _launch_config(config)
+    dot = cfg["DOT"] or rope is not None  # the RoPE variant scores its two halves as tensor-core dots
     splits, part_len = plan_splits(B, hkv, capacity, cfg["BLOCK_N"], q.device, num_splits)
-    g_pad, dqk_pad, dv_pad = max(16, next_pow2(group)), max(16, next_pow2(dqk)), max(16, next_pow2(dv))
-    meta = dict(G_PAD=g_pad, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
+    g_pad = max(16, next_pow2(group)) if dot else next_pow2(group)
+    dqk_pad, dv_pad = max(16, next_pow2(dqk)), max(16, next_pow2(dv))
+    meta = dict(G_PAD=g_pad, DOT=dot, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
                 PRECISION=dot_precision(q.dtype), ROPE=rope is not None, HALF_PAD=max(16, next_pow2(dqk // 2)),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))
@@ -359,7 +398,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
              vc.stride(0), vc.stride(1), vc.stride(2), block_tables.stride(0))
     s_pad = max(2, next_pow2(splits))
     if splits == 1:
-        _attn_partition_kernel[(B, hkv, 1)](
+        _start(_attn_partition_kernel, (B, hkv, 1), compile_only,
             *common, out, out, *extra, out, context_lens, *sizes, out.stride(0), out.stride(1), 0, 0, 0,
             *extra_strides, 0, 0, SPLIT=False, FOLD=False, S_PAD=s_pad, **meta)
         return out
@@ -368,12 +407,12 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     fold = counters is not None
     if fold and (counters.dtype != torch.int32 or counters.numel() < B * hkv or not counters.is_contiguous()):
         raise ValueError(f"counters must be a contiguous int32 tensor of at least {B * hkv} zeros")
-    _attn_partition_kernel[(B, hkv, splits)](
+    _start(_attn_partition_kernel, (B, hkv, splits), compile_only,
         *common, part, lse, *extra, out, counters if fold else context_lens, *sizes, part.stride(0), part.stride(1),
         part.stride(2), lse.stride(0), lse.stride(1), *extra_strides, out.stride(0), out.stride(1),
         SPLIT=True, FOLD=fold, S_PAD=s_pad, **meta)
     if not fold:
-        _combine_kernel[(B, H)](
+        _start(_combine_kernel, (B, H), compile_only,
             part, lse, out, splits, dv, part.stride(0), part.stride(1), part.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
             S_PAD=s_pad, DV_PAD=dv_pad, num_warps=4, **pdl_meta(q.device))

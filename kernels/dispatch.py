@@ -60,7 +60,7 @@ from ._common import HAVE_TRITON, SUPPORTED_DTYPES, interpret_mode
 if HAVE_TRITON:
     # Imported eagerly: a lazy ``from .decode_attention import ...`` would rebind the package
     # attribute ``kernels.decode_attention`` from this module's function to the submodule.
-    from .decode_attention import decode_attention_triton, rope_decode_attention_triton
+    from .decode_attention import decode_attention_triton, parse_config, rope_decode_attention_triton
     from .fused_norm import add_rms_norm_triton, silu_mul_triton
     from .lowrank import lowrank_linear_triton
     from .rope import rope_gather_triton_, rope_qkv_triton_
@@ -71,6 +71,7 @@ _ENV = "MODEGPT_KERNELS"
 _LOWRANK_MAX_ENV = "MODEGPT_LOWRANK_TRITON_MAX_TOKENS"
 _SKINNY_MAX_ENV = "MODEGPT_SKINNY_MAX_TOKENS"
 _FUSED_NORM_ENV = "MODEGPT_FUSED_NORM"
+_ATTN_CONFIG_ENV = "MODEGPT_ATTN_CONFIG"
 _warned: set[str] = set()
 
 
@@ -232,6 +233,14 @@ def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
                 (q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping), ok)
 
 
+def attention_config() -> dict | None:
+    """``MODEGPT_ATTN_CONFIG`` (e.g. ``32/4w/1s/cc``, see ``decode_attention.parse_config``): one launch
+    configuration for every decode attention call, for A/B runs; None (the kernel's own choice) when
+    unset. A malformed value raises ValueError."""
+    name = os.environ.get(_ATTN_CONFIG_ENV, "").strip()
+    return parse_config(name) if name and HAVE_TRITON else None
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, max_context_len: int | None = None,
@@ -252,9 +261,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
           and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
           and block_tables.stride(-1) == 1)
 
+    config = attention_config()
+
     def tri():
         return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out,
-                                       max_context_len=max_context_len, counters=counters)
+                                       max_context_len=max_context_len, counters=counters, config=config)
 
     def ref():
         return reference.decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, out)

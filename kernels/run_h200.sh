@@ -12,7 +12,8 @@
 #   bash kernels/run_h200.sh pdl       # session 5: PDL tests, low-rank decode with/without PDL, engine
 #   bash kernels/run_h200.sh pdl-ab    # session 5: PDL on/off x original/compressed, rotating rounds, + profiles
 #   bash kernels/run_h200.sh final5    # session 5: changed-area CUDA tests, original vs 30 % A/B, profiles
-#   bash kernels/run_h200.sh attn-sweep  # next: decode attention launch configs at batch 16-256
+#   bash kernels/run_h200.sh attn-sweep  # decode attention launch configs at batch 16-256, then its CUDA tests
+#   bash kernels/run_h200.sh s7a       # session 7: the attention sweep, its best config end to end at 64/256, tests
 #   bash kernels/run_h200.sh s6c       # session 6, recorded: CUDA tests, original vs 30 % at 1/16/64/256, combine fold A/B
 #   bash kernels/run_h200.sh s6b       # session 6: RoPE + attention (+ combine) in one launch: CUDA tests, A/B
 #   bash kernels/run_h200.sh s6a       # session 6: folded-norm A/B, CUDA tests of unverified code, Triton cache back
@@ -242,6 +243,28 @@ attn-sweep)  # prepared in session 6 for the next: decode attention launch confi
   timeout ${SWEEP_TIMEOUT:-300} $PY -c "from kernels.bench import run_attention_sweep
 run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-240})" 2>&1 | tee "$OUT/kernels-h200.log"
   TEST_TIMEOUT=120 tests 150 4 tests/test_kernels.py -k "attention" ;;
+s7a)  # session 7, first call: the decode attention sweep (tensor-core and CUDA-core paths, 36 launch
+  # configurations, batch 256 first), then the original and the 30 % checkpoint with the sweep's best
+  # configuration at batch 64 and 256 (MODEGPT_ATTN_CONFIG) against the default, then the CUDA tests of
+  # the attention kernels
+  ckpt &
+  timeout ${SWEEP_TIMEOUT:-230} $PY -c "from kernels.bench import run_attention_sweep
+run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-170})" 2>&1 | tee "$OUT/kernels-h200.log"
+  wait
+  BEST=$($PY -c "import json, math
+d = json.load(open('$OUT/attention-sweep-h200.json'))
+cases = [c for c in d['cases'] if 'timings' in c and c['batch'] >= 64 and c['context'] == 128]
+names = set.intersection(*[{k for k, v in c['timings'].items() if 'us' in v} for c in cases])
+score = {n: sum(math.log(c['timings'][n]['us']) for c in cases) for n in names}
+print(min(score, key=score.get))" 2>> "$OUT/run.log")
+  echo "best attention config at batch >= 64, context 128: ${BEST:-none}" | tee -a "$OUT/run.log"
+  if [ -n "$BEST" ]; then
+    timeout ${AB_TIMEOUT:-230} $PY -m server.engine.bench_ab random:llama-2-7b "random:llama-2-7b@MODEGPT_ATTN_CONFIG=$BEST" \
+        /tmp/l7b-30 "/tmp/l7b-30@MODEGPT_ATTN_CONFIG=$BEST" --device cuda --dtype bfloat16 --batch 64 256 --steps 48 \
+        --rounds 3 --kv-cache-gb 18 --json "$OUT/bench-ab-attn-config.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  fi
+  TEST_TIMEOUT=60 tests ${TESTS_TIMEOUT:-80} 4 tests/test_kernels.py -k "attention"
+  tcache_out ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

@@ -1024,21 +1024,25 @@ def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128},
-                                    {"num_stages": 4}], ids=["32-8w-3s", "128", "4s"])
-def test_triton_decode_attention_launch_configs(seed, force_triton, config):
+                                    {"num_stages": 4}, {"DOT": False}, {"DOT": False, "BLOCK_N": 32, "num_warps": 2}],
+                         ids=["32-8w-3s", "128", "4s", "cuda-cores", "cuda-cores-32-2w"])
+@pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24)], ids=["gqa3", "mha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_decode_attention_launch_configs(seed, force_triton, config, heads, dtype):
     """The launch configurations kernels.bench.run_attention_sweep times are all correct (split and
-    unsplit, a ragged last tile); a bad one is refused before anything launches."""
+    unsplit, a ragged last tile, grouped and multi-head, the tensor-core and the CUDA-core paths); a
+    bad one is refused before anything launches."""
     from kernels.decode_attention import decode_attention_triton
 
-    H, hkv, dqk, dv = ATTN_SMALL[0]
+    H, hkv, dqk, dv = heads
     lens = torch.tensor([70, 1, 33])
-    q, kc, vc, tables, lens = attention_inputs(3, H, hkv, dqk, dv, torch.float32, TRITON_DEVICE, 80, lens=lens)
+    q, kc, vc, tables, lens = attention_inputs(3, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
     for splits in (1, 3):
-        out = nan_like((3, H, dv), torch.float32, TRITON_DEVICE)
+        out = nan_like((3, H, dv), dtype, TRITON_DEVICE)
         decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config)
-        assert_close(out, ref, torch.float32, seed, f"decode attention {config} splits={splits}")
-    for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}):
+        assert_close(out, ref, dtype, seed, f"decode attention {config} {heads} splits={splits}")
+    for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}, {"DOT": 0}):
         with pytest.raises(ValueError):
             decode_attention_triton(q, kc, vc, tables, lens, 0.3, config=bad)
 
@@ -1187,3 +1191,27 @@ def test_triton_suite_in_interpreter():
     assert res.returncode == 0, f"interpreter suite failed (rc={res.returncode}):\n{tail}"
     assert " passed" in res.stdout and " failed" not in res.stdout, tail
     print(f"interpreter suite: {res.stdout.strip().splitlines()[-1]} ({time.time() - t0:.0f}s)")
+
+
+@needs_triton
+def test_attention_config_names_round_trip_and_the_env_override(seed, force_triton, monkeypatch):
+    """Every configuration the sweep times has a name MODEGPT_ATTN_CONFIG accepts back; the env override
+    reaches the kernel through kernels.decode_attention (same output as the float64 reference) and a
+    malformed value is a clear ValueError, not a silent fallback."""
+    from kernels.bench import ATTENTION_SWEEP_CONFIGS
+    from kernels.decode_attention import config_name, parse_config
+
+    for cfg in ATTENTION_SWEEP_CONFIGS:
+        assert parse_config(config_name(cfg)) == cfg
+    for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/tc", "x/4w/2s"):
+        with pytest.raises(ValueError):
+            parse_config(bad)
+    H, hkv, dqk, dv = 4, 4, 40, 24
+    q, kc, vc, tables, lens = attention_inputs(2, H, hkv, dqk, dv, torch.float32, TRITON_DEVICE, 50,
+                                               lens=torch.tensor([50, 17]))
+    ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
+    monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w/1s/cc")
+    assert_close(kernels.decode_attention(q, kc, vc, tables, lens, 0.3), ref, torch.float32, seed, "env config")
+    monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w")
+    with pytest.raises(ValueError):
+        kernels.decode_attention(q, kc, vc, tables, lens, 0.3)
