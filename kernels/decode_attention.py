@@ -67,7 +67,7 @@ def _attn_partition_kernel(
         DQK: tl.constexpr, DV: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
         SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, HALF_PAD: tl.constexpr,
-        FOLD: tl.constexpr, S_PAD: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+        FOLD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, KV head, partition). ``ROPE``: ``q`` is the projection output before RoPE and the
     new token's key/value rows (``kn``/``vn``) are not in the cache yet: the program rotates its query
     heads itself (rotate-half pairs ``(i, i + DQK/2)`` at ``freq[kvh]``, rounded to the input dtype
@@ -75,10 +75,7 @@ def _attn_partition_kernel(
     partition holds position ``len - 1`` writes the rotated key and the value into ``slot`` first.
     ``FOLD`` (with ``SPLIT``): the last partition of a (sequence, KV head) to finish, counted by
     ``cnt`` (zero before the launch, zero again after it), combines the partials into ``out``, so
-    no second launch is needed. ``DOT=False`` (not with ``ROPE``): scores and the value sum on the CUDA
-    cores (fp32 products reduced over the tile), no tensor-core tile and so no padding of the query
-    heads to 16 rows and no staging of K/V tiles in shared memory; ``G_PAD`` is then the group itself
-    rounded up to a power of two (1 for multi-head attention)."""
+    no second launch is needed."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -138,14 +135,10 @@ def _attn_partition_kernel(
             ka = tl.load(k_ptr + k_rows[None, :] + offs_i[:, None], mask=km, other=0.0)  # [HALF_PAD, BLOCK_N]
             kb = tl.load(k_ptr + k_rows[None, :] + HALF + offs_i[:, None], mask=km, other=0.0)
             s = mma(qb, kb, mma(qa, ka, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION), PRECISION)
-        elif DOT:
+        else:
             kt = tl.load(k_ptr + k_rows[None, :] + offs_d[:, None],
                          mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK_PAD, BLOCK_N]
             s = mma(q, kt, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
-        else:
-            kr = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :],
-                         mask=p_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, DQK_PAD]
-            s = tl.sum(q.to(tl.float32)[:, None, :] * kr.to(tl.float32)[None, :, :], axis=2)
         s = s * scale_log2
         s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every iteration has a valid key
@@ -155,10 +148,7 @@ def _attn_partition_kernel(
         v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + kvh * stride_vh, ALIGN_V)
         vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
                      mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV_PAD]
-        if DOT:
-            acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+        acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
         m_i = m_new
 
     nonempty = l_i > 0.0
@@ -273,7 +263,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     zeroed int32 tensor of at least ``B * Hkv`` elements that no concurrent launch uses; with it a
     split context is combined by its last partition (one launch instead of two), and the counters
     are zero again afterwards. ``config`` overrides the launch configuration (``BLOCK_N``,
-    ``num_warps``, ``num_stages``, ``DOT``; :data:`DEFAULT_CONFIG` otherwise): for ``kernels.bench``'s
+    ``num_warps``, ``num_stages``; :func:`auto_config` otherwise): for ``kernels.bench``'s
     sweep, which also uses ``compile_only`` (compile the kernels this call would launch, launch
     nothing: under Triton's ``AsyncCompileMode`` many configurations compile in parallel).
     """
@@ -309,29 +299,50 @@ def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                    (positions, inv_freq, slot_mapping, kr, vr), counters)
 
 
-# The launch configuration every call uses. Keys tiles of 64 (16 under the interpreter, so loops run
-# several iterations on small test shapes), 4 warps, 2 stages; `kernels.bench.run_attention_sweep` times
-# the alternatives (session 6: at batch 256 the kernel moved the KV cache at only ~2.5 TB/s).
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DOT": True}
+# The reference launch configuration (sessions 1-6 used it for every call): key tiles of 64 (16 under the
+# interpreter, so loops run several iterations on small test shapes), 4 warps, 2 stages.
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# A block table of at most this many positions counts as a short context (auto_config). The engine
+# captures its decode graphs once per context class (server.engine.runner), so the capacity it passes
+# here tracks the batch's longest context.
+SHORT_CONTEXT = 256
+
+
+def auto_config(capacity: int, dqk: int, dv: int) -> dict:
+    """The launch configuration for a block table of ``capacity`` positions and these head dims, from the
+    H200 sweep of session 7 (``kernels.bench.run_attention_sweep``, docs/BENCHMARKS.md; 32 heads, batch
+    16-256, bf16). Relative to :data:`DEFAULT_CONFIG`:
+
+    * short contexts (128 positions): key tiles of 32 were 1.01-1.24x faster at every batch and head dim
+      but one (0.97x at batch 16, dims 128); half the shared memory per program and half the wasted
+      tail tile. End to end at batch 64 and 256 they made the 7B original 1.04x and 1.15x faster.
+    * long contexts (1024) with head dims that are not powers of two (a compressed model's 96, 112,
+      padded to 128 inside the kernel): three pipeline stages were 1.03-1.35x faster; with 128/128 the
+      default stayed best (two stages)."""
+    if capacity <= SHORT_CONTEXT:
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    pow2 = dqk == next_pow2(dqk) and dv == next_pow2(dv)
+    return dict(DEFAULT_CONFIG, num_stages=2 if pow2 else 3)
 
 
 def config_name(cfg: dict) -> str:
-    """``"BLOCK_N/<warps>w/<stages>s"`` plus ``"/cc"`` for the CUDA-core path: the names of
-    ``kernels.bench``'s sweep and of ``MODEGPT_ATTN_CONFIG`` (:func:`parse_config`)."""
-    cfg = dict(DEFAULT_CONFIG, **cfg)
-    return "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**cfg) + ("" if cfg["DOT"] else "/cc")
+    """``"BLOCK_N/<warps>w/<stages>s"``: the names of ``kernels.bench``'s sweep and of
+    ``MODEGPT_ATTN_CONFIG`` (:func:`parse_config`)."""
+    return "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**dict(DEFAULT_CONFIG, **cfg))
 
 
 def parse_config(name: str) -> dict:
-    """The launch configuration a :func:`config_name` names (``"32/4w/1s/cc"``), or ValueError."""
-    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s(/cc)?", name.strip())
+    """The launch configuration a :func:`config_name` names (``"32/4w/2s"``), or ValueError."""
+    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s", name.strip())
     if m is None:
-        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s[/cc], e.g. 64/4w/2s")
-    return _launch_config({"BLOCK_N": int(m[1]), "num_warps": int(m[2]), "num_stages": int(m[3]), "DOT": not m[4]})
+        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s, e.g. 64/4w/2s")
+    return _launch_config({"BLOCK_N": int(m[1]), "num_warps": int(m[2]), "num_stages": int(m[3])})
 
 
-def _launch_config(config: dict | None) -> dict:
-    cfg = dict(DEFAULT_CONFIG, **({"BLOCK_N": 16} if interpret_mode() else {}))
+def _launch_config(config: dict | None, auto: dict | None = None) -> dict:
+    """``config`` over ``auto`` (or :data:`DEFAULT_CONFIG`); key tiles of 16 under the interpreter unless
+    ``config`` sets them."""
+    cfg = dict(auto or DEFAULT_CONFIG, **({"BLOCK_N": 16} if interpret_mode() else {}))
     if config:
         unknown = set(config) - set(DEFAULT_CONFIG)
         if unknown:
@@ -339,8 +350,6 @@ def _launch_config(config: dict | None) -> dict:
         cfg.update(config)
     if cfg["BLOCK_N"] < 16 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1):
         raise ValueError(f"BLOCK_N must be a power of two >= 16, got {cfg['BLOCK_N']}")
-    if not isinstance(cfg["DOT"], bool):
-        raise ValueError(f"DOT must be True (tensor-core tiles) or False (CUDA cores), got {cfg['DOT']!r}")
     return cfg
 
 
@@ -383,12 +392,10 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     if max_context_len is not None:
         capacity = min(capacity, int(max_context_len))
     capacity = max(capacity, 1)
-    cfg = _launch_config(config)
-    dot = cfg["DOT"] or rope is not None  # the RoPE variant scores its two halves as tensor-core dots
+    cfg = _launch_config(config, auto_config(capacity, dqk, dv))
     splits, part_len = plan_splits(B, hkv, capacity, cfg["BLOCK_N"], q.device, num_splits)
-    g_pad = max(16, next_pow2(group)) if dot else next_pow2(group)
-    dqk_pad, dv_pad = max(16, next_pow2(dqk)), max(16, next_pow2(dv))
-    meta = dict(G_PAD=g_pad, DOT=dot, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
+    g_pad, dqk_pad, dv_pad = max(16, next_pow2(group)), max(16, next_pow2(dqk)), max(16, next_pow2(dv))
+    meta = dict(G_PAD=g_pad, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
                 PRECISION=dot_precision(q.dtype), ROPE=rope is not None, HALF_PAD=max(16, next_pow2(dqk // 2)),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))

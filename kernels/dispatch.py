@@ -36,6 +36,14 @@ Policy (read per call, so tests and operators can flip it at run time):
   after it) fold the norm into the skinny matmul at decode sizes under ``MODEGPT_FUSED_NORM=1``
   (off by default: 4-22 % slower on the H200 at 1-16 tokens, docs/BENCHMARKS.md session 6); otherwise
   ``add_rms_norm`` then the matmul.
+* ``decode_attention`` picks its launch configuration from the block table's width and the head dims
+  (``decode_attention.auto_config``: key tiles of 32 for tables of at most 256 positions, 64 above,
+  with three pipeline stages for padded head dims; measured on the H200, session 7);
+  ``MODEGPT_ATTN_CONFIG=BLOCK_N/<warps>w/<stages>s`` forces one for A/B runs.
+* ``linear_rope_qkv_`` (a layer's fused q/k/v projection, RoPE and KV-cache write) at decode sizes is one
+  skinny launch with the rotation and the cache write as its epilogue (``skinny_linear_rope_triton``), in
+  ``auto`` mode where that timed faster than ``linear`` + ``rope_qkv_`` (per shape, ``rope_qkv_pick``);
+  otherwise that chain.
 * ``decode_attention`` with ``counters`` combines a split context in its last partition (one launch);
   ``rope_decode_attention`` also does the RoPE and the new token's cache write in that launch
   (the engine's ``MODEGPT_ROPE_ATTENTION=1``; off by default, slower at 1 and 64 sequences on the H200).
@@ -455,3 +463,97 @@ def mlp_pick(x2: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torch
         "epilogue": lambda: linear(skinny_linear_triton(x2, gate_up_weight, gate_up_bias, swiglu_out=True), weight, bias),
         "chain": lambda: swiglu_linear(linear(x2, gate_up_weight, gate_up_bias), weight, bias)}, x2.device,
         prefer="epilogue")
+
+
+def _linear_rope_dims(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                      positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> tuple[int, int]:
+    """``(T, d)`` of a :func:`linear_rope_qkv_` call, or a ValueError naming what does not fit."""
+    if inv_freq.dim() != 2 or inv_freq.shape[0] == 0 or inv_freq.shape[1] == 0:
+        raise ValueError(f"inv_freq must be [Hkv, d/2], got {tuple(inv_freq.shape)}")
+    hkv, half = inv_freq.shape
+    d = 2 * half
+    if num_heads <= 0 or num_heads % hkv:
+        raise ValueError(f"{num_heads} query heads do not group over {hkv} KV heads")
+    if k_cache.dim() not in (3, 4) or v_cache.dim() != k_cache.dim():
+        raise ValueError(f"caches must be [num_slots, Hkv, d] or [num_blocks, block_size, Hkv, d], got "
+                         f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    dv = v_cache.shape[-1]
+    if k_cache.shape[-2:] != (hkv, d) or v_cache.shape[:-1] != k_cache.shape[:-1] or dv == 0:
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not hold {hkv} heads of {d} / d_v")
+    rows = (num_heads + hkv) * d + hkv * dv
+    if weight.dim() != 2 or weight.shape[0] != rows or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be the fused q/k/v weight [H*d + Hkv*d + Hkv*dv = {rows}, {x.shape[-1]}] "
+                         f"(x {tuple(x.shape)}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (rows,):
+        raise ValueError(f"bias must be [{rows}], got {tuple(bias.shape)}")
+    T = x.numel() // max(1, x.shape[-1])
+    if positions.shape != (T,) or slot_mapping.shape != (T,):
+        raise ValueError(f"positions and slot_mapping must be [{T}] (one per token of x), got "
+                         f"{tuple(positions.shape)} / {tuple(slot_mapping.shape)}")
+    return T, d
+
+
+def linear_rope_qkv_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                     positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+    """A layer's fused q/k/v projection with its RoPE and KV-cache write: ``qkv = linear(x, weight,
+    bias)`` (``weight`` ``[H*d + Hkv*d + Hkv*dv, K]``: q rows, k rows, v rows), then :func:`rope_qkv_` on
+    its three parts (queries rotated, keys rotated into ``k_cache`` and values copied into ``v_cache`` at
+    ``slot_mapping``, negative slots skipped). ``x`` ``[T, K]`` (or ``[..., K]`` with T rows), ``positions``
+    and ``slot_mapping`` ``[T]``, ``inv_freq`` fp32 ``[Hkv, d/2]``. Returns the rotated queries ``[T, H, d]``.
+
+    At decode sizes (rows <= :func:`skinny_max_tokens`) on the GPU it can be ONE launch
+    (``skinny_linear.skinny_linear_rope_triton``: the skinny matmul with the rotation and the cache write
+    as its epilogue, bit for bit the chain's rounding); in ``auto`` mode only where that timed faster than
+    the chain (``rope_qkv_pick``, once per shape). Otherwise the chain :func:`linear` + :func:`rope_qkv_`
+    (PyTorch on the CPU: ``reference.linear_torch`` + ``reference.rope_qkv_torch_``)."""
+    T, d = _linear_rope_dims(x, weight, bias, num_heads, positions, inv_freq, k_cache, v_cache, slot_mapping)
+    tensors = (x, weight, bias, positions, inv_freq, k_cache, v_cache, slot_mapping)
+    ok = (_skinny_ok(x, weight, bias, T) and inv_freq.dtype == torch.float32 and inv_freq.stride(-1) == 1
+          and k_cache.dtype == x.dtype and v_cache.dtype == x.dtype and k_cache.stride(-1) == 1
+          and v_cache.stride(-1) == 1 and (bias is None or bias.stride(0) == 1)
+          and not positions.dtype.is_floating_point and not slot_mapping.dtype.is_floating_point)
+    if ok and kernels_mode() == "auto" and backend_for(*tensors) == "triton":
+        ok = rope_qkv_pick(x.reshape(T, x.shape[-1]), weight, bias, num_heads, positions, inv_freq, k_cache, v_cache,
+                           slot_mapping) == "fused"
+
+    def tri():
+        from .skinny_linear import skinny_linear_rope_triton
+
+        return skinny_linear_rope_triton(x.reshape(T, x.shape[-1]), weight, bias, num_heads, positions, inv_freq,
+                                         k_cache, v_cache, slot_mapping).view(T, num_heads, d)
+
+    def chain():
+        return _linear_rope_chain(x.reshape(T, x.shape[-1]), weight, bias, num_heads, positions, inv_freq, k_cache,
+                                  v_cache, slot_mapping)
+
+    return _run("linear_rope_qkv_", tri, chain, tensors, ok)
+
+
+def _linear_rope_chain(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                       positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> torch.Tensor:
+    """What :func:`linear_rope_qkv_` replaces: :func:`linear`, split into q/k/v views, :func:`rope_qkv_`."""
+    hkv, half = inv_freq.shape
+    d, dv = 2 * half, v_cache.shape[-1]
+    qkv = linear(x2, weight, bias)
+    q, k, v = qkv.split([num_heads * d, hkv * d, hkv * dv], dim=-1)
+    return rope_qkv_(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping)
+
+
+def rope_qkv_pick(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                  positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> str | None:
+    """``"fused"`` or ``"chain"`` for :func:`linear_rope_qkv_` at this shape: the faster in CUDA graphs
+    (``skinny_linear._timed_pick``, once per shape; None during another graph's capture). Both candidates
+    write this call's own keys and values to its own slots (the same values the call then writes)."""
+    from .skinny_linear import skinny_linear_rope_triton
+
+    key = ("linear_rope_qkv", tuple(weight.shape), num_heads, tuple(inv_freq.shape), v_cache.shape[-1],
+           1 if x2.shape[0] == 1 else _SKINNY_MAX_M, x2.dtype, bias is not None, x2.device,
+           _common.pdl_enabled(x2.device))
+    args = (num_heads, positions, inv_freq, k_cache, v_cache, slot_mapping)
+    return _timed_pick(key, {
+        "fused": lambda: skinny_linear_rope_triton(x2, weight, bias, *args),
+        "chain": lambda: _linear_rope_chain(x2, weight, bias, *args)}, x2.device, prefer="fused")

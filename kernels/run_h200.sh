@@ -14,6 +14,7 @@
 #   bash kernels/run_h200.sh final5    # session 5: changed-area CUDA tests, original vs 30 % A/B, profiles
 #   bash kernels/run_h200.sh attn-sweep  # decode attention launch configs at batch 16-256, then its CUDA tests
 #   bash kernels/run_h200.sh s7a       # session 7: the attention sweep, its best config end to end at 64/256, tests
+#   bash kernels/run_h200.sh s7b       # session 7: graphs per context class A/B at max_model_len 4096, CUDA tests
 #   bash kernels/run_h200.sh s6c       # session 6, recorded: CUDA tests, original vs 30 % at 1/16/64/256, combine fold A/B
 #   bash kernels/run_h200.sh s6b       # session 6: RoPE + attention (+ combine) in one launch: CUDA tests, A/B
 #   bash kernels/run_h200.sh s6a       # session 6: folded-norm A/B, CUDA tests of unverified code, Triton cache back
@@ -31,7 +32,7 @@ pack() {
   # archive is still good, so pack on regardless (2026-11-29, session 5: that lost a run's JSON)
   (cd "$OUT" && { tar czf /tmp/results.tgz --exclude='./triton-cache.tgz.*' . || true; } && mv /tmp/results.tgz results.tgz \
       && find . -type f ! -name results.tgz ! -name run.log ! -name 'triton-cache.tgz.*' \
-      ! -name cuda-tests.log ! -name bench-engine-h200.log ! -name kernels-h200.log ! -name gpu.txt -delete) || true
+      ! -name cuda-tests.log ! -name bench-engine-h200.log -delete) || true
 }
 [ "${PACK:-1}" = 1 ] && trap pack EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -265,6 +266,16 @@ print(min(score, key=score.get))" 2>> "$OUT/run.log")
   fi
   TEST_TIMEOUT=60 tests ${TESTS_TIMEOUT:-80} 4 tests/test_kernels.py -k "attention"
   tcache_out ;;
+s7b)  # session 7, second (last) call, 6.7 device minutes left: at a server's max_model_len (4096), the
+  # original and the 30 % checkpoint with decode graphs per context class (the default) against one
+  # 4096-wide class, in one process; then the CUDA tests of the context classes and attention configs
+  ckpt
+  timeout ${AB_TIMEOUT:-210} $PY -m server.engine.bench_ab random:llama-2-7b@MODEGPT_GRAPH_CONTEXTS=0 random:llama-2-7b \
+      /tmp/l7b-30@MODEGPT_GRAPH_CONTEXTS=0 /tmp/l7b-30 --device cuda --dtype bfloat16 --batch 1 256 64 16 --steps 32 \
+      --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-context-classes.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
+  TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-105} 2 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "context_classes or auto_config or launch_configs" ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

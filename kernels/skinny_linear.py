@@ -24,7 +24,8 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
 * Variants fold the work around a matmul into it: ``GATED`` (SwiGLU of the input while loading it),
   ``SWIGLU_OUT`` (SwiGLU of a fused gate/up output as the epilogue) and ``NORM`` (residual add +
   RMSNorm of the input, its per-row ``1/rms`` applied after the dot; opt-in, ``MODEGPT_FUSED_NORM``,
-  because it measured slower on the H200).
+  because it measured slower on the H200) and ``ROPE_OUT`` (a fused q/k/v projection with the rotary
+  embedding at the kept frequencies and the KV-cache write as the epilogue, :func:`skinny_linear_rope_triton`).
 
 Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
 compressed model share a handful of tunings; results persist in Triton's cache (``kernels.autotune``).
@@ -45,6 +46,8 @@ from ._common import SUPPORTED_DTYPES, cdiv, dot_precision, pdl_enabled, pdl_met
 from ._tl import mma as _mma
 from ._tl import pdl_wait
 from .autotune import autotune, launch
+from .reference import _flat_cache
+from .rope import rope_cos_sin
 
 MAX_M = 16
 
@@ -127,24 +130,90 @@ def _act(x_ptrs, d_ptrs, nw_ptrs, s_ptrs, mask, k_mask, UP_OFF, write_s, GATED: 
 
 
 @triton.jit
+def _rope_epilogue(y1, y2, j, st1, st2, f_ok, is_qk, pos, slot, q_row, q_ptr, freq_ptr, kc_ptr, vc_ptr, n_q, group,
+                   half, dv, vh, stride_f, stride_kcs, stride_kch, stride_vcs, stride_vch):
+    """``ROPE_OUT``'s epilogue: rotate and store one program's two row sets ``y1``/``y2`` (already
+    rounded to the output dtype, exactly what ``linear`` hands ``rope_qkv_``).
+
+    q/k programs (``is_qk``): ``j`` are pair indices, head ``j // half``, pair ``i = j % half``
+    (rows ``head*d + i`` and ``+ half``); heads ``< n_q`` are query heads, stored to ``q_ptr`` at
+    ``q_row + head*d + i`` (and ``+ half``), the others key heads ``head - n_q``, stored to the key
+    cache at the token's slot. Value programs: ``j`` indexes the value row (``Hkv * dv`` wide) for
+    ``y1`` and ``j + vh`` for ``y2``, copied unrotated to the value cache at the slot. Slots < 0 write
+    no cache. ``st1``/``st2``: the store masks (token and row valid), ``f_ok`` the row mask of ``j``.
+    Shapes broadcast: per-token values (``pos``, ``slot``, ``q_row``) are scalars or ``[M_PAD, 1]``,
+    per-row values ``[BLOCK_N]`` or ``[1, BLOCK_N]``. The math is ``kernels.rope``'s, op for op."""
+    head = j // half
+    i = j - head * half
+    is_q = head < n_q
+    kvh = tl.where(is_q, head // group, head - n_q)
+    f = tl.load(freq_ptr + kvh * stride_f + i, mask=f_ok & is_qk, other=0.0)
+    c, s = rope_cos_sin(pos, f)
+    x1 = y1.to(tl.float32)
+    x2 = y2.to(tl.float32)
+    dt = q_ptr.dtype.element_ty
+    o1 = tl.where(is_qk, (x1 * c - x2 * s).to(dt), y1)
+    o2 = tl.where(is_qk, (x2 * c + x1 * s).to(dt), y2)
+    qk1 = st1 & is_qk
+    q_ptrs = q_ptr + q_row + head * (2 * half) + i
+    tl.store(q_ptrs, o1, mask=qk1 & is_q)
+    tl.store(q_ptrs + half, o2, mask=qk1 & is_q)
+    live = slot >= 0
+    k_ptrs = kc_ptr + slot * stride_kcs + (head - n_q) * stride_kch + i
+    tl.store(k_ptrs, o1, mask=qk1 & live & (head >= n_q))
+    tl.store(k_ptrs + half, o2, mask=qk1 & live & (head >= n_q))
+    is_v = is_qk == 0
+    j2 = j + vh
+    tl.store(vc_ptr + slot * stride_vcs + (j // dv) * stride_vch + j % dv, o1, mask=st1 & live & is_v)
+    tl.store(vc_ptr + slot * stride_vcs + (j2 // dv) * stride_vch + j2 % dv, o2, mask=st2 & live & is_v)
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    stride_dm, stride_sm, eps, N_KEY, K_KEY, UP_OFF,
+                   pos_ptr, freq_ptr, slot_ptr, kc_ptr, vc_ptr, ROPE_H, ROPE_GROUP, ROPE_HALF, ROPE_DV, stride_f,
+                   stride_kcs, stride_kch, stride_vcs, stride_vch,
                    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr,
                    GATED: tl.constexpr, X_ALIGN: tl.constexpr, SWIGLU_OUT: tl.constexpr, NORM: tl.constexpr,
-                   HAS_DELTA: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   HAS_DELTA: tl.constexpr, ROPE_OUT: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """``y = x @ W.T + b`` for ``N`` output rows.
 
     ``SWIGLU_OUT``: W holds gate rows ``[0, N)`` and up rows ``[N, 2N)`` (a fused gate/up weight) and
     ``y = silu(gate) * up``, each program computing the same rows of both halves, so the SwiGLU is an
     epilogue (no ``[M, 2N]`` round trip, no extra launch). ``NORM``: ``x`` is the residual stream and
     ``d`` (``HAS_DELTA``) the delta to add; the matmul runs on ``rms_norm(x + d) * norm_weight``
-    (see ``_act``) and ``x + d`` is written to ``s``."""
+    (see ``_act``) and ``x + d`` is written to ``s``.
+
+    ``ROPE_OUT``: W is a fused q/k/v weight (``ROPE_H`` query heads, then ``ROPE_H / ROPE_GROUP`` key
+    heads of ``d = 2 * ROPE_HALF`` rows, then the value rows up to ``N``) and each program owns
+    ``BLOCK_N`` rotary PAIRS: the first ``cdiv(qk_pairs, BLOCK_N)`` programs pair ``j`` (rows
+    ``head*d + i`` and ``+ ROPE_HALF``), the rest the value rows as pairs ``(vstart + j, vstart + vh + j)``
+    with ``vh = ceil(NV / 2)``; the epilogue (``_rope_epilogue``) rotates and writes q and the caches."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = tl.multiple_of(offs_n.to(tl.int64) * stride_wn, ALIGN)
-    rows_u = tl.multiple_of((offs_n + N).to(tl.int64) * stride_wn, ALIGN)  # SWIGLU_OUT: the up half's rows
+    if ROPE_OUT:
+        qk_pairs = (ROPE_H + ROPE_H // ROPE_GROUP) * ROPE_HALF
+        qk_progs = tl.cdiv(qk_pairs, BLOCK_N)
+        # per row (a block, not the scalar `pid < qk_progs`: the interpreter gives a scalar comparison the
+        # type of its operands, and broadcasting it to a block then turns the mask into integers)
+        is_qk = offs_n < qk_progs * BLOCK_N
+        vstart = 2 * qk_pairs
+        vh = (N - vstart + 1) // 2
+        offs_j = offs_n - tl.where(is_qk, 0, qk_progs * BLOCK_N)  # pair index within the q/k or the v rows
+        c1 = offs_j + (offs_j // ROPE_HALF) * ROPE_HALF  # head * d + i
+        n_first = tl.where(is_qk, c1, vstart + offs_j)
+        n_second = tl.where(is_qk, c1 + ROPE_HALF, vstart + vh + offs_j)
+        n_mask = offs_j < tl.where(is_qk, qk_pairs, vh)
+        n_mask_u = n_mask & (n_second < N)
+    else:
+        n_first = offs_n
+        n_second = offs_n + N  # SWIGLU_OUT: the up half's rows
+        n_mask = offs_n < N
+        n_mask_u = n_mask
+    rows = tl.multiple_of(n_first.to(tl.int64) * stride_wn, ALIGN)
+    rows_u = tl.multiple_of(n_second.to(tl.int64) * stride_wn, ALIGN)
     # whole BLOCK_K tiles first, without a K mask: a mask `k < K` with K not provably a multiple of
     # 16 (7288, 9880) has per-element constancy and turns every load scalar (measured 1.1-2.2 TB/s
     # on the H200 against 3.6 for K = 11008); the ragged tail is one masked step after the loop
@@ -160,19 +229,22 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
     # the compiler can prove, so the loads stay vectorized.
     first = offs_b < k_main
     if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + n_first, mask=n_mask, other=0.0).to(tl.float32)
         if SWIGLU_OUT:
             bias_u = tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ROPE_OUT:
+            bias_u = tl.load(b_ptr + n_second, mask=n_mask_u, other=0.0).to(tl.float32)
     if M_PAD == 1:
         w0 = tl.load(w_ptr + rows[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0)
-        if SWIGLU_OUT:
-            w0u = tl.load(w_ptr + rows_u[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0)
+        if SWIGLU_OUT or ROPE_OUT:
+            w0u = tl.load(w_ptr + rows_u[:, None] + offs_b[None, :], mask=n_mask_u[:, None] & first[None, :],
+                          other=0.0)
         pdl_wait(PDL)
         a, sq = _act(x_ptr + offs_b, d_ptr + offs_b, nw_ptr + offs_b, s_ptr + offs_b, first, first, up_off, pid == 0,
                      GATED, NORM, HAS_DELTA, True)
         ssq = tl.sum(sq, axis=0)
         acc = tl.sum(w0.to(tl.float32) * a[None, :], axis=1)
-        if SWIGLU_OUT:
+        if SWIGLU_OUT or ROPE_OUT:
             acc_u = tl.sum(w0u.to(tl.float32) * a[None, :], axis=1)
         for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
@@ -182,8 +254,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                 ssq += tl.sum(sq, axis=0)
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
             acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-            if SWIGLU_OUT:
-                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+            if SWIGLU_OUT or ROPE_OUT:
+                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None], other=0.0)
                 acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
         if k_main < K:
             offs_k = k_main + offs_b
@@ -194,8 +266,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                 ssq += tl.sum(sq, axis=0)
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-            if SWIGLU_OUT:
-                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+            if SWIGLU_OUT or ROPE_OUT:
+                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None] & k_mask[None, :],
                              other=0.0)
                 acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
         if NORM:
@@ -205,12 +277,19 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                 acc_u = acc_u * rstd
         if HAS_BIAS:
             acc += bias
-            if SWIGLU_OUT:
+            if SWIGLU_OUT or ROPE_OUT:
                 acc_u += bias_u
         y = acc.to(y_ptr.dtype.element_ty)
-        if SWIGLU_OUT:
-            y = _swiglu(y, acc_u.to(y_ptr.dtype.element_ty))
-        tl.store(y_ptr + offs_n, y, mask=n_mask)
+        if ROPE_OUT:
+            pos = tl.load(pos_ptr).to(tl.float32)
+            slot = tl.zeros([BLOCK_N], dtype=tl.int64) + tl.load(slot_ptr).to(tl.int64)  # a block: see is_qk
+            _rope_epilogue(y, acc_u.to(y_ptr.dtype.element_ty), offs_j, n_mask, n_mask_u, n_mask, is_qk, pos, slot,
+                           0, y_ptr, freq_ptr, kc_ptr, vc_ptr, ROPE_H, ROPE_GROUP, ROPE_HALF, ROPE_DV, vh, stride_f,
+                           stride_kcs, stride_kch, stride_vcs, stride_vch)
+        else:
+            if SWIGLU_OUT:
+                y = _swiglu(y, acc_u.to(y_ptr.dtype.element_ty))
+            tl.store(y_ptr + offs_n, y, mask=n_mask)
     else:
         dt = w_ptr.dtype.element_ty
         offs_m = tl.arange(0, M_PAD)
@@ -219,15 +298,16 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
         dm = offs_m[:, None] * stride_dm
         sm = offs_m[:, None] * stride_sm
         w0 = tl.load(w_ptr + rows[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0)
-        if SWIGLU_OUT:
-            w0u = tl.load(w_ptr + rows_u[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0)
+        if SWIGLU_OUT or ROPE_OUT:
+            w0u = tl.load(w_ptr + rows_u[None, :] + offs_b[:, None], mask=n_mask_u[None, :] & first[:, None],
+                          other=0.0)
         pdl_wait(PDL)
         a, sq = _act(x_ptr + xm + offs_b[None, :], d_ptr + dm + offs_b[None, :], nw_ptr + offs_b[None, :],
                      s_ptr + sm + offs_b[None, :], m_mask[:, None] & first[None, :], first[None, :], up_off, pid == 0,
                      GATED, NORM, HAS_DELTA, True)
         ssq2 = tl.sum(sq, axis=1)
         acc2 = _mma(a.to(dt), w0, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
-        if SWIGLU_OUT:
+        if SWIGLU_OUT or ROPE_OUT:
             acc2_u = _mma(a.to(dt), w0u, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
         for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
@@ -238,8 +318,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                 ssq2 += tl.sum(sq, axis=1)
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
             acc2 = _mma(a.to(dt), w, acc2, PRECISION)
-            if SWIGLU_OUT:
-                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
+            if SWIGLU_OUT or ROPE_OUT:
+                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask_u[None, :], other=0.0)
                 acc2_u = _mma(a.to(dt), wu, acc2_u, PRECISION)
         if k_main < K:
             offs_k = k_main + offs_b
@@ -251,8 +331,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                 ssq2 += tl.sum(sq, axis=1)
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
             acc2 = _mma(a.to(dt), w, acc2, PRECISION)
-            if SWIGLU_OUT:
-                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None],
+            if SWIGLU_OUT or ROPE_OUT:
+                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask_u[None, :] & k_mask[:, None],
                              other=0.0)
                 acc2_u = _mma(a.to(dt), wu, acc2_u, PRECISION)
         if NORM:
@@ -262,15 +342,25 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                 acc2_u = acc2_u * rstd2
         if HAS_BIAS:
             acc2 += bias[None, :]
-            if SWIGLU_OUT:
+            if SWIGLU_OUT or ROPE_OUT:
                 acc2_u += bias_u[None, :]
         y2 = acc2.to(y_ptr.dtype.element_ty)
-        if SWIGLU_OUT:
-            y2 = _swiglu(y2, acc2_u.to(y_ptr.dtype.element_ty))
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y2, mask=m_mask[:, None] & n_mask[None, :])
+        if ROPE_OUT:
+            pos2 = tl.load(pos_ptr + offs_m, mask=m_mask, other=0).to(tl.float32)
+            slot2 = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1).to(tl.int64)
+            _rope_epilogue(y2, acc2_u.to(y_ptr.dtype.element_ty), offs_j[None, :], m_mask[:, None] & n_mask[None, :],
+                           m_mask[:, None] & n_mask_u[None, :], n_mask[None, :], is_qk[None, :], pos2[:, None],
+                           slot2[:, None], offs_m[:, None] * stride_ym, y_ptr, freq_ptr, kc_ptr, vc_ptr, ROPE_H,
+                           ROPE_GROUP, ROPE_HALF, ROPE_DV, vh, stride_f, stride_kcs, stride_kch, stride_vcs,
+                           stride_vch)
+        else:
+            if SWIGLU_OUT:
+                y2 = _swiglu(y2, acc2_u.to(y_ptr.dtype.element_ty))
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y2,
+                     mask=m_mask[:, None] & n_mask[None, :])
 
 
-_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM"],
+_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT"],
                    prune=_prune)(_skinny_kernel)
 
 
@@ -309,22 +399,43 @@ def _rows2(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
-def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None) -> None:
-    """One skinny launch; ``norm``: ``(d2 or None, norm_weight, s2, eps)`` for the NORM prologue."""
-    M, K_x = x2.shape
+def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, rope=None) -> None:
+    """One skinny launch; ``norm``: ``(d2 or None, norm_weight, s2, eps)`` for the NORM prologue;
+    ``rope``: ``(positions, inv_freq, slot_mapping, k_cache, v_cache, num_heads)`` for the ROPE_OUT
+    epilogue (flat ``[num_slots, Hkv, d]`` caches; ``y`` is then the query output)."""
+    M = x2.shape[0]
     N, K = y.shape[1], weight.shape[1]
     if M == 0:
         return
     d2, nw, s2, eps = norm if norm is not None else (None, weight, x2, 0.0)
     d2_ = d2 if d2 is not None else x2
     x_align = _align(K, x2.stride(0), x2.data_ptr() // x2.element_size()) if gated else 1
-    launch(_skinny, lambda meta: (cdiv(N, meta["BLOCK_N"]),),
+    if rope is not None:
+        pos, inv_freq, slots, kc, vc, heads = rope
+        N = weight.shape[0]
+        hkv, half = inv_freq.shape
+        qk_pairs = (heads + hkv) * half
+        vh = cdiv(N - 2 * qk_pairs, 2)
+
+        def grid(meta):
+            return (cdiv(qk_pairs, meta["BLOCK_N"]) + cdiv(vh, meta["BLOCK_N"]),)
+
+        rope_args = (pos, inv_freq, slots, kc, vc, heads, heads // hkv, half, vc.shape[-1], inv_freq.stride(0),
+                     kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1))
+    else:
+        def grid(meta):
+            return (cdiv(N, meta["BLOCK_N"]),)
+
+        rope_args = (weight, weight, weight, weight, weight, 1, 1, 1, 1, 0, 0, 0, 0, 0)
+    launch(_skinny, grid,
            (x2, weight, bias if bias is not None else weight, y, d2_, nw, s2, M, N, K, x2.stride(0), weight.stride(0),
-            y.stride(0), d2_.stride(0), s2.stride(0), float(eps), cdiv(N, 256), cdiv(K, 256), K if gated else 0),
+            y.stride(0), d2_.stride(0), s2.stride(0), float(eps), cdiv(N, 256), cdiv(K, 256), K if gated else 0,
+            *rope_args),
            dict(M_PAD=1 if M == 1 else 16, HAS_BIAS=bias is not None,
                 ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
                 PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
-                NORM=norm is not None, HAS_DELTA=d2 is not None, **pdl_meta(x2.device)), _INTERPRET)
+                NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, **pdl_meta(x2.device)),
+           _INTERPRET)
 
 
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -368,6 +479,78 @@ def norm_skinny_linear_triton(x: torch.Tensor, delta: torch.Tensor | None, norm_
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     _launch(x2, weight, bias, y, swiglu_out=swiglu_out, norm=(d2, norm_weight, s2, eps))
     return s2.view(x.shape), y.view(*x.shape[:-1], N)
+
+
+def _check_rope(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flat ``[num_slots, Hkv, d]`` / ``[num_slots, Hkv, dv]`` views of the caches and ``d`` for a
+    :func:`skinny_linear_rope_triton` launch, or a clear ValueError."""
+    T, K = x2.shape
+    if inv_freq.dim() != 2 or inv_freq.dtype != torch.float32 or inv_freq.stride(-1) != 1:
+        raise ValueError(f"inv_freq must be float32 [Hkv, d/2] with unit last stride, got {inv_freq.dtype} "
+                         f"{tuple(inv_freq.shape)}")
+    hkv, half = inv_freq.shape
+    d = 2 * half
+    if hkv == 0 or half == 0 or num_heads <= 0 or num_heads % hkv:
+        raise ValueError(f"{num_heads} query heads do not group over {hkv} KV heads (inv_freq {tuple(inv_freq.shape)})")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() not in (3, 4) or c.dtype != x2.dtype or c.stride(-1) != 1:
+            raise ValueError(f"{name} must be a [num_slots, Hkv, d] or [num_blocks, block_size, Hkv, d] cache of "
+                             f"{x2.dtype} with unit last stride, got {c.dtype} {tuple(c.shape)}")
+    try:
+        kc, vc = _flat_cache(k_cache), _flat_cache(v_cache)
+    except RuntimeError as exc:  # a view that cannot be flattened
+        raise ValueError(f"caches must be viewable as [num_slots, Hkv, d]: {exc}") from exc
+    dv = vc.shape[-1]
+    if kc.shape[1:] != (hkv, d) or vc.shape[:2] != kc.shape[:2] or dv == 0:
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not hold {hkv} heads of "
+                         f"{d} / d_v")
+    rows = (num_heads + hkv) * d + hkv * dv
+    if weight.dim() != 2 or weight.shape[0] != rows:
+        raise ValueError(f"weight must be the fused q/k/v weight [H*d + Hkv*d + Hkv*dv = {num_heads}*{d} + {hkv}*{d} "
+                         f"+ {hkv}*{dv} = {rows}, {K}], got {tuple(weight.shape)}")
+    if positions.shape != (T,) or slot_mapping.shape != (T,):
+        raise ValueError(f"positions and slot_mapping must be [{T}] (one per row of x), got "
+                         f"{tuple(positions.shape)} / {tuple(slot_mapping.shape)}")
+    if positions.dtype.is_floating_point or slot_mapping.dtype.is_floating_point:
+        raise ValueError("positions and slot_mapping must be integer tensors")
+    return kc, vc, d
+
+
+def skinny_linear_rope_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                              positions: torch.Tensor, inv_freq: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                              q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's q/k/v projection, RoPE and KV-cache write in ONE launch (``kernels.dispatch.linear_rope_qkv_``).
+
+    ``x`` ``[T, K]`` (T <= 16), ``weight`` the fused ``[H*d + Hkv*d + Hkv*dv, K]`` (q rows, k rows, v
+    rows), ``bias`` the same length or None, ``inv_freq`` fp32 ``[Hkv, d/2]`` (the kept frequencies of
+    each KV head), caches ``[num_slots, Hkv, d]`` / ``[.., dv]`` or paged ``[num_blocks, block_size, Hkv, d]``.
+    Each program owns BLOCK_N rotary pairs (two row sets, as the ``SWIGLU_OUT`` gate/up halves); its
+    epilogue rounds the projection to the dtype (what ``linear`` would hand ``rope_qkv_``), rotates the
+    pairs as :func:`kernels.rope.rope_qkv_triton_` does and stores the queries to ``q_out`` (``[T, H*d]``,
+    allocated when None) and the rotated keys and raw values to the caches at ``slot_mapping`` (slots < 0
+    skipped). Bit for bit :func:`skinny_linear_triton` then ``rope_qkv_triton_`` under one tiling.
+    Returns ``q_out``."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, K], got {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x, weight and bias must share one of {SUPPORTED_DTYPES}, got {x.dtype} / {weight.dtype}"
+                         + (f" / {bias.dtype}" if bias is not None else ""))
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got {tuple(weight.shape)}")
+    _check(x, weight, bias, False, False)
+    x2 = _rows2(x, x.shape[1])
+    kc, vc, d = _check_rope(x2, weight, bias, num_heads, positions, inv_freq, k_cache, v_cache, slot_mapping)
+    T = x2.shape[0]
+    if q_out is None:
+        q_out = torch.empty((T, num_heads * d), dtype=x.dtype, device=x.device)
+    elif q_out.shape != (T, num_heads * d) or q_out.dtype != x.dtype or q_out.stride(-1) != 1:
+        raise ValueError(f"q_out must be [{T}, {num_heads * d}] of {x.dtype} with unit last stride, got "
+                         f"{q_out.dtype} {tuple(q_out.shape)}")
+    _launch(x2, weight, bias, q_out, rope=(positions, inv_freq, slot_mapping, kc, vc, num_heads))
+    return q_out
 
 
 _PICKS: dict[tuple, object] = {}

@@ -50,6 +50,37 @@ def test_cuda_graph_decode_equals_eager(name):
     assert {k: [e.token_id for e in v] for k, v in sa.items()} == {k: [e.token_id for e in v] for k, v in sb.items()}
 
 
+def test_cuda_graph_context_classes_equal_eager(monkeypatch):
+    """Decode graphs captured per context class (block tables 2 and 6 blocks wide here, and eager past
+    96 tokens) decode exactly what the eager engine decodes, and steps replay more than one class."""
+    monkeypatch.setenv("MODEGPT_GRAPH_CONTEXTS", "32")
+    cfg = llama_like_config()
+    sd = random_state_dict(cfg, seed=43)
+    kw = dict(device="cuda", dtype=torch.float32, kv_cache_bytes=1 << 24, block_size=16, max_num_seqs=16,
+              max_num_batched_tokens=256, max_model_len=160)
+    eager = LLMEngine(cfg, sd, cuda_graphs=False, **kw)
+    graph = LLMEngine(cfg, sd, cuda_graphs=True, cuda_graph_max_len=96, **kw)
+    assert graph.runner.graph_widths == [2, 6] and all(sorted(v) == [2, 6] for v in graph.runner.graphs.values())
+    replayed = []
+    run = graph.runner._run_graph
+
+    def spy(ids, pos, slots, tables, ctx):
+        replayed.append(graph.runner.graph_for(len(ids), max(len(t) for t in tables))[1])
+        return run(ids, pos, slots, tables, ctx)
+
+    monkeypatch.setattr(graph.runner, "_run_graph", spy)
+
+    def short_prompts():  # 4-9 prompt tokens, 100 new ones: contexts pass through both classes, then eager
+        return [GenerationRequest(f"c{i}", [7 + 13 * i + j for j in range(4 + i)],
+                                  SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True, logprobs=1))
+                for i in range(6)]
+
+    a = eager.run_to_completion(short_prompts())
+    b = graph.run_to_completion(short_prompts())
+    assert set(replayed) == {2, 6} and graph.runner.num_eager_steps > 0
+    assert_same_generations(a, b, logprob_tol=1e-3)
+
+
 def test_bf16_and_env_switch(monkeypatch):
     cfg = llama_like_config()
     sd = random_state_dict(cfg, seed=42)

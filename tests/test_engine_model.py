@@ -362,3 +362,25 @@ def test_compiled_decode_gives_same_generation():
     ref = LLMEngine(cfg, sd, kv_cache_bytes=1 << 20, block_size=4).run_to_completion(r)
     got = LLMEngine(cfg, sd, kv_cache_bytes=1 << 20, block_size=4, compile=True).run_to_completion(r)
     assert_same_generations(ref, got, logprob_tol=1e-4)
+
+
+def test_graph_context_classes(monkeypatch):
+    """The decode graphs' block-table widths: one per context class below the graph limit, the limit
+    itself always; the env override and its errors."""
+    from server.engine.runner import GRAPH_CONTEXT_LENS, graph_widths, resolve_graph_context_lens
+
+    monkeypatch.delenv("MODEGPT_GRAPH_CONTEXTS", raising=False)
+    assert resolve_graph_context_lens() == GRAPH_CONTEXT_LENS == (256, 1024)
+    assert graph_widths(GRAPH_CONTEXT_LENS, 16, 256) == [16, 64, 256]
+    assert graph_widths(GRAPH_CONTEXT_LENS, 16, 8) == [8]  # a short max_model_len: one class
+    assert graph_widths((), 16, 256) == [256]
+    assert resolve_graph_context_lens((100,)) == (100,)
+    monkeypatch.setenv("MODEGPT_GRAPH_CONTEXTS", "0")
+    assert resolve_graph_context_lens() == ()
+    monkeypatch.setenv("MODEGPT_GRAPH_CONTEXTS", "128, 512")
+    assert resolve_graph_context_lens() == (128, 512)
+    assert graph_widths(resolve_graph_context_lens(), 16, 256) == [8, 32, 256]
+    for bad in ("x", "-5"):
+        monkeypatch.setenv("MODEGPT_GRAPH_CONTEXTS", bad)
+        with pytest.raises(ValueError):
+            resolve_graph_context_lens()

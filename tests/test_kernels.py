@@ -1024,14 +1024,13 @@ def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128},
-                                    {"num_stages": 4}, {"DOT": False}, {"DOT": False, "BLOCK_N": 32, "num_warps": 2}],
-                         ids=["32-8w-3s", "128", "4s", "cuda-cores", "cuda-cores-32-2w"])
+                                    {"num_stages": 4}, None], ids=["32-8w-3s", "128", "4s", "auto"])
 @pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24)], ids=["gqa3", "mha"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_decode_attention_launch_configs(seed, force_triton, config, heads, dtype):
     """The launch configurations kernels.bench.run_attention_sweep times are all correct (split and
-    unsplit, a ragged last tile, grouped and multi-head, the tensor-core and the CUDA-core paths); a
-    bad one is refused before anything launches."""
+    unsplit, a ragged last tile, grouped and multi-head, and the capacity-based auto choice); a bad one is
+    refused before anything launches."""
     from kernels.decode_attention import decode_attention_triton
 
     H, hkv, dqk, dv = heads
@@ -1042,7 +1041,7 @@ def test_triton_decode_attention_launch_configs(seed, force_triton, config, head
         out = nan_like((3, H, dv), dtype, TRITON_DEVICE)
         decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config)
         assert_close(out, ref, dtype, seed, f"decode attention {config} {heads} splits={splits}")
-    for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}, {"DOT": 0}):
+    for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}):
         with pytest.raises(ValueError):
             decode_attention_triton(q, kc, vc, tables, lens, 0.3, config=bad)
 
@@ -1121,11 +1120,12 @@ def test_triton_silu_mul_on_fused_halves(seed, force_triton, n, T, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("fused_norm,rope_attention,fold", [("0", "0", "1"), ("1", "0", "1"), ("0", "1", "1"),
-                                                            ("0", "0", "0"), ("0", "1", "0")],
-                         ids=["default", "norm-folded", "rope-in-attention", "combine-launch",
-                              "rope-in-attention-combine-launch"])
-def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch, fused_norm, rope_attention, fold):
+@pytest.mark.parametrize("fused_norm,rope_attention,fold,qkv_rope", [
+    ("0", "0", "1", "0"), ("1", "0", "1", "0"), ("0", "1", "1", "0"), ("0", "0", "0", "0"), ("0", "1", "0", "0"),
+    ("0", "0", "1", "1")], ids=["default", "norm-folded", "rope-in-attention", "combine-launch",
+                                "rope-in-attention-combine-launch", "rope-in-projection"])
+def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch, fused_norm, rope_attention, fold,
+                                                       qkv_rope):
     """A compressed model (odd per-layer q/k and v dims, GQA, factorized linears) in the engine: greedy
     tokens are identical with the Triton kernels (fused RoPE + cache write, paged decode attention with its
     split combine folded in or as its own launch, opt-in both in one launch,
@@ -1135,6 +1135,8 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch,
     monkeypatch.setenv("MODEGPT_FUSED_NORM", fused_norm)
     monkeypatch.setenv("MODEGPT_ROPE_ATTENTION", rope_attention)  # RoPE inside the attention kernel (opt-in)
     monkeypatch.setenv("MODEGPT_ATTN_COMBINE_FOLD", fold)
+    monkeypatch.setenv("MODEGPT_QKV_ROPE", qkv_rope)  # RoPE + cache write as the q/k/v matmul's epilogue (opt-in)
+    from kernels import skinny_linear
     from server.engine import ops
     from server.engine.engine import LLMEngine
     from server.engine.testing import assert_same_generations, llama_like_config, random_state_dict
@@ -1153,6 +1155,10 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch,
     folded = []  # counts the real kernel's calls: the folded path must run exactly when enabled
     real = dispatch.norm_skinny_linear_triton
     monkeypatch.setattr(dispatch, "norm_skinny_linear_triton", lambda *a, **k: folded.append(1) or real(*a, **k))
+    rope_epilogue = []  # the projection-with-RoPE launches (dispatch imports the entry from its module per call)
+    real_rope = skinny_linear.skinny_linear_rope_triton
+    monkeypatch.setattr(skinny_linear, "skinny_linear_rope_triton",
+                        lambda *a, **k: rope_epilogue.append(1) or real_rope(*a, **k))
     attn_calls = []  # (kernel, folded combine?) of every decode attention launch
     for name in ("rope_decode_attention_triton", "decode_attention_triton"):
         def spy(*a, _real=getattr(dispatch, name), _name=name, **k):
@@ -1167,6 +1173,7 @@ def test_triton_engine_kernels_on_off_same_generation(force_triton, monkeypatch,
     finally:
         ops.reset_ops()
     assert bool(folded) == (fused_norm == "1")
+    assert bool(rope_epilogue) == (qkv_rope == "1" and rope_attention == "0")
     kernel = "rope_decode_attention_triton" if rope_attention == "1" else "decode_attention_triton"
     assert sum(k == kernel for k, _ in attn_calls) >= 5 * cfg["num_hidden_layers"], attn_calls[:3]
     assert all(f == (fold == "1") for k, f in attn_calls if k == kernel)  # the model's counters reach the kernel
@@ -1203,15 +1210,26 @@ def test_attention_config_names_round_trip_and_the_env_override(seed, force_trit
 
     for cfg in ATTENTION_SWEEP_CONFIGS:
         assert parse_config(config_name(cfg)) == cfg
-    for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/tc", "x/4w/2s"):
+    for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/cc", "x/4w/2s"):
         with pytest.raises(ValueError):
             parse_config(bad)
     H, hkv, dqk, dv = 4, 4, 40, 24
     q, kc, vc, tables, lens = attention_inputs(2, H, hkv, dqk, dv, torch.float32, TRITON_DEVICE, 50,
                                                lens=torch.tensor([50, 17]))
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
-    monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w/1s/cc")
+    monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w/1s")
     assert_close(kernels.decode_attention(q, kc, vc, tables, lens, 0.3), ref, torch.float32, seed, "env config")
     monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w")
     with pytest.raises(ValueError):
         kernels.decode_attention(q, kc, vc, tables, lens, 0.3)
+
+
+def test_attention_auto_config_follows_the_context_class_and_head_dims():
+    """auto_config: short block tables take key tiles of 32; long ones the 64-key default, with a third
+    pipeline stage where a head dim is padded (the session-7 sweep's winners)."""
+    from kernels.decode_attention import DEFAULT_CONFIG, SHORT_CONTEXT, auto_config
+
+    assert auto_config(SHORT_CONTEXT, 128, 128)["BLOCK_N"] == 32
+    assert auto_config(SHORT_CONTEXT + 16, 128, 128) == DEFAULT_CONFIG
+    assert auto_config(4096, 112, 96) == dict(DEFAULT_CONFIG, num_stages=3)
+    assert auto_config(4096, 128, 96)["num_stages"] == 3

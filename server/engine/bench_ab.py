@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds per variant and batch size")
     ap.add_argument("--kv-cache-gb", type=float, default=0.25)
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="the engines' context limit, which sizes the decode graphs' block tables (default: "
+                         "prompt + steps + 16, as runs before session 7 used; a server runs with 4096 or more)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if len(args.models) < 2:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             loaded = load_modegpt(spec, args.device, dtype)
             engines.append(LLMEngine(loaded.config, loaded.state_dict, device=args.device, dtype=dtype,
                                      kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
-                                     max_num_seqs=max(16, *args.batch), max_model_len=args.prompt_len + args.steps + 16))
+                                     max_num_seqs=max(16, *args.batch), max_model_len=args.max_model_len or args.prompt_len + args.steps + 16))
             del loaded
         progress(f"built {name} (loaded, warmed up, graphs captured)")
     runs = []
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device, "dtype": str(dtype),
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "prompt_len": args.prompt_len, "steps": args.steps, "rounds": args.rounds, "variants": names,
+              "max_model_len": args.max_model_len or args.prompt_len + args.steps + 16,
               "runs": runs}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -194,13 +194,29 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         return self.attend(q, k, v, positions, kv_cache, meta)
 
+    def decode_only_rope(self, kv_cache: tuple[Tensor, Tensor] | None, meta: AttentionMetadata, T: int) -> bool:
+        """Whether a step of `T` tokens is decode-only with RoPE and a KV cache (the path of
+        `decode_from_hidden` and of `attend`'s first branch)."""
+        return kv_cache is not None and self.use_rope and self.qk_dim > 0 and T > 0 and meta.num_decode == T
+
+    def decode_from_hidden(self, h: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor],
+                           meta: AttentionMetadata) -> Tensor:
+        """A decode-only step from the normed hidden states (fused q/k/v weight): projection, RoPE, cache
+        write and attention as one op (with the kernels: the projection's epilogue does RoPE and the
+        cache write), then the output projection."""
+        o = OPS["qkv_rope_decode_attention"](h, self.qkv.weight, self.qkv.bias, self.qkv.sizes, positions,
+                                             self.rope_freqs, kv_cache[0], kv_cache[1], meta.slot_mapping,
+                                             meta.decode_block_tables, meta.decode_context_lens, self.scale,
+                                             meta.block_size, meta.attn_counters)
+        return self.o_proj(o.reshape(h.shape[0], self.num_heads * self.v_dim))
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor] | None,
                meta: AttentionMetadata) -> Tensor:
         """Everything after the q/k/v projection: RoPE, the cache, attention, the output projection."""
         T = q.shape[0]
         Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
         rope = self.use_rope and self.qk_dim > 0
-        if kv_cache is not None and rope and T and meta.num_decode == T:  # decode only: RoPE, cache, attention
+        if self.decode_only_rope(kv_cache, meta, T):  # decode only: RoPE, cache, attention
             o = OPS["rope_decode_attention"](q, k, v, positions, self.rope_freqs, kv_cache[0], kv_cache[1],
                                              meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                                              self.scale, meta.block_size, meta.attn_counters)
@@ -288,7 +304,10 @@ class DecoderLayer(nn.Module):
         the first layer): each add is fused with the norm after it, and (ops `norm_linear` /
         `norm_gated_mlp`) with the fused matmul after that. Returns the same pair."""
         attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_norm, self.post_attention_norm
-        if attn.qkv is not None:
+        if attn.qkv is not None and attn.decode_only_rope(kv_cache, meta, x.shape[0]):
+            x, h = n1.add(x, delta)
+            a = attn.decode_from_hidden(h, positions, kv_cache, meta)
+        elif attn.qkv is not None:
             x, qkv = OPS["norm_linear"](x, delta, n1.weight, n1.bias, n1.eps, n1.op, attn.qkv.weight, attn.qkv.bias)
             a = attn.attend(*qkv.split(attn.qkv.sizes, dim=-1), positions, kv_cache, meta)
         else:

@@ -252,6 +252,20 @@ def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, fr
     return OPS["decode_attention"](qr, k_cache, v_cache, block_tables, context_lens, scale, block_size, counters)
 
 
+def qkv_rope_decode_attention(h: Tensor, weight: Tensor, bias: Tensor | None, sizes: list[int], positions: Tensor,
+                              freqs: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                              block_tables: Tensor, context_lens: Tensor, scale: float, block_size: int,
+                              counters: Tensor | None = None) -> Tensor:
+    """A decode-only step's attention from the normed hidden states: the fused q/k/v projection
+    (`weight` `[H*Dk + Hkv*Dk + Hkv*Dv, hidden]`, parts of widths `sizes`), then `rope_decode_attention`;
+    `[B, H, Dv]`. With the kernels, at decode sizes the projection's epilogue does the RoPE and the
+    cache write (`kernels.dispatch.linear_rope_qkv_`: one launch for projection, RoPE and cache, then
+    the attention launch)."""
+    q, k, v = OPS["linear"](h, weight, bias).split(sizes, dim=-1)
+    return OPS["rope_decode_attention"](q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables,
+                                        context_lens, scale, block_size, counters)
+
+
 # ------------------------------------------------------------------------------------------- table
 
 OPS: dict[str, Callable] = {
@@ -273,6 +287,7 @@ OPS: dict[str, Callable] = {
     "prefill_attention": prefill_attention,
     "decode_attention": decode_attention,
     "rope_decode_attention": rope_decode_attention,
+    "qkv_rope_decode_attention": qkv_rope_decode_attention,
 }
 _DEFAULTS = dict(OPS)
 
@@ -329,6 +344,20 @@ def use_kernels() -> bool:
                                               paged(v_cache, block_size), slot_mapping, block_tables,
                                               context_lens, scale, counters=fold(counters))
 
+    def qkv_rope_decode(h, weight, bias, sizes, positions, freqs, k_cache, v_cache, slot_mapping, block_tables,
+                        context_lens, scale, block_size, counters=None):
+        # MODEGPT_QKV_ROPE=1: the projection with RoPE and the cache write as its epilogue (one launch fewer per
+        # layer). Opt-in: on the H200 it timed 0.59-1.07x of the projection + RoPE launch it replaces (bf16,
+        # CUDA graphs, session 7; kernels/NOTES.md), and where it is on, a timed pick per shape still decides.
+        # MODEGPT_ROPE_ATTENTION=1 moves RoPE into the attention kernel instead.
+        if (os.environ.get("MODEGPT_QKV_ROPE", "0").strip() != "1"
+                or os.environ.get("MODEGPT_ROPE_ATTENTION", "0").strip() == "1"):
+            return qkv_rope_decode_attention(h, weight, bias, sizes, positions, freqs, k_cache, v_cache, slot_mapping,
+                                             block_tables, context_lens, scale, block_size, counters)
+        q = dispatch.linear_rope_qkv_(h, weight, bias, sizes[0] // (2 * freqs.shape[1]), positions, freqs,
+                                      paged(k_cache, block_size), paged(v_cache, block_size), slot_mapping)
+        return decode(q, k_cache, v_cache, block_tables, context_lens, scale, block_size, counters)
+
     def lowrank(x, weight_a, weight_b, bias):
         return dispatch.lowrank_linear(x, weight_a, weight_b, bias)
 
@@ -369,6 +398,7 @@ def use_kernels() -> bool:
     register_op("linear", dispatch.linear)
     register_op("decode_attention", decode)
     register_op("rope_decode_attention", rope_decode)
+    register_op("qkv_rope_decode_attention", qkv_rope_decode)
     register_op("factorized_linear", lowrank)
     register_op("rope_store_kv", rope_store)
     register_op("add_norm", add_norm_k)

@@ -75,7 +75,10 @@ def profile_step(spec: str, device: str, steps: int = 50, dtype: torch.dtype | N
          "kernels": bool(eng.runner.kernels), "compile": compile, "batch": batch}
     r["step_ms"] = _timed(eng.step, steps, sync)
     if eng.runner.use_graphs:
-        g, logits = eng.runner.graphs[min(b for b in eng.runner.graphs if b >= batch)]
+        tables = [eng.runner.kv.allocator.table(s.request_id) for s in eng.scheduler.running]
+        b, w = eng.runner.graph_for(batch, max(len(t) for t in tables))
+        g, logits = eng.runner.graphs[b][w]
+        r["graph"] = {"batch_bucket": b, "table_width": w}
         r["forward_ms"] = _timed(g.replay, steps, sync)
         if trace:
             r["trace"] = kernel_breakdown(g.replay, steps)

@@ -9,6 +9,13 @@ Design decisions:
   The decode attention gathers a fixed width of `graph_max_blocks` blocks per row, capped by
   `cuda_graph_max_len` (default 4096 tokens) to bound the gather's memory; steps whose longest context
   is beyond it, and every step with a prefill in it, run eagerly. All buckets share one memory pool.
+- Each bucket is captured once per context class (`graph_context_lens`, default 256 and 1024 tokens,
+  plus `cuda_graph_max_len`; env `MODEGPT_GRAPH_CONTEXTS=256,1024`, `0` for one class): the block
+  tables of a class are that wide, and the decode attention kernel plans its split of the context and
+  its key tile from that width (`kernels.decode_attention.auto_config`). A step replays the narrowest
+  class that holds its longest context. Measured on the H200 (docs/BENCHMARKS.md, session 7): at
+  64-256 sequences of ~100 tokens, key tiles of 32 made a 7B step 1.04-1.16x faster than the 64 that
+  a 4096-wide table gets; and the host fills and copies a 16-wide table instead of a 256-wide one.
 - `torch.compile` only behind `compile=True` (applied to the decode forward, the hot path). On CPU it is
   4.7x slower than eager (every step's attention metadata recompiles; docs/BENCHMARKS.md).
 - Triton kernels (`kernels` package: fused RoPE + K/V cache write, paged decode attention, low-rank
@@ -34,6 +41,31 @@ from server.engine.model import AttentionMetadata, ModeGPTModel
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+GRAPH_CONTEXT_LENS = (256, 1024)
+_GRAPH_CONTEXTS_ENV = "MODEGPT_GRAPH_CONTEXTS"
+
+
+def resolve_graph_context_lens(lens: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The context classes (tokens) below `cuda_graph_max_len` that get their own decode graphs: `lens`,
+    else env `MODEGPT_GRAPH_CONTEXTS` (comma-separated; `0` or empty: none), else `GRAPH_CONTEXT_LENS`."""
+    if lens is not None:
+        return tuple(int(x) for x in lens)
+    raw = os.environ.get(_GRAPH_CONTEXTS_ENV)
+    if raw is None:
+        return GRAPH_CONTEXT_LENS
+    try:
+        vals = tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"{_GRAPH_CONTEXTS_ENV} must be comma-separated token counts (or 0), got {raw!r}") from None
+    if any(v < 0 for v in vals):
+        raise ValueError(f"{_GRAPH_CONTEXTS_ENV} must not be negative, got {raw!r}")
+    return tuple(v for v in vals if v > 0)
+
+
+def graph_widths(context_lens: tuple[int, ...], block_size: int, max_blocks: int) -> list[int]:
+    """Block-table widths of the decode graphs: one per context class, capped at `max_blocks`, which is
+    always one of them."""
+    return sorted({min(max_blocks, math.ceil(n / block_size)) for n in context_lens if n > 0} | {max_blocks})
 
 
 def cuda_graphs_enabled(flag: bool, device: torch.device) -> bool:
@@ -62,7 +94,7 @@ class ModelRunner:
                  kv_cache_bytes: int, block_size: int = 16, max_num_seqs: int = 256, max_model_len: int = 2048,
                  kv_cache_dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False,
                  cuda_graph_max_len: int = 4096, max_num_batched_tokens: int = 2048,
-                 use_kernels: bool | None = None):
+                 use_kernels: bool | None = None, graph_context_lens: tuple[int, ...] | None = None):
         self.device = torch.device(device)
         self.kernels = kernels_wanted(use_kernels, self.device) and ops.use_kernels()
         if use_kernels is False:
@@ -85,7 +117,10 @@ class ModelRunner:
             self._decode_fn = torch.compile(self.model.logits, dynamic=False)  # called in inference mode
         self.use_graphs = cuda_graphs_enabled(cuda_graphs, self.device)
         self.graph_max_blocks = min(self.max_blocks_per_seq, math.ceil(cuda_graph_max_len / block_size))
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graph_widths = graph_widths(resolve_graph_context_lens(graph_context_lens), block_size,
+                                         self.graph_max_blocks)
+        # batch bucket -> block-table width -> (graph, its logits)
+        self.graphs: dict[int, dict[int, tuple[torch.cuda.CUDAGraph, Tensor]]] = {}
         self.num_graph_steps = 0
         self.num_eager_steps = 0
         if self.use_graphs:
@@ -178,44 +213,50 @@ class ModelRunner:
         self.g_vec = torch.zeros(4, mb, dtype=torch.long, device=dev)
         self.g_vec[3] = 1
         self.g_ids, self.g_pos, self.g_slots, self.g_ctx = self.g_vec.unbind(0)
-        self.g_tables = torch.zeros(mb, self.graph_max_blocks, dtype=torch.long, device=dev)
+        self.g_tables = {w: torch.zeros(mb, w, dtype=torch.long, device=dev) for w in self.graph_widths}
         self.h_vec = torch.zeros(4, mb, dtype=torch.long, pin_memory=True)
-        self.h_tables = torch.zeros(mb, self.graph_max_blocks, dtype=torch.long, pin_memory=True)
+        self.h_tables = {w: torch.zeros(mb, w, dtype=torch.long, pin_memory=True) for w in self.graph_widths}
         self.h_copied = torch.cuda.Event()  # the host twins may be rewritten once their copies are done
         self.h_copied.record()
         pool = None
-        for b in reversed(buckets):
-            meta = AttentionMetadata(num_decode=b, slot_mapping=self.g_slots[:b], decode_block_tables=self.g_tables[:b],
-                                     decode_context_lens=self.g_ctx[:b], block_size=self.block_size,
-                                     attn_counters=self.attn_counters)
-            # warm up on a side stream (lazy inits, autotuning) before capture
-            s = torch.cuda.Stream(device=dev)
-            s.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(s):
-                self._decode_fn(self.g_ids[:b], self.g_pos[:b], self.caches, meta)
-            torch.cuda.current_stream(dev).wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                logits = self._decode_fn(self.g_ids[:b], self.g_pos[:b], self.caches, meta)
-            if pool is None:
-                pool = g.pool()
-            self.graphs[b] = (g, logits)
+        for w in reversed(self.graph_widths):
+            for b in reversed(buckets):
+                meta = AttentionMetadata(num_decode=b, slot_mapping=self.g_slots[:b],
+                                         decode_block_tables=self.g_tables[w][:b], decode_context_lens=self.g_ctx[:b],
+                                         block_size=self.block_size, attn_counters=self.attn_counters)
+                # warm up on a side stream (lazy inits, autotuning) before capture
+                s = torch.cuda.Stream(device=dev)
+                s.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(s):
+                    self._decode_fn(self.g_ids[:b], self.g_pos[:b], self.caches, meta)
+                torch.cuda.current_stream(dev).wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    logits = self._decode_fn(self.g_ids[:b], self.g_pos[:b], self.caches, meta)
+                if pool is None:
+                    pool = g.pool()
+                self.graphs.setdefault(b, {})[w] = (g, logits)
         torch.cuda.synchronize(dev)
+
+    def graph_for(self, num_seqs: int, max_blocks: int) -> tuple[int, int]:
+        """(batch bucket, table width) of the graph a decode step of `num_seqs` sequences whose longest
+        context spans `max_blocks` blocks replays: the smallest of each that holds it."""
+        return (min(x for x in self.graphs if x >= num_seqs), min(w for w in self.graph_widths if w >= max_blocks))
 
     def _run_graph(self, ids, pos, slots, tables, ctx) -> Tensor:
         n = len(ids)
-        b = min(x for x in self.graphs if x >= n)
+        b, w = self.graph_for(n, max((len(t) for t in tables), default=0))
         self.h_copied.synchronize()  # free in practice: the previous step synced on its sampled tokens
-        hv, ht = self.h_vec.numpy(), self.h_tables.numpy()
+        hv, ht = self.h_vec.numpy(), self.h_tables[w].numpy()
         hv[0, :n], hv[1, :n], hv[2, :n], hv[3, :n] = ids, pos, slots, ctx
         hv[:3, n:b], hv[3, n:b] = 0, 1
         ht[:b] = 0
         for i, t in enumerate(tables):
             ht[i, :len(t)] = t
         self.g_vec.copy_(self.h_vec, non_blocking=True)
-        self.g_tables[:b].copy_(self.h_tables[:b], non_blocking=True)
+        self.g_tables[w][:b].copy_(self.h_tables[w][:b], non_blocking=True)
         self.h_copied.record()
-        g, logits = self.graphs[b]
+        g, logits = self.graphs[b][w]
         g.replay()
         return logits[:n].clone()
 
