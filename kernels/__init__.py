@@ -7,6 +7,8 @@ Public API (all in :mod:`kernels.dispatch`, which picks Triton or PyTorch per ca
 * :func:`lowrank_linear` - fused factorized linear ``(x @ A.T) @ B.T + bias`` (``kernels.lowrank``)
 * :func:`rope_gather_` - gathered RoPE written straight into a (paged) KV cache (``kernels.rope``)
 * :func:`rope_qkv_` - a layer's query, key and value RoPE + cache write in one launch (``kernels.rope``)
+* :func:`linear_rope_qkv_` - the fused q/k/v projection with that RoPE + cache write as its epilogue
+  (``kernels.skinny_linear``), at decode sizes where it times faster than projection + :func:`rope_qkv_`
 * :func:`decode_attention` - split-K decode attention with ``d_qk != d_v`` and GQA
   (``kernels.decode_attention``)
 * :func:`rope_decode_attention` - a decode step's RoPE, cache write and attention in one launch
@@ -22,9 +24,9 @@ Importing this package imports (does not compile) the Triton kernels when Triton
 without Triton everything runs on the PyTorch paths.
 """
 from .dispatch import (add_rms_norm, add_rms_norm_linear, add_rms_norm_swiglu_mlp, backend_for, decode_attention,
-                       linear, lowrank_linear, rope_decode_attention, rope_gather_, rope_qkv_, silu_mul,
-                       swiglu_linear, swiglu_mlp)
+                       linear, linear_rope_qkv_, lowrank_linear, rope_decode_attention, rope_gather_, rope_qkv_,
+                       silu_mul, swiglu_linear, swiglu_mlp)
 
 __all__ = ["add_rms_norm", "add_rms_norm_linear", "add_rms_norm_swiglu_mlp", "backend_for", "decode_attention",
-           "linear", "lowrank_linear", "rope_decode_attention", "rope_gather_", "rope_qkv_", "silu_mul",
-           "swiglu_linear", "swiglu_mlp"]
+           "linear", "linear_rope_qkv_", "lowrank_linear", "rope_decode_attention", "rope_gather_", "rope_qkv_",
+           "silu_mul", "swiglu_linear", "swiglu_mlp"]

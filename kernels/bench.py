@@ -373,6 +373,48 @@ def _rope_qkv_case(dims: tuple[int, int], T: int, dtype: torch.dtype) -> dict:
     return case
 
 
+def _linear_rope_case(heads: tuple[int, int, int, int], K: int, M: int, dtype: torch.dtype) -> dict:
+    """The q/k/v projection with RoPE and the cache write as its epilogue (``skinny_linear_rope_triton``, one
+    launch) against the chain it replaces: the better of the skinny kernel and cuBLAS for the projection,
+    then ``rope_qkv_triton_``. Timed as the engine's picks time them (``skinny_linear._graph_us``: CUDA graph,
+    L2 flushed, after a small PDL kernel)."""
+    from .dispatch import _linear_rope_chain
+    from .skinny_linear import _FLUSH_BYTES, _graph_us, _predecessor, skinny_linear_rope_triton
+
+    H, hkv, d, dv = heads
+    dev = torch.device("cuda")
+    n_out = H * d + hkv * (d + dv)
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    w = torch.randn(n_out, K, device=dev, dtype=dtype) * K ** -0.5
+    f = torch.rand(hkv, d // 2, device=dev) * 0.5
+    pos = torch.arange(M, device=dev) + 100
+    slots = torch.randperm(M + 64, device=dev)[:M]
+    kc = torch.zeros(M + 64, hkv, d, device=dev, dtype=dtype)
+    vc = torch.zeros(M + 64, hkv, dv, device=dev, dtype=dtype)
+    args = (H, pos, f, kc, vc, slots)
+    fused = skinny_linear_rope_triton(x, w, None, *args)
+    chain = _linear_rope_chain(x, w, None, *args).reshape(M, -1)
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev)
+    before = _predecessor(flush)
+    flush.zero_()
+    before()
+    torch.cuda.synchronize()
+    esz = torch.finfo(dtype).bits // 8
+    nbytes = (n_out * K + M * K + M * n_out) * esz
+    tri = _graph_us(lambda: skinny_linear_rope_triton(x, w, None, *args), flush, before)
+    base = _graph_us(lambda: _linear_rope_chain(x, w, None, *args), flush, before)
+    return {"kernel": "linear_rope_qkv", "heads": H, "kv_heads": hkv, "d_qk": d, "d_v": dv, "in": K, "tokens": M,
+            "dtype": str(dtype), "timing": "cuda_graph_flushed", "bytes": nbytes, "flops": 2.0 * M * n_out * K,
+            "rel_diff_vs_baseline": _rel(fused, chain), "triton_us": tri, "baseline_us": base,
+            "speedup_vs_baseline": base / tri, "triton": _rates(tri, nbytes, 2.0 * M * n_out * K),
+            "baseline": _rates(base, nbytes, 2.0 * M * n_out * K)}
+
+
+# (H, Hkv, d_qk, d_v, hidden): LLaMA-2-7B, a 30 % checkpoint's typical layer, two narrower ones, LLaMA-2-13B
+LINEAR_ROPE_SHAPES = [(32, 32, 128, 128, 4096), (32, 32, 96, 80, 4096), (32, 32, 64, 56, 4096), (32, 8, 46, 38, 4096),
+                      (40, 40, 96, 96, 5120)]
+
+
 def _attention_short_case(dims: tuple[int, int], ctx: int, capacity: int, dtype: torch.dtype) -> dict:
     """Batch-1 decode attention over a short context: the split heuristic against one partition."""
     from .decode_attention import decode_attention_triton, plan_splits
@@ -410,6 +452,10 @@ def _decode_step_cases(dtype: torch.dtype):
     for dims in ((128, 128), (88, 88)):
         for T in (1, 16, 64, 256):
             yield f"rope_qkv {dims} T={T}", lambda dims=dims, T=T: _rope_qkv_case(dims, T, dtype)
+    for *heads, K in LINEAR_ROPE_SHAPES:
+        for M in (1, 4, 16):
+            yield (f"linear_rope {tuple(heads)} K={K} M={M}",
+                   lambda heads=tuple(heads), K=K, M=M: _linear_rope_case(heads, K, M, dtype))
     for dims in ((128, 128), (88, 88)):
         for ctx, cap in ((128, 208), (200, 208), (1000, 2048), (3000, 4096)):
             yield (f"attention_short {dims} ctx={ctx}/{cap}",

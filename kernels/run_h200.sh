@@ -15,6 +15,8 @@
 #   bash kernels/run_h200.sh attn-sweep  # decode attention launch configs at batch 16-256, then its CUDA tests
 #   bash kernels/run_h200.sh s7a       # session 7: the attention sweep, its best config end to end at 64/256, tests
 #   bash kernels/run_h200.sh s7b       # session 7: graphs per context class A/B at max_model_len 4096, CUDA tests
+#   bash kernels/run_h200.sh s8a       # next: the CUDA tests session 7 could not finish + fused projection/RoPE bench
+#   bash kernels/run_h200.sh s8b       # next: the recorded A/B (context classes, batch 1-256; fused projection/RoPE)
 #   bash kernels/run_h200.sh s6c       # session 6, recorded: CUDA tests, original vs 30 % at 1/16/64/256, combine fold A/B
 #   bash kernels/run_h200.sh s6b       # session 6: RoPE + attention (+ combine) in one launch: CUDA tests, A/B
 #   bash kernels/run_h200.sh s6a       # session 6: folded-norm A/B, CUDA tests of unverified code, Triton cache back
@@ -276,6 +278,25 @@ s7b)  # session 7, second (last) call, 6.7 device minutes left: at a server's ma
       | tee "$OUT/bench-engine-h200.log"
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-105} 2 tests/test_engine_cuda.py tests/test_kernels.py \
       -k "context_classes or auto_config or launch_configs" ;;
+s8a)  # prepared in session 7 for the next: the CUDA tests session 7 could not finish (decode graphs per
+  # context class, the fused projection + RoPE at real shapes, attention configs, the engine with every
+  # kernel option), then the fused projection + RoPE against projection + RoPE launch (kernels.bench)
+  ckpt
+  TEST_TIMEOUT=200 tests ${TESTS_TIMEOUT:-330} 4 tests/test_engine_cuda.py tests/test_kernels.py tests/test_skinny_rope.py \
+      -k "context_classes or graph or rope or attention or engine or skinny"
+  kernel_bench 200 170 '("linear_rope",)'
+  tcache_out ;;
+s8b)  # prepared in session 7 for the next (the recorded run it could not finish): at a server's
+  # max_model_len, graphs per context class (default) against one 4096-wide class, original and 30 %,
+  # batch 1-256; then the fused projection + RoPE (MODEGPT_QKV_ROPE=1) against the default at 1 and 16
+  ckpt
+  timeout ${AB_TIMEOUT:-330} $PY -m server.engine.bench_ab random:llama-2-7b@MODEGPT_GRAPH_CONTEXTS=0 random:llama-2-7b \
+      /tmp/l7b-30@MODEGPT_GRAPH_CONTEXTS=0 /tmp/l7b-30 --device cuda --dtype bfloat16 --batch 1 256 64 16 --steps 48 \
+      --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-context-classes.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
+  timeout ${AB2_TIMEOUT:-200} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_QKV_ROPE=1 \
+      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_QKV_ROPE=1 --device cuda --dtype bfloat16 --batch 1 16 --steps 64 --rounds 4 \
+      --kv-cache-gb 2 --max-model-len 4096 --json "$OUT/bench-ab-qkv-rope.json" 2>&1 | tee -a "$OUT/bench-engine-h200.log" ;;
 all) engine 330; kernel_bench 110 90; tests 120 ;;
 engine+failing) engine 330; timeout 90 $PY -m pytest -q -x -p no:cacheprovider --timeout 60 tests/test_engine_cuda.py 2>&1 | tee "$OUT/cuda-tests.log" ;;
 compress13b)

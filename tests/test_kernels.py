@@ -1201,7 +1201,7 @@ def test_triton_suite_in_interpreter():
 
 
 @needs_triton
-def test_attention_config_names_round_trip_and_the_env_override(seed, force_triton, monkeypatch):
+def test_triton_attention_config_names_round_trip_and_the_env_override(seed, force_triton, monkeypatch):
     """Every configuration the sweep times has a name MODEGPT_ATTN_CONFIG accepts back; the env override
     reaches the kernel through kernels.decode_attention (same output as the float64 reference) and a
     malformed value is a clear ValueError, not a silent fallback."""
