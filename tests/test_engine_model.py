@@ -384,3 +384,32 @@ def test_graph_context_classes(monkeypatch):
         monkeypatch.setenv("MODEGPT_GRAPH_CONTEXTS", bad)
         with pytest.raises(ValueError):
             resolve_graph_context_lens()
+
+
+def test_decode_fast_path_prepares_what_the_general_path_prepares():
+    """`ModelRunner._prepare_decode` (decode-only steps) builds exactly the inputs of the general
+    `_prepare_general`, step after step while contexts cross block boundaries; a step with a prefill or a
+    non-sampling chunk takes the general path."""
+    from server.engine.engine import LLMEngine
+    from server.engine.testing import llama_like_config, random_state_dict
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    cfg = llama_like_config()
+    eng = LLMEngine(cfg, random_state_dict(cfg, seed=3), kv_cache_bytes=1 << 22, block_size=4, max_num_seqs=8)
+    for i in range(5):
+        eng.add_request(GenerationRequest(f"f{i}", list(range(5, 8 + 3 * i)),
+                                          SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
+    runner, decode_steps = eng.runner, 0
+    while eng.has_work():
+        out = eng.scheduler.schedule()
+        if not out.prefills:
+            fast, general = runner._prepare_decode(out), runner._prepare_general(out)
+            assert fast[:5] == general[:5] and fast[6] == general[6]
+            for a, b in ((fast[5], general[5]), (fast[7], general[7])):
+                assert {k: v for k, v in vars(a).items() if k != "logits"} == \
+                       {k: v for k, v in vars(b).items() if k != "logits"}
+            decode_steps += 1
+        else:
+            assert runner.prepare(out)[7].prompt_rows == runner._prepare_general(out)[7].prompt_rows
+        eng.step()  # schedules again: in a decode-only state that is the same batch
+    assert decode_steps >= 8

@@ -141,7 +141,7 @@ class LLMEngine:
 
         for c in out.chunks:  # prompt-only requests (max_tokens == 0)
             seq = c.seq
-            if c.completes_prefill and seq.params.max_tokens == 0:
+            if seq.params.max_tokens == 0 and c.completes_prefill:
                 ev = TokenEvent(request_id=seq.request_id, token_id=None, finished=True, finish_reason="length")
                 if seq.wants_prompt_logprobs:
                     ev.prompt_logprobs = seq.prompt_logprobs or [None]

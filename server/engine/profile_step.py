@@ -3,7 +3,8 @@
 ``python -m server.engine.profile_step MODEL [--device cuda] [--steps 50]`` prints and returns (JSON) the
 mean milliseconds of: a full engine step; the model forward alone (the CUDA-graph replay on CUDA, the
 eager forward elsewhere); the sampler on that step's logits; and the host-side rest (scheduling, input
-preparation, bookkeeping) as the difference. The gap between a step and its forward is what bounds the
+preparation, bookkeeping) as the difference, with the scheduler's and the runner's input preparation also
+timed alone (``schedule_ms``, ``prepare_ms``). The gap between a step and its forward is what bounds the
 fraction of the bandwidth roofline a decode step can reach (docs/BENCHMARKS.md).
 
 ``--trace`` adds the forward's kernels (torch.profiler over the graph replays): per kernel name its
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -90,6 +92,11 @@ def profile_step(spec: str, device: str, steps: int = 50, dtype: torch.dtype | N
     seqs = eng.scheduler.running[:batch]
     r["sampler_ms"] = _timed(lambda: eng.sampler(logits[:batch].clone(), seqs), steps, sync)
     r["host_rest_ms"] = r["step_ms"] - r["forward_ms"] - r["sampler_ms"]
+    # two parts of the host rest, each timed alone: in a decode-only steady state both are idempotent
+    # (medians of 7 repeats: a fraction of a millisecond each, easily disturbed by another process)
+    out = eng.scheduler.schedule()
+    r["schedule_ms"] = statistics.median(_timed(eng.scheduler.schedule, steps, lambda: None) for _ in range(7))
+    r["prepare_ms"] = statistics.median(_timed(lambda: eng.runner.prepare(out), steps, lambda: None) for _ in range(7))
     return r
 
 
