@@ -16,6 +16,8 @@ Design decisions:
   class that holds its longest context. Measured on the H200 (docs/BENCHMARKS.md, session 7): at
   64-256 sequences of ~100 tokens, key tiles of 32 made a 7B step 1.04-1.16x faster than the 64 that
   a 4096-wide table gets; and the host fills and copies a 16-wide table instead of a 256-wide one.
+  The cost: capture time and each graph's output logits (`[bucket, vocab]` float32) per class, e.g.
+  ~65 MB per class for buckets up to 256 at a 32k vocabulary; activations share the one pool.
 - `torch.compile` only behind `compile=True` (applied to the decode forward, the hot path). On CPU it is
   4.7x slower than eager (every step's attention metadata recompiles; docs/BENCHMARKS.md).
 - Triton kernels (`kernels` package: fused RoPE + K/V cache write, paged decode attention, low-rank
