@@ -282,9 +282,9 @@ s8a)  # prepared in session 7 for the next: the CUDA tests session 7 could not f
   # context class, the fused projection + RoPE at real shapes, attention configs, the engine with every
   # kernel option), then the fused projection + RoPE against projection + RoPE launch (kernels.bench)
   ckpt
-  TEST_TIMEOUT=200 tests ${TESTS_TIMEOUT:-330} 4 tests/test_engine_cuda.py tests/test_kernels.py tests/test_skinny_rope.py \
+  TEST_TIMEOUT=200 tests ${TESTS_TIMEOUT:-300} 4 tests/test_engine_cuda.py tests/test_kernels.py tests/test_skinny_rope.py \
       -k "context_classes or graph or rope or attention or engine or skinny"
-  kernel_bench 200 170 '("linear_rope",)'
+  kernel_bench 180 150 '("linear_rope",)'
   tcache_out ;;
 s8b)  # prepared in session 7 for the next (the recorded run it could not finish): at a server's
   # max_model_len, graphs per context class (default) against one 4096-wide class, original and 30 %,
