@@ -86,12 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
     def progress(what: str) -> None:  # a run cut short by a time limit still says where its time went
         print(f"[{time.perf_counter() - t0:6.1f} s] {what}", flush=True)
 
+    max_model_len = args.max_model_len or args.prompt_len + args.steps + 16
     for name, (spec, env) in zip(names, variants):
         with mock.patch.dict(os.environ, env):
             loaded = load_modegpt(spec, args.device, dtype)
             engines.append(LLMEngine(loaded.config, loaded.state_dict, device=args.device, dtype=dtype,
                                      kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
-                                     max_num_seqs=max(16, *args.batch), max_model_len=args.max_model_len or args.prompt_len + args.steps + 16))
+                                     max_num_seqs=max(16, *args.batch), max_model_len=max_model_len))
             del loaded
         progress(f"built {name} (loaded, warmed up, graphs captured)")
     runs = []
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device, "dtype": str(dtype),
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "prompt_len": args.prompt_len, "steps": args.steps, "rounds": args.rounds, "variants": names,
-              "max_model_len": args.max_model_len or args.prompt_len + args.steps + 16,
+              "max_model_len": max_model_len,
               "runs": runs}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
