@@ -1,7 +1,8 @@
 """Fixtures shared by the API test files: one ``TinyStack`` (the real app under uvicorn on loopback with two
 tiny models) per test module, and an httpx client for it. A module that needs other settings defines its
 own ``stack``. The server imports stay inside the fixtures: the GPU machine runs the engine and kernel
-tests without fastapi or uvicorn installed. It also turns Triton autotuning off for the tests."""
+tests without fastapi or uvicorn installed. It also turns Triton autotuning off for the tests, and holds the
+kernel tests' ``seed`` and ``force_triton`` fixtures."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,25 @@ import pytest
 # correctness does not depend on the tile sizes, and tuning every real shape made the CUDA suite take
 # minutes on the H200. A test of tuning itself sets MODEGPT_AUTOTUNE=on.
 os.environ.setdefault("MODEGPT_AUTOTUNE", "off")
+
+
+@pytest.fixture
+def seed() -> int:
+    """Fresh random inputs per run; ``MODEGPT_TEST_SEED`` reproduces one (failures print their seed)."""
+    import torch
+
+    s = int(os.environ.get("MODEGPT_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    """Strict Triton dispatch (no silent fallback) and NaN-poisoned scratch buffers."""
+    from kernels import _common
+
+    monkeypatch.setenv("MODEGPT_KERNELS", "triton")
+    monkeypatch.setattr(_common, "POISON_WORKSPACES", True)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ output, and bounds the relative error ||out - ref|| / ||ref|| per dtype.
 Where the Triton tests run:
 
 * CUDA available: in this process, on the GPU, at small odd shapes and at LLaMA-2-7B shapes.
-* CPU only: ``test_triton_suite_in_interpreter`` re-runs this file in a subprocess with
-  ``TRITON_INTERPRET=1`` (Triton reads it when kernels are decorated, so it cannot be switched on
+* CPU only: ``test_triton_suite_in_interpreter`` re-runs this file (and ``test_skinny_rope.py``) in a
+  subprocess with ``TRITON_INTERPRET=1`` (Triton reads it when kernels are decorated, so it cannot be switched on
   inside a process that may already have imported them; a subprocess also keeps it away from every
   other test file). In that child the ``test_triton_*`` tests run on small shapes.
 
@@ -48,20 +48,6 @@ INTERP_BF16_CHAIN_TOL = 3e-2
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def seed() -> int:
-    s = int(os.environ.get("MODEGPT_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
-
-
-@pytest.fixture
-def force_triton(monkeypatch):
-    """Strict Triton dispatch (no silent fallback) and NaN-poisoned scratch buffers."""
-    monkeypatch.setenv("MODEGPT_KERNELS", "triton")
-    monkeypatch.setattr(_common, "POISON_WORKSPACES", True)
-
-
 def nan_like(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -1190,8 +1176,9 @@ def test_triton_suite_in_interpreter():
     env.pop("MODEGPT_KERNELS", None)
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
-           "-k", "triton and not in_interpreter"]
+    here = Path(__file__).resolve()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(here),
+           str(here.with_name("test_skinny_rope.py")), "-k", "triton and not in_interpreter"]
     t0 = time.time()
     res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     tail = (res.stdout[-8000:] + "\n" + res.stderr[-4000:]).strip()

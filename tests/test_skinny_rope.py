@@ -7,15 +7,9 @@ bit for bit against the two-launch chain it replaces (same interpreter tiling, s
 order and the same roundings), with NaN-poisoned outputs and caches (only the new slots may change),
 and the dispatcher's PyTorch path and shape errors. The Triton tests run on the GPU, or on Triton's
 CPU interpreter under ``TRITON_INTERPRET=1``; on a CPU-only machine without it,
-``test_skinny_rope_suite_in_interpreter`` re-runs them in a subprocess (as ``tests/test_kernels.py`` does).
+``tests/test_kernels.py``'s ``test_triton_suite_in_interpreter`` re-runs them in its subprocess.
 """
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,30 +25,15 @@ from test_kernels import (
     ref_rope,
 )
 
-from kernels import _common, dispatch, reference
+from kernels import dispatch, reference
 
 # (H, Hkv, d, dv): GQA groups of 3 with dv < d; no grouping with dv < d; an odd dv (value pairs with a
 # lone last row) and a head dim of 14 (7 pairs: heads straddle the programs' pair blocks)
 SHAPES = [(6, 2, 46, 38), (4, 4, 40, 24), (6, 3, 14, 37)]
 needs_triton = pytest.mark.skipif(
-    TRITON_DEVICE is None, reason="CPU without TRITON_INTERPRET: covered by test_skinny_rope_suite_in_interpreter")
+    TRITON_DEVICE is None, reason="CPU without TRITON_INTERPRET: covered by test_kernels.test_triton_suite_in_interpreter")
 K_IN = 70  # not a multiple of the interpreter's BLOCK_K (32): two whole tiles and a ragged tail
 BLOCK_SIZE = 16
-
-
-@pytest.fixture
-def seed() -> int:
-    """As in tests/test_kernels.py: fresh inputs per run, ``MODEGPT_TEST_SEED`` reproduces one."""
-    s = int(os.environ.get("MODEGPT_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
-
-
-@pytest.fixture
-def force_triton(monkeypatch):
-    """Strict Triton dispatch (no silent fallback) and NaN-poisoned scratch buffers."""
-    monkeypatch.setenv("MODEGPT_KERNELS", "triton")
-    monkeypatch.setattr(_common, "POISON_WORKSPACES", True)
 
 
 def skip_gpu_fp32_dot(dtype, M) -> None:
@@ -284,23 +263,3 @@ def test_linear_rope_qkv_bad_shapes_raise(seed, monkeypatch, entry):
             fn(p["x"], p["w"], p["b"], p["H"], p["pos"], p["f"], p["kc"], p["vc"], p["slots"])
             pytest.fail(f"{entry}: {what} did not raise")
         assert torch.isnan(kc).all() and torch.isnan(vc).all(), f"{entry}: {what} wrote a cache"
-
-
-# ------------------------------------------------------------------------------------------------
-# CPU: the Triton tests above on Triton's interpreter, isolated in a subprocess
-# ------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(CUDA or INTERPRET, reason="the Triton tests run in process here")
-def test_skinny_rope_suite_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    env.pop("MODEGPT_KERNELS", None)
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
-           "-k", "triton and not in_interpreter"]
-    t0 = time.time()
-    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
-    tail = (res.stdout[-8000:] + "\n" + res.stderr[-4000:]).strip()
-    assert res.returncode == 0, f"interpreter suite failed (rc={res.returncode}):\n{tail}"
-    assert " passed" in res.stdout and " failed" not in res.stdout and " skipped" not in res.stdout, tail
-    print(f"interpreter suite: {res.stdout.strip().splitlines()[-1]} ({time.time() - t0:.0f}s)")

@@ -55,6 +55,12 @@ class BlockAllocator:
         """Blocks to add so `seq_id` holds `num_tokens` tokens."""
         return max(0, self.blocks_for(num_tokens) - len(self.tables.get(seq_id, ())))
 
+    def holds(self, seq_id: str, num_tokens: int) -> bool:
+        """Whether `seq_id`'s blocks already have room for `num_tokens` tokens (no growth needed): the
+        scheduler's per-step check for every decoding sequence, so one dict lookup."""
+        table = self.tables.get(seq_id)
+        return table is not None and num_tokens <= len(table) * self.block_size
+
     def can_grow(self, seq_id: str, num_tokens: int) -> bool:
         return self.extra_blocks_needed(seq_id, num_tokens) <= len(self.free_blocks)
 

@@ -191,14 +191,12 @@ class Scheduler:
 
         # 1. decodes, in admission order; preempt from the back when the cache is full
         i = 0
-        tables, bs = alloc.tables, alloc.block_size
         while i < len(self.running):
             seq = self.running[i]
             if seq.num_tokens - seq.num_computed != 1:
                 i += 1
                 continue
-            table = tables.get(seq.request_id)
-            if table is not None and seq.num_tokens <= len(table) * bs:  # the common case: its last block has room
+            if alloc.holds(seq.request_id, seq.num_tokens):  # the common case: its last block has room
                 out.decodes.append(ScheduledChunk(seq, seq.num_computed, 1))
                 budget -= 1
                 i += 1
