@@ -65,7 +65,8 @@ def _attn_partition_kernel(
         stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         stride_f, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh,
         DQK: tl.constexpr, DV: tl.constexpr, ALIGN_K: tl.constexpr, ALIGN_V: tl.constexpr,
-        SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+        SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK0: tl.constexpr, DQK1: tl.constexpr,
+        DV0: tl.constexpr, DV1: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, HALF_PAD: tl.constexpr,
         FOLD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, KV head, partition). ``ROPE``: ``q`` is the projection output before RoPE and the
@@ -75,7 +76,9 @@ def _attn_partition_kernel(
     partition holds position ``len - 1`` writes the rotated key and the value into ``slot`` first.
     ``FOLD`` (with ``SPLIT``): the last partition of a (sequence, KV head) to finish, counted by
     ``cnt`` (zero before the launch, zero again after it), combines the partials into ``out``, so
-    no second launch is needed."""
+    no second launch is needed. Head dims are read in at most two power-of-two chunks (``DQK0`` +
+    ``DQK1``, ``DV0`` + ``DV1``; a second chunk of 0 means none), one MMA each: a compressed model's 80
+    or 96 is 64 + 16 or 64 + 32 instead of a 128-wide tile with a third of it masked (``dim_chunks``)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -84,10 +87,16 @@ def _attn_partition_kernel(
     offs_g = tl.arange(0, G_PAD)
     g_mask = offs_g < group
     heads = kvh * group + offs_g
-    offs_d = tl.arange(0, DQK_PAD)
+    offs_d = tl.arange(0, DQK0)
     d_mask = offs_d < DQK
-    offs_e = tl.arange(0, DV_PAD)
+    DQK1_N: tl.constexpr = DQK1 if DQK1 > 0 else 1  # a second chunk of 0: a 1-wide range, never read
+    DV1_N: tl.constexpr = DV1 if DV1 > 0 else 1
+    offs_d1 = DQK0 + tl.arange(0, DQK1_N)
+    d1_mask = offs_d1 < DQK
+    offs_e = tl.arange(0, DV0)
     e_mask = offs_e < DV
+    offs_e1 = DV0 + tl.arange(0, DV1_N)
+    e1_mask = offs_e1 < DV
     HALF: tl.constexpr = DQK // 2
     offs_i = tl.arange(0, HALF_PAD)
     i_mask = offs_i < HALF
@@ -110,19 +119,24 @@ def _attn_partition_kernel(
             kd = k_ptr + blk_new * stride_kb + in_new * stride_ks + kvh * stride_kh + offs_i
             tl.store(kd, (k1 * c - k2 * sn).to(k_ptr.dtype.element_ty), mask=i_mask)
             tl.store(kd + HALF, (k2 * c + k1 * sn).to(k_ptr.dtype.element_ty), mask=i_mask)
-            vn = tl.load(vn_ptr + b * stride_vnb + kvh * stride_vnh + offs_e, mask=e_mask, other=0.0)
-            tl.store(v_ptr + blk_new * stride_vb + in_new * stride_vs + kvh * stride_vh + offs_e,
-                     vn.to(v_ptr.dtype.element_ty), mask=e_mask)
+            offs_v = tl.arange(0, DV_PAD)
+            vn = tl.load(vn_ptr + b * stride_vnb + kvh * stride_vnh + offs_v, mask=offs_v < DV, other=0.0)
+            tl.store(v_ptr + blk_new * stride_vb + in_new * stride_vs + kvh * stride_vh + offs_v,
+                     vn.to(v_ptr.dtype.element_ty), mask=offs_v < DV)
             tl.debug_barrier()  # the whole program reads the new row back from the cache below
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        if DQK1 > 0:
+            q_hi = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d1[None, :],
+                           mask=g_mask[:, None] & d1_mask[None, :], other=0.0)
 
     lo = sp * part_len
     hi = tl.minimum(lo + part_len, seq_len)
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
-    acc = tl.zeros((G_PAD, DV_PAD), dtype=tl.float32)
+    acc = tl.zeros((G_PAD, DV0), dtype=tl.float32)
+    acc1 = tl.zeros((G_PAD, DV1_N), dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         p_mask = pos < hi
@@ -137,8 +151,12 @@ def _attn_partition_kernel(
             s = mma(qb, kb, mma(qa, ka, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION), PRECISION)
         else:
             kt = tl.load(k_ptr + k_rows[None, :] + offs_d[:, None],
-                         mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK_PAD, BLOCK_N]
+                         mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK0, BLOCK_N]
             s = mma(q, kt, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
+            if DQK1 > 0:
+                kt1 = tl.load(k_ptr + k_rows[None, :] + offs_d1[:, None],
+                              mask=p_mask[None, :] & d1_mask[:, None], other=0.0)  # [DQK1, BLOCK_N]
+                s = mma(q_hi, kt1, s, PRECISION)
         s = s * scale_log2
         s = tl.where(p_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every iteration has a valid key
@@ -147,16 +165,25 @@ def _attn_partition_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + kvh * stride_vh, ALIGN_V)
         vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
-                     mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV_PAD]
+                     mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV0]
         acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
+        if DV1 > 0:
+            vt1 = tl.load(v_ptr + v_rows[:, None] + offs_e1[None, :],
+                          mask=p_mask[:, None] & e1_mask[None, :], other=0.0)  # [BLOCK_N, DV1]
+            acc1 = mma(p.to(vt1.dtype), vt1, acc1 * alpha[:, None], PRECISION)
         m_i = m_new
 
     nonempty = l_i > 0.0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    inv_l = 1.0 / tl.where(nonempty, l_i, 1.0)
+    o = acc * inv_l[:, None]
+    o1 = acc1 * inv_l[:, None]
     o_mask = g_mask[:, None] & e_mask[None, :]
+    o1_mask = g_mask[:, None] & e1_mask[None, :]
     if SPLIT:
-        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os + offs_e[None, :],
-                 o, mask=o_mask)
+        o_row = o_ptr + b * stride_ob + heads[:, None] * stride_oh + sp * stride_os
+        tl.store(o_row + offs_e[None, :], o, mask=o_mask)
+        if DV1 > 0:
+            tl.store(o_row + offs_e1[None, :], o1, mask=o1_mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + sp, lse, mask=g_mask)
         if FOLD:
@@ -164,13 +191,16 @@ def _attn_partition_kernel(
             n_split = tl.num_programs(2)
             cnt = cnt_ptr + b * tl.num_programs(1) + kvh
             if tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1:
-                _combine_group(o_ptr, lse_ptr, out_ptr, b, heads, g_mask, offs_e, e_mask, n_split, stride_ob,
+                offs_v = tl.arange(0, DV_PAD)
+                _combine_group(o_ptr, lse_ptr, out_ptr, b, heads, g_mask, offs_v, offs_v < DV, n_split, stride_ob,
                                stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
                                G_PAD, DV_PAD, S_PAD)
                 tl.atomic_xchg(cnt, 0, sem="relaxed")  # ready for the next launch (graph replays too)
     else:
-        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_e[None, :],
-                 o.to(o_ptr.dtype.element_ty), mask=o_mask)
+        o_row = o_ptr + b * stride_ob + heads[:, None] * stride_oh
+        tl.store(o_row + offs_e[None, :], o.to(o_ptr.dtype.element_ty), mask=o_mask)
+        if DV1 > 0:
+            tl.store(o_row + offs_e1[None, :], o1.to(o_ptr.dtype.element_ty), mask=o1_mask)
 
 
 @triton.jit
@@ -301,11 +331,26 @@ def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 # The reference launch configuration (sessions 1-6 used it for every call): key tiles of 64 (16 under the
 # interpreter, so loops run several iterations on small test shapes), 4 warps, 2 stages.
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# DIM_CHUNKS False: head dims padded to one power of two (sessions 1-7); True: ``dim_chunks``.
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": False}
 # A block table of at most this many positions counts as a short context (auto_config). The engine
 # captures its decode graphs once per context class (server.engine.runner), so the capacity it passes
 # here tracks the batch's longest context.
 SHORT_CONTEXT = 256
+
+
+def dim_chunks(d: int, split: bool = True) -> tuple[int, int]:
+    """The widths in which the kernel reads a head dim of ``d``: one power of two >= 16, or (``split``)
+    two, ``(c0, c1)`` with ``c0 >= c1 >= 16``, when they cover ``d`` in less (80 -> 64 + 16, 96 -> 64 +
+    32, 46 -> 32 + 16; 112 stays 128, as 64 + 64 saves nothing). ``(w, 0)``: one chunk."""
+    full = max(16, next_pow2(d))
+    d16 = cdiv(max(d, 1), 16) * 16
+    c0 = 1 << (d16.bit_length() - 1)  # the largest power of two <= d16
+    rest = d16 - c0
+    if not split or rest == 0:
+        return full, 0
+    c1 = max(16, next_pow2(rest))
+    return (c0, c1) if c0 + c1 < full else (full, 0)
 
 
 def auto_config(capacity: int, dqk: int, dv: int) -> dict:
@@ -320,23 +365,25 @@ def auto_config(capacity: int, dqk: int, dv: int) -> dict:
       padded to 128 inside the kernel): three pipeline stages were 1.03-1.35x faster; with 128/128 the
       default stayed best (two stages)."""
     if capacity <= SHORT_CONTEXT:
-        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}
     pow2 = dqk == next_pow2(dqk) and dv == next_pow2(dv)
-    return dict(DEFAULT_CONFIG, num_stages=2 if pow2 else 3)
+    return dict(DEFAULT_CONFIG, num_stages=2 if pow2 else 3, DIM_CHUNKS=True)
 
 
 def config_name(cfg: dict) -> str:
-    """``"BLOCK_N/<warps>w/<stages>s"``: the names of ``kernels.bench``'s sweep and of
-    ``MODEGPT_ATTN_CONFIG`` (:func:`parse_config`)."""
-    return "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**dict(DEFAULT_CONFIG, **cfg))
+    """``"BLOCK_N/<warps>w/<stages>s"`` with ``"/cd"`` when head dims are read in chunks (``DIM_CHUNKS``):
+    the names of ``kernels.bench``'s sweep and of ``MODEGPT_ATTN_CONFIG`` (:func:`parse_config`)."""
+    c = dict(DEFAULT_CONFIG, **cfg)
+    return "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**c) + ("/cd" if c["DIM_CHUNKS"] else "")
 
 
 def parse_config(name: str) -> dict:
-    """The launch configuration a :func:`config_name` names (``"32/4w/2s"``), or ValueError."""
-    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s", name.strip())
+    """The launch configuration a :func:`config_name` names (``"32/4w/2s/cd"``), or ValueError."""
+    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s(/cd)?", name.strip())
     if m is None:
-        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s, e.g. 64/4w/2s")
-    return _launch_config({"BLOCK_N": int(m[1]), "num_warps": int(m[2]), "num_stages": int(m[3])})
+        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s[/cd], e.g. 64/4w/2s/cd")
+    return _launch_config({"BLOCK_N": int(m[1]), "num_warps": int(m[2]), "num_stages": int(m[3]),
+                           "DIM_CHUNKS": m[4] is not None})
 
 
 def _launch_config(config: dict | None, auto: dict | None = None) -> dict:
@@ -394,8 +441,10 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     capacity = max(capacity, 1)
     cfg = _launch_config(config, auto_config(capacity, dqk, dv))
     splits, part_len = plan_splits(B, hkv, capacity, cfg["BLOCK_N"], q.device, num_splits)
-    g_pad, dqk_pad, dv_pad = max(16, next_pow2(group)), max(16, next_pow2(dqk)), max(16, next_pow2(dv))
-    meta = dict(G_PAD=g_pad, DQK_PAD=dqk_pad, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
+    g_pad, dv_pad = max(16, next_pow2(group)), max(16, next_pow2(dv))
+    dqk0, dqk1 = dim_chunks(dqk, cfg["DIM_CHUNKS"] and rope is None)  # RoPE scores the two halves instead
+    dv0, dv1 = dim_chunks(dv, cfg["DIM_CHUNKS"])
+    meta = dict(G_PAD=g_pad, DQK0=dqk0, DQK1=dqk1, DV0=dv0, DV1=dv1, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
                 PRECISION=dot_precision(q.dtype), ROPE=rope is not None, HALF_PAD=max(16, next_pow2(dqk // 2)),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))

@@ -15,7 +15,8 @@
 #   bash kernels/run_h200.sh attn-sweep  # decode attention launch configs at batch 16-256, then its CUDA tests
 #   bash kernels/run_h200.sh s7a       # session 7: the attention sweep, its best config end to end at 64/256, tests
 #   bash kernels/run_h200.sh s7b       # session 7: graphs per context class A/B at max_model_len 4096, CUDA tests
-#   bash kernels/run_h200.sh s8a       # next: the CUDA tests session 7 could not finish + fused projection/RoPE bench
+#   bash kernels/run_h200.sh s8c       # session 8: head dims in two chunks: attention sweep, A/B batch 1-256, tests
+#   bash kernels/run_h200.sh s8a       # session 8: the CUDA tests session 7 could not finish + fused projection/RoPE bench
 #   bash kernels/run_h200.sh s8b       # next: the recorded A/B (context classes, batch 1-256; fused projection/RoPE)
 #   bash kernels/run_h200.sh s6c       # session 6, recorded: CUDA tests, original vs 30 % at 1/16/64/256, combine fold A/B
 #   bash kernels/run_h200.sh s6b       # session 6: RoPE + attention (+ combine) in one launch: CUDA tests, A/B
@@ -286,6 +287,18 @@ s8a)  # prepared in session 7 for the next: the CUDA tests session 7 could not f
       -k "context_classes or graph or rope or attention or engine or skinny"
   kernel_bench 180 150 '("linear_rope",)'
   tcache_out ;;
+s8c)  # session 8, call 2: head dims read in two power-of-two chunks (DIM_CHUNKS, "/cd"): the attention
+  # sweep (chunks against one padded power of two), then the recorded A/B at a server's max_model_len: the
+  # original, the 30 % checkpoint (auto: chunks) and the 30 % checkpoint with pow2-padded dims, batch 1-256;
+  # then the CUDA tests of the attention kernels
+  ckpt &
+  timeout ${SWEEP_TIMEOUT:-150} $PY -c "from kernels.bench import run_attention_sweep
+run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-110})" 2>&1 | tee "$OUT/kernels-h200.log"
+  wait
+  timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/2s \
+      --device cuda --dtype bfloat16 --batch 1 256 64 16 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  TEST_TIMEOUT=60 tests ${TESTS_TIMEOUT:-90} 4 tests/test_kernels.py -k "attention" ;;
 s8b)  # prepared in session 7 for the next (the recorded run it could not finish): at a server's
   # max_model_len, graphs per context class (default) against one 4096-wide class, original and 30 %,
   # batch 1-256; then the fused projection + RoPE (MODEGPT_QKV_ROPE=1) against the default at 1 and 16

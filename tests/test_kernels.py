@@ -1010,13 +1010,15 @@ def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128},
-                                    {"num_stages": 4}, None], ids=["32-8w-3s", "128", "4s", "auto"])
-@pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24)], ids=["gqa3", "mha"])
+                                    {"num_stages": 4}, {"DIM_CHUNKS": False}, None],
+                         ids=["32-8w-3s", "128", "4s", "pow2-dims", "auto"])
+@pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24), (2, 2, 88, 80)], ids=["gqa3", "mha", "mha-88x80"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_decode_attention_launch_configs(seed, force_triton, config, heads, dtype):
     """The launch configurations kernels.bench.run_attention_sweep times are all correct (split and
-    unsplit, a ragged last tile, grouped and multi-head, and the capacity-based auto choice); a bad one is
-    refused before anything launches."""
+    unsplit, a ragged last tile, grouped and multi-head, head dims read in two chunks (46 = 32 + 16,
+    88 = 64 + 32, 80 = 64 + 16) or padded to one power of two, and the capacity-based auto choice); a bad
+    one is refused before anything launches."""
     from kernels.decode_attention import decode_attention_triton
 
     H, hkv, dqk, dv = heads
@@ -1197,7 +1199,8 @@ def test_triton_attention_config_names_round_trip_and_the_env_override(seed, for
 
     for cfg in ATTENTION_SWEEP_CONFIGS:
         assert parse_config(config_name(cfg)) == cfg
-    for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/cc", "x/4w/2s"):
+    assert parse_config("32/4w/2s/cd")["DIM_CHUNKS"] and not parse_config("32/4w/2s")["DIM_CHUNKS"]
+    for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/cc", "x/4w/2s", "64/4w/2s/cd/cd"):
         with pytest.raises(ValueError):
             parse_config(bad)
     H, hkv, dqk, dv = 4, 4, 40, 24
@@ -1217,6 +1220,21 @@ def test_attention_auto_config_follows_the_context_class_and_head_dims():
     from kernels.decode_attention import DEFAULT_CONFIG, SHORT_CONTEXT, auto_config
 
     assert auto_config(SHORT_CONTEXT, 128, 128)["BLOCK_N"] == 32
-    assert auto_config(SHORT_CONTEXT + 16, 128, 128) == DEFAULT_CONFIG
-    assert auto_config(4096, 112, 96) == dict(DEFAULT_CONFIG, num_stages=3)
+    assert auto_config(SHORT_CONTEXT + 16, 128, 128) == dict(DEFAULT_CONFIG, DIM_CHUNKS=True)
+    assert auto_config(4096, 112, 96) == dict(DEFAULT_CONFIG, num_stages=3, DIM_CHUNKS=True)
     assert auto_config(4096, 128, 96)["num_stages"] == 3
+
+
+def test_attention_dim_chunks_cover_each_head_dim_in_at_most_two_powers_of_two():
+    """dim_chunks against a brute force over every dim up to 300: the chunks are powers of two >= 16 that
+    cover the dim, and two are used exactly when some pair covers it in less than one padded power of two
+    (then the narrowest such pair, the larger first)."""
+    from kernels.decode_attention import dim_chunks
+
+    pow2 = [1 << i for i in range(4, 10)]
+    for d in range(1, 301):
+        full = min(p for p in pow2 if p >= d)
+        pairs = [(a, b) for a in pow2 for b in pow2 if a >= b and a + b >= d and a + b < full]
+        want = min(pairs, key=lambda ab: (ab[0] + ab[1], -ab[0])) if pairs else (full, 0)
+        assert dim_chunks(d) == want, d
+        assert dim_chunks(d, split=False) == (full, 0)
