@@ -17,9 +17,11 @@ Design:
   split into ``num_splits`` partitions (flash-decoding); each program does an online softmax over
   its partition and writes an fp32 partial output plus its log-sum-exp; a tiny second kernel
   combines the partitions exactly. With one split the first kernel writes the output directly.
-* Dims are padded to powers of two and masked, so odd ``d_qk``/``d_v`` cost only the padding
-  lanes, never a copy of the cache. The head dims are compile-time constants (one compiled
-  variant per distinct (d_qk, d_v), cached on disk by Triton) and the row offsets carry an
+* Dims are read in at most two power-of-two chunks (``dim_chunks``: 96 = 64 + 32, one MMA each) and
+  masked, so odd ``d_qk``/``d_v`` cost only the padding lanes, never a copy of the cache; one
+  128-wide tile for a 96-dim head cost as much as for a 128-dim one on the H200. The head dims are
+  compile-time constants (one compiled variant per distinct (d_qk, d_v), cached on disk by Triton)
+  and the row offsets carry an
   alignment hint: with a runtime ``d_qk = 46`` Triton can prove no alignment and issues 2-byte
   loads, which measured 0.42 TB/s on the H200 against 4.0 TB/s for d = 64 or 128. Rows of an odd
   dim are only 4-byte aligned (46 * 2 bytes), so dims that are multiples of 8 remain much faster:
@@ -339,17 +341,23 @@ DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": 
 SHORT_CONTEXT = 256
 
 
+# The narrowest second chunk. The H200 sweep of session 8 (docs/BENCHMARKS.md): 96 as 64 + 32 was
+# 1.17-1.50x faster than one 128-wide tile, but 80 as 64 + 16 was 1.2-1.7x SLOWER (16-wide tiles make
+# poor loads and MMAs), so 80 is read as 64 + 32 too.
+MIN_CHUNK = 32
+
+
 def dim_chunks(d: int, split: bool = True) -> tuple[int, int]:
     """The widths in which the kernel reads a head dim of ``d``: one power of two >= 16, or (``split``)
-    two, ``(c0, c1)`` with ``c0 >= c1 >= 16``, when they cover ``d`` in less (80 -> 64 + 16, 96 -> 64 +
-    32, 46 -> 32 + 16; 112 stays 128, as 64 + 64 saves nothing). ``(w, 0)``: one chunk."""
+    two, ``(c0, c1)`` with ``c0 >= c1 >= MIN_CHUNK``, when they cover ``d`` in less (96 -> 64 + 32,
+    80 -> 64 + 32, 160 -> 128 + 32; 112 stays 128, as 64 + 64 saves nothing). ``(w, 0)``: one chunk."""
     full = max(16, next_pow2(d))
-    d16 = cdiv(max(d, 1), 16) * 16
-    c0 = 1 << (d16.bit_length() - 1)  # the largest power of two <= d16
-    rest = d16 - c0
+    dm = cdiv(max(d, 1), MIN_CHUNK) * MIN_CHUNK
+    c0 = 1 << (dm.bit_length() - 1)  # the largest power of two <= dm
+    rest = dm - c0
     if not split or rest == 0:
         return full, 0
-    c1 = max(16, next_pow2(rest))
+    c1 = max(MIN_CHUNK, next_pow2(rest))
     return (c0, c1) if c0 + c1 < full else (full, 0)
 
 
@@ -361,13 +369,14 @@ def auto_config(capacity: int, dqk: int, dv: int) -> dict:
     * short contexts (128 positions): key tiles of 32 were 1.01-1.24x faster at every batch and head dim
       but one (0.97x at batch 16, dims 128); half the shared memory per program and half the wasted
       tail tile. End to end at batch 64 and 256 they made the 7B original 1.04x and 1.15x faster.
-    * long contexts (1024) with head dims that are not powers of two (a compressed model's 96, 112,
-      padded to 128 inside the kernel): three pipeline stages were 1.03-1.35x faster; with 128/128 the
-      default stayed best (two stages)."""
+    * long contexts (1024) with head dims the kernel pads (112 in a 128-wide tile): three pipeline stages
+      were 1.03-1.35x faster; with exact widths (128, or 96 read as 64 + 32) two stages stayed best.
+    * head dims read in two chunks (:func:`dim_chunks`, session 8): 96 as 64 + 32 was 1.17-1.50x faster
+      than one 128-wide tile at every batch and context; 128 is one chunk either way."""
     if capacity <= SHORT_CONTEXT:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}
-    pow2 = dqk == next_pow2(dqk) and dv == next_pow2(dv)
-    return dict(DEFAULT_CONFIG, num_stages=2 if pow2 else 3, DIM_CHUNKS=True)
+    padded = sum(dim_chunks(dqk)) != dqk or sum(dim_chunks(dv)) != dv
+    return dict(DEFAULT_CONFIG, num_stages=3 if padded else 2, DIM_CHUNKS=True)
 
 
 def config_name(cfg: dict) -> str:

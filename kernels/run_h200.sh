@@ -15,6 +15,7 @@
 #   bash kernels/run_h200.sh attn-sweep  # decode attention launch configs at batch 16-256, then its CUDA tests
 #   bash kernels/run_h200.sh s7a       # session 7: the attention sweep, its best config end to end at 64/256, tests
 #   bash kernels/run_h200.sh s7b       # session 7: graphs per context class A/B at max_model_len 4096, CUDA tests
+#   bash kernels/run_h200.sh s8d       # session 8: head dims in chunks of >= 32: sweep, A/B batch 1-256, tests
 #   bash kernels/run_h200.sh s8c       # session 8: head dims in two chunks: attention sweep, A/B batch 1-256, tests
 #   bash kernels/run_h200.sh s8a       # session 8: the CUDA tests session 7 could not finish + fused projection/RoPE bench
 #   bash kernels/run_h200.sh s8b       # next: the recorded A/B (context classes, batch 1-256; fused projection/RoPE)
@@ -299,6 +300,18 @@ run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDG
       --device cuda --dtype bfloat16 --batch 1 256 64 16 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
       --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   TEST_TIMEOUT=60 tests ${TESTS_TIMEOUT:-90} 4 tests/test_kernels.py -k "attention" ;;
+s8d)  # session 8, call 3: s8c again after its finding (80 as 64 + 16 was slower; now 64 + 32): the sweep of
+  # the 30 % checkpoint's head dims, the recorded A/B at max_model_len 4096, then the CUDA tests of the
+  # attention kernels and of the engine's graphs with them
+  ckpt &
+  timeout ${SWEEP_TIMEOUT:-120} $PY -c "from kernels.bench import run_attention_sweep
+run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-90})" 2>&1 | tee "$OUT/kernels-h200.log"
+  wait
+  timeout ${AB_TIMEOUT:-280} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/2s \
+      --device cuda --dtype bfloat16 --batch 1 256 64 16 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py tests/test_engine_cuda.py \
+      -k "attention or engine_kernels or equals_eager" ;;
 s8b)  # prepared in session 7 for the next (the recorded run it could not finish): at a server's
   # max_model_len, graphs per context class (default) against one 4096-wide class, original and 30 %,
   # batch 1-256; then the fused projection + RoPE (MODEGPT_QKV_ROPE=1) against the default at 1 and 16

@@ -1222,19 +1222,20 @@ def test_attention_auto_config_follows_the_context_class_and_head_dims():
     assert auto_config(SHORT_CONTEXT, 128, 128)["BLOCK_N"] == 32
     assert auto_config(SHORT_CONTEXT + 16, 128, 128) == dict(DEFAULT_CONFIG, DIM_CHUNKS=True)
     assert auto_config(4096, 112, 96) == dict(DEFAULT_CONFIG, num_stages=3, DIM_CHUNKS=True)
-    assert auto_config(4096, 128, 96)["num_stages"] == 3
+    assert auto_config(4096, 80, 80)["num_stages"] == 3  # read as 64 + 32: still padded
+    assert auto_config(4096, 128, 96)["num_stages"] == 2  # 96 = 64 + 32 exactly
 
 
 def test_attention_dim_chunks_cover_each_head_dim_in_at_most_two_powers_of_two():
-    """dim_chunks against a brute force over every dim up to 300: the chunks are powers of two >= 16 that
-    cover the dim, and two are used exactly when some pair covers it in less than one padded power of two
-    (then the narrowest such pair, the larger first)."""
-    from kernels.decode_attention import dim_chunks
+    """dim_chunks against a brute force over every dim up to 300: the chunks are powers of two (>= 16, a
+    second one >= MIN_CHUNK) that cover the dim, and two are used exactly when some pair covers it in less
+    than one padded power of two (then the narrowest such pair, the larger first)."""
+    from kernels.decode_attention import MIN_CHUNK, dim_chunks
 
     pow2 = [1 << i for i in range(4, 10)]
     for d in range(1, 301):
         full = min(p for p in pow2 if p >= d)
-        pairs = [(a, b) for a in pow2 for b in pow2 if a >= b and a + b >= d and a + b < full]
+        pairs = [(a, b) for a in pow2 for b in pow2 if a >= b >= MIN_CHUNK and a + b >= d and a + b < full]
         want = min(pairs, key=lambda ab: (ab[0] + ab[1], -ab[0])) if pairs else (full, 0)
         assert dim_chunks(d) == want, d
         assert dim_chunks(d, split=False) == (full, 0)
