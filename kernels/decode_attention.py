@@ -369,14 +369,18 @@ def auto_config(capacity: int, dqk: int, dv: int) -> dict:
     * short contexts (128 positions): key tiles of 32 were 1.01-1.24x faster at every batch and head dim
       but one (0.97x at batch 16, dims 128); half the shared memory per program and half the wasted
       tail tile. End to end at batch 64 and 256 they made the 7B original 1.04x and 1.15x faster.
-    * long contexts (1024) with head dims the kernel pads (112 in a 128-wide tile): three pipeline stages
-      were 1.03-1.35x faster; with exact widths (128, or 96 read as 64 + 32) two stages stayed best.
-    * head dims read in two chunks (:func:`dim_chunks`, session 8): 96 as 64 + 32 was 1.17-1.50x faster
-      than one 128-wide tile at every batch and context; 128 is one chunk either way."""
+    * long contexts (1024) with a head dim padded inside one chunk (112 in a 128-wide tile): three
+      pipeline stages were 1.03-1.35x faster; otherwise two stages stayed best.
+    * head dims read in two chunks (:func:`dim_chunks`, session 8): 96, 88 and 80 as 64 + 32 were
+      1.00-1.65x faster than one 128-wide tile at every batch and context (128 is one chunk either way).
+      Short contexts with a dim padded inside its chunks (80, 88 in 96) then preferred key tiles of 64
+      (1.04-1.09x at batch 64 and 256), exact widths (96, 128) tiles of 32."""
+    chunks = {d: dim_chunks(d) for d in (dqk, dv)}
+    padded = any(sum(c) != d for d, c in chunks.items())
     if capacity <= SHORT_CONTEXT:
-        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}
-    padded = sum(dim_chunks(dqk)) != dqk or sum(dim_chunks(dv)) != dv
-    return dict(DEFAULT_CONFIG, num_stages=3 if padded else 2, DIM_CHUNKS=True)
+        return {"BLOCK_N": 64 if padded else 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}
+    padded_one_chunk = any(c[1] == 0 and c[0] != d for d, c in chunks.items())
+    return dict(DEFAULT_CONFIG, num_stages=3 if padded_one_chunk else 2, DIM_CHUNKS=True)
 
 
 def config_name(cfg: dict) -> str:
