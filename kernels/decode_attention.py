@@ -373,12 +373,12 @@ def auto_config(capacity: int, dqk: int, dv: int) -> dict:
       pipeline stages were 1.03-1.35x faster; otherwise two stages stayed best.
     * head dims read in two chunks (:func:`dim_chunks`, session 8): 96, 88 and 80 as 64 + 32 were
       1.00-1.65x faster than one 128-wide tile at every batch and context (128 is one chunk either way).
-      Short contexts with a dim padded inside its chunks (80, 88 in 96) then preferred key tiles of 64
-      (1.04-1.09x at batch 64 and 256), exact widths (96, 128) tiles of 32."""
+      At exactly 128 keys, 80 and 88 then preferred key tiles of 64 (1.04-1.09x), but an engine's
+      contexts are ragged (a 64-key tile wastes up to half of its last tile) and the end-to-end run with
+      64 there was slower than the one with 32 (session 8, different calls), so short contexts keep 32."""
     chunks = {d: dim_chunks(d) for d in (dqk, dv)}
-    padded = any(sum(c) != d for d, c in chunks.items())
     if capacity <= SHORT_CONTEXT:
-        return {"BLOCK_N": 64 if padded else 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}
     padded_one_chunk = any(c[1] == 0 and c[0] != d for d, c in chunks.items())
     return dict(DEFAULT_CONFIG, num_stages=3 if padded_one_chunk else 2, DIM_CHUNKS=True)
 
