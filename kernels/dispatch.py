@@ -37,9 +37,10 @@ Policy (read per call, so tests and operators can flip it at run time):
   (off by default: 4-22 % slower on the H200 at 1-16 tokens, docs/BENCHMARKS.md session 6); otherwise
   ``add_rms_norm`` then the matmul.
 * ``decode_attention`` picks its launch configuration from the block table's width and the head dims
-  (``decode_attention.auto_config``: key tiles of 32 for tables of at most 256 positions, 64 above,
-  with three pipeline stages for padded head dims; measured on the H200, session 7);
-  ``MODEGPT_ATTN_CONFIG=BLOCK_N/<warps>w/<stages>s`` forces one for A/B runs.
+  (``decode_attention.auto_config``: head dims read in power-of-two chunks, 96 = 64 + 32; key tiles of
+  32 for tables of at most 256 positions, 64 above, with three pipeline stages for a dim padded inside
+  one chunk; measured on the H200, sessions 7 and 8);
+  ``MODEGPT_ATTN_CONFIG=BLOCK_N/<warps>w/<stages>s[/cd]`` forces one for A/B runs (``/cd``: chunked dims).
 * ``linear_rope_qkv_`` (a layer's fused q/k/v projection, RoPE and KV-cache write) at decode sizes is one
   skinny launch with the rotation and the cache write as its epilogue (``skinny_linear_rope_triton``), in
   ``auto`` mode where that timed faster than ``linear`` + ``rope_qkv_`` (per shape, ``rope_qkv_pick``);
@@ -242,7 +243,7 @@ def rope_qkv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
 
 
 def attention_config() -> dict | None:
-    """``MODEGPT_ATTN_CONFIG`` (e.g. ``32/4w/1s/cc``, see ``decode_attention.parse_config``): one launch
+    """``MODEGPT_ATTN_CONFIG`` (e.g. ``32/4w/2s/cd``, see ``decode_attention.parse_config``): one launch
     configuration for every decode attention call, for A/B runs; None (the kernel's own choice) when
     unset. A malformed value raises ValueError."""
     name = os.environ.get(_ATTN_CONFIG_ENV, "").strip()
