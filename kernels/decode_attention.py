@@ -79,8 +79,8 @@ def _attn_partition_kernel(
     ``FOLD`` (with ``SPLIT``): the last partition of a (sequence, KV head) to finish, counted by
     ``cnt`` (zero before the launch, zero again after it), combines the partials into ``out``, so
     no second launch is needed. Head dims are read in at most two power-of-two chunks (``DQK0`` +
-    ``DQK1``, ``DV0`` + ``DV1``; a second chunk of 0 means none), one MMA each: a compressed model's 80
-    or 96 is 64 + 16 or 64 + 32 instead of a 128-wide tile with a third of it masked (``dim_chunks``)."""
+    ``DQK1``, ``DV0`` + ``DV1``; a second chunk of 0 means none), one MMA each: a compressed model's 80,
+    88 or 96 is 64 + 32 instead of a 128-wide tile with up to a third of it masked (``dim_chunks``)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -341,9 +341,9 @@ DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": 
 SHORT_CONTEXT = 256
 
 
-# The narrowest second chunk. The H200 sweep of session 8 (docs/BENCHMARKS.md): 96 as 64 + 32 was
-# 1.17-1.50x faster than one 128-wide tile, but 80 as 64 + 16 was 1.2-1.7x SLOWER (16-wide tiles make
-# poor loads and MMAs), so 80 is read as 64 + 32 too.
+# The narrowest second chunk. The H200 sweeps of session 8 (docs/BENCHMARKS.md; best chunked against
+# best padded configuration): 96 as 64 + 32 was 0.97-1.26x, but 80 as 64 + 16 was 0.74-0.82x (16-wide
+# tiles make poor loads and MMAs); read as 64 + 32, 80 was 1.10-1.23x.
 MIN_CHUNK = 32
 
 
@@ -372,10 +372,12 @@ def auto_config(capacity: int, dqk: int, dv: int) -> dict:
     * long contexts (1024) with a head dim padded inside one chunk (112 in a 128-wide tile): three
       pipeline stages were 1.03-1.35x faster; otherwise two stages stayed best.
     * head dims read in two chunks (:func:`dim_chunks`, session 8): 96, 88 and 80 as 64 + 32 were
-      1.00-1.65x faster than one 128-wide tile at every batch and context (128 is one chunk either way).
-      At exactly 128 keys, 80 and 88 then preferred key tiles of 64 (1.04-1.09x), but an engine's
-      contexts are ragged (a 64-key tile wastes up to half of its last tile) and the end-to-end run with
-      64 there was slower than the one with 32 (session 8, different calls), so short contexts keep 32."""
+      0.97-1.26x the speed of the best padded configuration (1.00-1.65x of the old default; 128 is one
+      chunk either way). At exactly 128 keys, 80 and 88 then preferred key tiles of 64 (1.04-1.09x), but
+      an engine's contexts are ragged (a 64-key tile wastes up to half of its last tile), and the
+      end-to-end run with chunks and 64-key tiles gave lower 30 % / original ratios at batch 16-256 than
+      the one with padded 32-key tiles (session 8, different calls), so short contexts keep 32. The
+      end-to-end effect of this default (32-key tiles, chunks) is not measured yet."""
     chunks = {d: dim_chunks(d) for d in (dqk, dv)}
     if capacity <= SHORT_CONTEXT:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}

@@ -1012,13 +1012,13 @@ def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128},
                                     {"num_stages": 4}, {"DIM_CHUNKS": False}, None],
                          ids=["32-8w-3s", "128", "4s", "pow2-dims", "auto"])
-@pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24), (2, 2, 88, 80)], ids=["gqa3", "mha", "mha-88x80"])
+@pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24), (2, 2, 88, 70)], ids=["gqa3", "mha", "mha-88x70"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_decode_attention_launch_configs(seed, force_triton, config, heads, dtype):
     """The launch configurations kernels.bench.run_attention_sweep times are all correct (split and
-    unsplit, a ragged last tile, grouped and multi-head, head dims read in two chunks (46 = 32 + 16,
-    88 = 64 + 32, 80 = 64 + 16) or padded to one power of two, and the capacity-based auto choice); a bad
-    one is refused before anything launches."""
+    unsplit, a ragged last tile, grouped and multi-head, head dims read in two chunks (88 and 70 as
+    64 + 32, the second chunk masked) or padded to one power of two, and the capacity-based auto choice);
+    a bad one is refused before anything launches."""
     from kernels.decode_attention import decode_attention_triton
 
     H, hkv, dqk, dv = heads
