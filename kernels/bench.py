@@ -565,14 +565,15 @@ def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.d
 # Session 7 also timed a CUDA-core variant (scores and the value sum as fp32 products reduced over the
 # tile, no 16-row query padding, no shared-memory staging: BLOCK_N 16-64, 2-8 warps, 1-2 stages): it was
 # slower than the tensor-core default in all 18 cases (1.03-1.78x the time) and was removed.
-# Session 8: head dims read in two power-of-two chunks (DIM_CHUNKS) against one padded power of two, at
-# session 7's winners (key tiles of 128, 8 warps and 4 stages never won there or in session 8's first
-# sweep); the cases are the 30 % 7B checkpoint's head dims (80 and 88 in 64 + 32, 96 = 64 + 32; its few
-# 104/112 layers pad to 128 either way, as the original's 128 is one chunk).
-ATTENTION_SWEEP_CONFIGS = [{"BLOCK_N": bn, "num_warps": w, "num_stages": st, "DIM_CHUNKS": cd}
-                           for bn, w, st in ((32, 4, 2), (64, 4, 2), (64, 4, 3)) for cd in (False, True)]
+# Session 8 swept head dims read in two power-of-two chunks (DIM_CHUNKS) against one padded power of two
+# (docs/BENCHMARKS.md; key tiles of 128, 8 warps and 4 stages never won there or in session 7). Prepared
+# for the next sweep: several KV heads per program (KV_PACK) for the MHA 7B original and its 30 %
+# checkpoint, around the current defaults (32/4w/2s/cd short, 64/4w/2s/cd long).
+ATTENTION_SWEEP_CONFIGS = [{"BLOCK_N": bn, "num_warps": w, "num_stages": 2, "DIM_CHUNKS": True, "KV_PACK": hp}
+                           for bn, w, hp in ((32, 4, 1), (32, 4, 2), (32, 4, 4), (32, 8, 4), (64, 4, 1), (64, 4, 2),
+                                             (64, 8, 2), (16, 4, 4))]
 ATTENTION_SWEEP_CASES = [(B, dims, ctx) for B in (256, 64, 16) for ctx in (128, 1024)
-                         for dims in ((96, 96), (88, 88), (80, 80))]
+                         for dims in ((128, 128), (96, 96), (80, 80))]
 
 
 def _precompile_attention(configs: list[dict], *args) -> None:

@@ -62,7 +62,7 @@ _LOG2E = 1.4426950408889634
 def _attn_partition_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
         pos_ptr, freq_ptr, slot_ptr, kn_ptr, vn_ptr, out_ptr, cnt_ptr,
-        group, block_size, part_len, scale_log2,
+        group, kv_heads, block_size, part_len, scale_log2,
         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_btb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         stride_f, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_outb, stride_outh,
@@ -70,7 +70,7 @@ def _attn_partition_kernel(
         SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK0: tl.constexpr, DQK1: tl.constexpr,
         DV0: tl.constexpr, DV1: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, HALF_PAD: tl.constexpr,
-        FOLD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr):
+        FOLD: tl.constexpr, S_PAD: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, KV head, partition). ``ROPE``: ``q`` is the projection output before RoPE and the
     new token's key/value rows (``kn``/``vn``) are not in the cache yet: the program rotates its query
     heads itself (rotate-half pairs ``(i, i + DQK/2)`` at ``freq[kvh]``, rounded to the input dtype
@@ -80,15 +80,25 @@ def _attn_partition_kernel(
     ``cnt`` (zero before the launch, zero again after it), combines the partials into ``out``, so
     no second launch is needed. Head dims are read in at most two power-of-two chunks (``DQK0`` +
     ``DQK1``, ``DV0`` + ``DV1``; a second chunk of 0 means none), one MMA each: a compressed model's 80,
-    88 or 96 is 64 + 32 instead of a 128-wide tile with up to a third of it masked (``dim_chunks``)."""
+    88 or 96 is 64 + 32 instead of a 128-wide tile with up to a third of it masked (``dim_chunks``).
+    ``HP`` > 1 (without ``ROPE``): the program serves ``HP`` consecutive KV heads (their query heads are
+    its rows); a key tile is ``BLOCK_N`` positions x ``HP`` heads (column ``c``: position ``c // HP``,
+    head ``c % HP``, so each slot's heads are one contiguous run), scored against every row and masked
+    to each row's own head. The 16 padded query rows of an MHA program make that free in MMA work."""
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvp = tl.program_id(1)
+    kvh = kvp * HP  # the program's first KV head
     sp = tl.program_id(2)
     pdl_wait(PDL)  # q, the lengths and the newest cache slot come from the kernels before
     seq_len = tl.load(lens_ptr + b)
     offs_g = tl.arange(0, G_PAD)
-    g_mask = offs_g < group
+    g_mask = (offs_g < group * HP) & (kvh + offs_g // group < kv_heads)
     heads = kvh * group + offs_g
+    TILE: tl.constexpr = BLOCK_N * HP
+    offs_c = tl.arange(0, TILE)
+    row_head = tl.where(offs_g < group * HP, offs_g // group, 0)  # padded rows: head 0, finite scores
+    col_head = offs_c % HP
+    col_kvh = tl.minimum(kvh + col_head, kv_heads - 1)  # a partial last pack reads a real head, never stored
     offs_d = tl.arange(0, DQK0)
     d_mask = offs_d < DQK
     DQK1_N: tl.constexpr = DQK1 if DQK1 > 0 else 1  # a second chunk of 0: a 1-wide range, never read
@@ -140,12 +150,20 @@ def _attn_partition_kernel(
     acc = tl.zeros((G_PAD, DV0), dtype=tl.float32)
     acc1 = tl.zeros((G_PAD, DV1_N), dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
+        if HP == 1:
+            pos = n0 + offs_c
+        else:
+            pos = n0 + offs_c // HP
         p_mask = pos < hi
         blk = tl.load(bt_ptr + b * stride_btb + pos // block_size, mask=p_mask, other=0).to(tl.int64)
         within = (pos % block_size).to(tl.int64)
         # rows start ALIGN_K elements apart at least: lets the loads vectorize on odd head dims
-        k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + kvh * stride_kh, ALIGN_K)
+        if HP == 1:
+            k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + kvh * stride_kh, ALIGN_K)
+            v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + kvh * stride_vh, ALIGN_V)
+        else:
+            k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + col_kvh * stride_kh, ALIGN_K)
+            v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + col_kvh * stride_vh, ALIGN_V)
         if ROPE:  # the two rotate-half halves of the keys against those of the queries
             km = p_mask[None, :] & i_mask[:, None]
             ka = tl.load(k_ptr + k_rows[None, :] + offs_i[:, None], mask=km, other=0.0)  # [HALF_PAD, BLOCK_N]
@@ -153,19 +171,21 @@ def _attn_partition_kernel(
             s = mma(qb, kb, mma(qa, ka, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION), PRECISION)
         else:
             kt = tl.load(k_ptr + k_rows[None, :] + offs_d[:, None],
-                         mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK0, BLOCK_N]
-            s = mma(q, kt, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
+                         mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK0, TILE]
+            s = mma(q, kt, tl.zeros((G_PAD, TILE), dtype=tl.float32), PRECISION)
             if DQK1 > 0:
                 kt1 = tl.load(k_ptr + k_rows[None, :] + offs_d1[:, None],
-                              mask=p_mask[None, :] & d1_mask[:, None], other=0.0)  # [DQK1, BLOCK_N]
+                              mask=p_mask[None, :] & d1_mask[:, None], other=0.0)  # [DQK1, TILE]
                 s = mma(q_hi, kt1, s, PRECISION)
         s = s * scale_log2
-        s = tl.where(p_mask[None, :], s, float("-inf"))
+        if HP == 1:
+            s = tl.where(p_mask[None, :], s, float("-inf"))
+        else:  # each row scores only its own head's columns
+            s = tl.where(p_mask[None, :] & (row_head[:, None] == col_head[None, :]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every iteration has a valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + kvh * stride_vh, ALIGN_V)
         vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
                      mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV0]
         acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
@@ -191,7 +211,7 @@ def _attn_partition_kernel(
         if FOLD:
             tl.debug_barrier()  # every thread's partial is stored before the release below
             n_split = tl.num_programs(2)
-            cnt = cnt_ptr + b * tl.num_programs(1) + kvh
+            cnt = cnt_ptr + b * tl.num_programs(1) + kvp
             if tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1:
                 offs_v = tl.arange(0, DV_PAD)
                 _combine_group(o_ptr, lse_ptr, out_ptr, b, heads, g_mask, offs_v, offs_v < DV, n_split, stride_ob,
@@ -295,7 +315,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     zeroed int32 tensor of at least ``B * Hkv`` elements that no concurrent launch uses; with it a
     split context is combined by its last partition (one launch instead of two), and the counters
     are zero again afterwards. ``config`` overrides the launch configuration (``BLOCK_N``,
-    ``num_warps``, ``num_stages``; :func:`auto_config` otherwise): for ``kernels.bench``'s
+    ``num_warps``, ``num_stages``, ``DIM_CHUNKS``, ``KV_PACK``; :func:`auto_config` otherwise): for ``kernels.bench``'s
     sweep, which also uses ``compile_only`` (compile the kernels this call would launch, launch
     nothing: under Triton's ``AsyncCompileMode`` many configurations compile in parallel).
     """
@@ -334,7 +354,8 @@ def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 # The reference launch configuration (sessions 1-6 used it for every call): key tiles of 64 (16 under the
 # interpreter, so loops run several iterations on small test shapes), 4 warps, 2 stages.
 # DIM_CHUNKS False: head dims padded to one power of two (sessions 1-7); True: ``dim_chunks``.
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": False}
+# KV_PACK: KV heads per program (1 until session 8; more is opt-in and not yet timed on a GPU).
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": False, "KV_PACK": 1}
 # A block table of at most this many positions counts as a short context (auto_config). The engine
 # captures its decode graphs once per context class (server.engine.runner), so the capacity it passes
 # here tracks the batch's longest context.
@@ -380,25 +401,28 @@ def auto_config(capacity: int, dqk: int, dv: int) -> dict:
       end-to-end effect of this default (32-key tiles, chunks) is not measured yet."""
     chunks = {d: dim_chunks(d) for d in (dqk, dv)}
     if capacity <= SHORT_CONTEXT:
-        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True, "KV_PACK": 1}
     padded_one_chunk = any(c[1] == 0 and c[0] != d for d, c in chunks.items())
     return dict(DEFAULT_CONFIG, num_stages=3 if padded_one_chunk else 2, DIM_CHUNKS=True)
 
 
 def config_name(cfg: dict) -> str:
-    """``"BLOCK_N/<warps>w/<stages>s"`` with ``"/cd"`` when head dims are read in chunks (``DIM_CHUNKS``):
-    the names of ``kernels.bench``'s sweep and of ``MODEGPT_ATTN_CONFIG`` (:func:`parse_config`)."""
+    """``"BLOCK_N/<warps>w/<stages>s"``, then ``"/cd"`` when head dims are read in chunks (``DIM_CHUNKS``)
+    and ``"/p<n>"`` for n KV heads per program (``KV_PACK`` > 1): the names of ``kernels.bench``'s sweep
+    and of ``MODEGPT_ATTN_CONFIG`` (:func:`parse_config`)."""
     c = dict(DEFAULT_CONFIG, **cfg)
-    return "{BLOCK_N}/{num_warps}w/{num_stages}s".format(**c) + ("/cd" if c["DIM_CHUNKS"] else "")
+    return ("{BLOCK_N}/{num_warps}w/{num_stages}s".format(**c) + ("/cd" if c["DIM_CHUNKS"] else "")
+            + (f"/p{c['KV_PACK']}" if c["KV_PACK"] > 1 else ""))
 
 
 def parse_config(name: str) -> dict:
-    """The launch configuration a :func:`config_name` names (``"32/4w/2s/cd"``), or ValueError."""
-    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s(/cd)?", name.strip())
+    """The launch configuration a :func:`config_name` names (``"32/4w/2s/cd/p4"``), or ValueError."""
+    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s(/cd)?(?:/p(\d+))?", name.strip())
     if m is None:
-        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s[/cd], e.g. 64/4w/2s/cd")
+        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s[/cd][/p<n>], "
+                         "e.g. 64/4w/2s/cd")
     return _launch_config({"BLOCK_N": int(m[1]), "num_warps": int(m[2]), "num_stages": int(m[3]),
-                           "DIM_CHUNKS": m[4] is not None})
+                           "DIM_CHUNKS": m[4] is not None, "KV_PACK": int(m[5] or 1)})
 
 
 def _launch_config(config: dict | None, auto: dict | None = None) -> dict:
@@ -412,6 +436,8 @@ def _launch_config(config: dict | None, auto: dict | None = None) -> dict:
         cfg.update(config)
     if cfg["BLOCK_N"] < 16 or cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1):
         raise ValueError(f"BLOCK_N must be a power of two >= 16, got {cfg['BLOCK_N']}")
+    if cfg["KV_PACK"] < 1 or cfg["KV_PACK"] & (cfg["KV_PACK"] - 1):
+        raise ValueError(f"KV_PACK must be a power of two >= 1, got {cfg['KV_PACK']}")
     return cfg
 
 
@@ -455,21 +481,23 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
         capacity = min(capacity, int(max_context_len))
     capacity = max(capacity, 1)
     cfg = _launch_config(config, auto_config(capacity, dqk, dv))
-    splits, part_len = plan_splits(B, hkv, capacity, cfg["BLOCK_N"], q.device, num_splits)
-    g_pad, dv_pad = max(16, next_pow2(group)), max(16, next_pow2(dv))
+    hp = min(cfg["KV_PACK"], next_pow2(hkv)) if rope is None else 1  # RoPE writes one KV head per program
+    packs = cdiv(hkv, hp)
+    splits, part_len = plan_splits(B, packs, capacity, cfg["BLOCK_N"], q.device, num_splits)
+    g_pad, dv_pad = max(16, next_pow2(group * hp)), max(16, next_pow2(dv))
     dqk0, dqk1 = dim_chunks(dqk, cfg["DIM_CHUNKS"] and rope is None)  # RoPE scores the two halves instead
     dv0, dv1 = dim_chunks(dv, cfg["DIM_CHUNKS"])
     meta = dict(G_PAD=g_pad, DQK0=dqk0, DQK1=dqk1, DV0=dv0, DV1=dv1, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
                 PRECISION=dot_precision(q.dtype), ROPE=rope is not None, HALF_PAD=max(16, next_pow2(dqk // 2)),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_meta(q.device))
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HP=hp, **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))
     common = (q, kc, vc, block_tables, context_lens)
-    sizes = (group, block_size, part_len, float(scale) * _LOG2E,
+    sizes = (group, hkv, block_size, part_len, float(scale) * _LOG2E,
              q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
              vc.stride(0), vc.stride(1), vc.stride(2), block_tables.stride(0))
     s_pad = max(2, next_pow2(splits))
     if splits == 1:
-        _start(_attn_partition_kernel, (B, hkv, 1), compile_only,
+        _start(_attn_partition_kernel, (B, packs, 1), compile_only,
             *common, out, out, *extra, out, context_lens, *sizes, out.stride(0), out.stride(1), 0, 0, 0,
             *extra_strides, 0, 0, SPLIT=False, FOLD=False, S_PAD=s_pad, **meta)
         return out
@@ -478,7 +506,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     fold = counters is not None
     if fold and (counters.dtype != torch.int32 or counters.numel() < B * hkv or not counters.is_contiguous()):
         raise ValueError(f"counters must be a contiguous int32 tensor of at least {B * hkv} zeros")
-    _start(_attn_partition_kernel, (B, hkv, splits), compile_only,
+    _start(_attn_partition_kernel, (B, packs, splits), compile_only,
         *common, part, lse, *extra, out, counters if fold else context_lens, *sizes, part.stride(0), part.stride(1),
         part.stride(2), lse.stride(0), lse.stride(1), *extra_strides, out.stride(0), out.stride(1),
         SPLIT=True, FOLD=fold, S_PAD=s_pad, **meta)

@@ -16,6 +16,7 @@
 #   bash kernels/run_h200.sh s7a       # session 7: the attention sweep, its best config end to end at 64/256, tests
 #   bash kernels/run_h200.sh s7b       # session 7: graphs per context class A/B at max_model_len 4096, CUDA tests
 #   bash kernels/run_h200.sh s9a       # next: the shipped attention default end to end vs padded tiles, b256 profiles
+#   bash kernels/run_h200.sh s9b       # next: attention sweep of several KV heads per program (KV_PACK), tests
 #   bash kernels/run_h200.sh s8e       # session 8: the recorded A/B, original vs 30 %, batch 256/64/16/1
 #   bash kernels/run_h200.sh s8d       # session 8: head dims in chunks of >= 32: sweep, A/B batch 1-256, tests
 #   bash kernels/run_h200.sh s8c       # session 8: head dims in two chunks: attention sweep, A/B batch 1-256, tests
@@ -322,6 +323,11 @@ s9a)  # prepared in session 8 for the next: the shipped attention default (32-ke
       --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
       --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   PROFILE_KV_GB=16 PROFILE_BATCHES=256 profile ;;
+s9b)  # prepared in session 8 for the next: the attention sweep of several KV heads per program (KV_PACK,
+  # "/p<n>") at the 7B original's and the 30 % checkpoint's head dims, then its CUDA tests
+  timeout ${SWEEP_TIMEOUT:-200} $PY -c "from kernels.bench import run_attention_sweep
+run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-160})" 2>&1 | tee "$OUT/kernels-h200.log"
+  TEST_TIMEOUT=60 tests ${TESTS_TIMEOUT:-120} 4 tests/test_kernels.py -k "attention" ;;
 s8e)  # session 8, last call (~7 device minutes left): the recorded original-vs-30 % A/B at max_model_len
   # 4096 with the final auto configuration (chunked head dims, key tiles from the chunk padding), large
   # batches first (s8d's A/B was cut after batch 1)

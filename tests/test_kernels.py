@@ -1010,26 +1010,31 @@ def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128},
-                                    {"num_stages": 4}, {"DIM_CHUNKS": False}, None],
-                         ids=["32-8w-3s", "128", "4s", "pow2-dims", "auto"])
-@pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24), (2, 2, 88, 70)], ids=["gqa3", "mha", "mha-88x70"])
+                                    {"num_stages": 4}, {"DIM_CHUNKS": False}, {"KV_PACK": 2},
+                                    {"KV_PACK": 4, "BLOCK_N": 32}, None],
+                         ids=["32-8w-3s", "128", "4s", "pow2-dims", "pack2", "pack4-32", "auto"])
+@pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24), (2, 2, 88, 70), (6, 3, 40, 24)],
+                         ids=["gqa3", "mha", "mha-88x70", "gqa2-3kv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_decode_attention_launch_configs(seed, force_triton, config, heads, dtype):
     """The launch configurations kernels.bench.run_attention_sweep times are all correct (split and
     unsplit, a ragged last tile, grouped and multi-head, head dims read in two chunks (88 and 70 as
-    64 + 32, the second chunk masked) or padded to one power of two, and the capacity-based auto choice);
-    a bad one is refused before anything launches."""
+    64 + 32, the second chunk masked) or padded to one power of two, several KV heads per program (a
+    partial last pack with 3 KV heads), and the capacity-based auto choice); a bad one is refused before
+    anything launches."""
     from kernels.decode_attention import decode_attention_triton
 
     H, hkv, dqk, dv = heads
     lens = torch.tensor([70, 1, 33])
     q, kc, vc, tables, lens = attention_inputs(3, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
-    for splits in (1, 3):
+    counters = torch.zeros(3 * hkv, dtype=torch.int32, device=TRITON_DEVICE)
+    for splits, cnt in ((1, None), (3, None), (3, counters)):  # the last: the combine folded into the kernel
         out = nan_like((3, H, dv), dtype, TRITON_DEVICE)
-        decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config)
-        assert_close(out, ref, dtype, seed, f"decode attention {config} {heads} splits={splits}")
-    for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}):
+        decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config, counters=cnt)
+        assert_close(out, ref, dtype, seed, f"decode attention {config} {heads} splits={splits} fold={cnt is not None}")
+    assert not counters.any()
+    for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}, {"KV_PACK": 3}, {"KV_PACK": 0}):
         with pytest.raises(ValueError):
             decode_attention_triton(q, kc, vc, tables, lens, 0.3, config=bad)
 
@@ -1200,7 +1205,9 @@ def test_triton_attention_config_names_round_trip_and_the_env_override(seed, for
     for cfg in ATTENTION_SWEEP_CONFIGS:
         assert parse_config(config_name(cfg)) == cfg
     assert parse_config("32/4w/2s/cd")["DIM_CHUNKS"] and not parse_config("32/4w/2s")["DIM_CHUNKS"]
-    for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/cc", "x/4w/2s", "64/4w/2s/cd/cd"):
+    assert parse_config("32/4w/2s/cd/p4")["KV_PACK"] == 4 and parse_config("32/4w/2s/p2")["KV_PACK"] == 2
+    for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/cc", "x/4w/2s", "64/4w/2s/cd/cd", "64/4w/2s/p3",
+                "64/4w/2s/p4/cd"):
         with pytest.raises(ValueError):
             parse_config(bad)
     H, hkv, dqk, dv = 4, 4, 40, 24
@@ -1221,7 +1228,7 @@ def test_attention_auto_config_follows_the_context_class_and_head_dims():
     from kernels.decode_attention import DEFAULT_CONFIG, SHORT_CONTEXT, auto_config
 
     assert auto_config(SHORT_CONTEXT, 128, 128)["BLOCK_N"] == 32
-    assert auto_config(SHORT_CONTEXT, 88, 80) == {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True}
+    assert auto_config(SHORT_CONTEXT, 88, 80) == dict(DEFAULT_CONFIG, BLOCK_N=32, DIM_CHUNKS=True)
     assert auto_config(SHORT_CONTEXT + 16, 128, 128) == dict(DEFAULT_CONFIG, DIM_CHUNKS=True)
     assert auto_config(4096, 112, 96) == dict(DEFAULT_CONFIG, num_stages=3, DIM_CHUNKS=True)
     assert auto_config(4096, 80, 80)["num_stages"] == 2  # padded, but in two chunks

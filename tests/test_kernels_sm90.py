@@ -93,7 +93,8 @@ BF16 = pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
 def test_decode_attention_compiles_for_sm90(sm90, dtype):
     """Decode attention at the 7B original's and the 30 % checkpoint's head dims (128; 112, 96, 88 and 80,
     read in one or two chunks), GQA with odd dims, one and several partitions (combine folded or
-    launched), every launch configuration the engine picks, and the RoPE variant."""
+    launched), every launch configuration the engine picks, four KV heads per program, and the RoPE
+    variant."""
     from kernels.decode_attention import (DEFAULT_CONFIG, auto_config, decode_attention_triton,
                                           rope_decode_attention_triton)
 
@@ -106,7 +107,8 @@ def test_decode_attention_compiles_for_sm90(sm90, dtype):
             tables = torch.zeros(B, blocks, dtype=torch.int32)
             lens = torch.ones(B, dtype=torch.int32)
             counters = torch.zeros(B * hkv, dtype=torch.int32)
-            for config in (None, DEFAULT_CONFIG, auto_config(capacity, dqk, dv)):
+            packed = dict(auto_config(capacity, dqk, dv), KV_PACK=4)  # opt-in: four KV heads per program
+            for config in (None, DEFAULT_CONFIG, auto_config(capacity, dqk, dv), packed):
                 decode_attention_triton(q, kc, vc, tables, lens, 0.1, config=config, counters=counters)
                 decode_attention_triton(q, kc, vc, tables, lens, 0.1, config=config)
         k, v = _t(1, hkv * dqk, dtype=dtype), _t(1, hkv * dv, dtype=dtype)
