@@ -12,6 +12,8 @@ invalidates its stale configs automatically, which a hand-rolled JSON keyed by d
 would not. We therefore use the native mechanism rather than a second cache under
 ``~/.cache/modegpt``; deployments that want the cache on a persistent volume set
 ``TRITON_CACHE_DIR``. The GPU model is part of the key through the backend target (sm_90 etc.).
+The engine's own timed picks (our kernel or cuBLAS per shape, ``skinny_linear._timed_pick``) are kept
+in the same directory by ``kernels.pick_store``.
 
 Tuning happens on the first call for a new key, which benchmarks kernels: it must not happen
 during CUDA-graph capture, so the engine warms every (M bucket, shape) it will capture first

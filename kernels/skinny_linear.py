@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pick_store
 from ._common import SUPPORTED_DTYPES, cdiv, dot_precision, pdl_enabled, pdl_meta
 from ._tl import mma as _mma
 from ._tl import pdl_wait
@@ -614,9 +615,14 @@ PICK_MARGIN = 0.97
 
 def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None):
     """The fastest of ``candidates`` (name -> zero-argument callable) by :func:`_graph_us`, measured
-    once per ``key``, where ``prefer`` wins unless another is faster than ``PICK_MARGIN`` x its time;
-    None during another graph's capture (nothing can be timed then)."""
+    once per ``key`` (and stored on disk by ``kernels.pick_store``, so a restarted process reuses it),
+    where ``prefer`` wins unless another is faster than ``PICK_MARGIN`` x its time; None during another
+    graph's capture (nothing can be timed then)."""
     if key not in _PICKS:
+        stored = pick_store.lookup(key, candidates, device, PICK_MARGIN)  # timed by an earlier process
+        if stored is not None:
+            _PICKS[key] = stored
+            return stored
         if torch.cuda.is_current_stream_capturing():
             return None
         flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
@@ -638,6 +644,7 @@ def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None)
         if prefer in times and times[best] >= PICK_MARGIN * times[prefer]:
             best = prefer
         _PICKS[key] = best
+        pick_store.record(key, best, device, PICK_MARGIN)
     return _PICKS[key]
 
 
