@@ -14,6 +14,7 @@ failures (read-only cache, a corrupt file) cost a warning and fall back to timin
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -45,16 +46,19 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+@functools.lru_cache(maxsize=None)
+def _sources_digest(sources: tuple[str, ...]) -> bytes:
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in sources)).digest()
+
+
 def store_path(device: torch.device, margin: float) -> Path:
     """The file holding the picks made on ``device``'s GPU model with this library and kernel code."""
     import triton
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(_sources_digest(tuple(_SOURCES)))
     for part in (_device_name(device), torch.__version__, triton.__version__, repr(margin)):
         h.update(part.encode() + b"\0")
-    here = Path(__file__).parent
-    for name in _SOURCES:
-        h.update((here / name).read_bytes())
     return cache_dir() / f"picks-{h.hexdigest()[:20]}.json"
 
 
