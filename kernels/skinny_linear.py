@@ -632,9 +632,11 @@ def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None)
         for fn in candidates.values():
             fn()  # autotune / cuBLAS heuristics / module loads outside the capture
         torch.cuda.synchronize()
+        timed = True
         try:
             times = {name: _graph_us(fn, flush, before) for name, fn in candidates.items()}
         except RuntimeError as exc:  # a heuristic must never take the engine down: keep the preferred one
+            timed = False
             torch.cuda.synchronize()
             warnings.warn(f"kernels: timing {key[0]} candidates failed ({exc!r}); keeping "
                           f"{prefer if prefer in candidates else next(iter(candidates))!r}", RuntimeWarning)
@@ -644,7 +646,8 @@ def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None)
         if prefer in times and times[best] >= PICK_MARGIN * times[prefer]:
             best = prefer
         _PICKS[key] = best
-        pick_store.record(key, best, device, PICK_MARGIN)
+        if timed:  # a fallback after a failed timing is this process's choice only
+            pick_store.record(key, best, device, PICK_MARGIN)
     return _PICKS[key]
 
 
