@@ -399,10 +399,9 @@ def auto_config(capacity: int, dqk: int, dv: int) -> dict:
       end-to-end run with chunks and 64-key tiles gave lower 30 % / original ratios at batch 16-256 than
       the one with padded 32-key tiles (session 8, different calls), so short contexts keep 32. The
       end-to-end effect of this default (32-key tiles, chunks) is not measured yet."""
-    chunks = {d: dim_chunks(d) for d in (dqk, dv)}
     if capacity <= SHORT_CONTEXT:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True, "KV_PACK": 1}
-    padded_one_chunk = any(c[1] == 0 and c[0] != d for d, c in chunks.items())
+    padded_one_chunk = any(c1 == 0 and c0 != d for d in (dqk, dv) for c0, c1 in [dim_chunks(d)])
     return dict(DEFAULT_CONFIG, num_stages=3 if padded_one_chunk else 2, DIM_CHUNKS=True)
 
 

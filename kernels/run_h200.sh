@@ -85,6 +85,17 @@ kernel_bench() {  # [timeout] [budget] [only: python tuple of case-name prefixes
 run_kernel_bench('$OUT/kernels-h200.json', time_budget_s=${2:-150}, only=${3:-()}, sweep=not ${3:-()})" \
       2>&1 | tee "$OUT/kernels-h200.log"
 }
+attn_sweep() {  # [timeout] [budget]: kernels.bench.run_attention_sweep (its configs and cases) -> attention-sweep-h200.json
+  timeout "${1:-300}" $PY -c "from kernels.bench import run_attention_sweep
+run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${2:-240})" 2>&1 | tee "$OUT/kernels-h200.log"
+}
+ab_dim_chunks() {  # timeout batches...: original, 30 % (auto: chunked head dims) and 30 % with padded 32-key
+  # tiles, in one process at a server's max_model_len
+  local limit=$1; shift
+  timeout "$limit" $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/2s \
+      --device cuda --dtype bfloat16 --batch "$@" --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+}
 SHAPES=kernels/shapes/llama-2-7b-30.config.json  # config.json of a real 30% compression of random:llama-2-7b
 ckpt() {  # /tmp/l7b-30: compress for real (~100 s), or, once its config is in the repo, a random-weight twin
   [ -d /tmp/l7b-30 ] && return 0
@@ -248,16 +259,14 @@ s6d)  # session 6, last call: where a batch-256 decode step goes, original and 3
   PROFILE_KV_GB=28 PROFILE_TIMEOUT=120 profile1 /tmp/l7b-30 256 compressed ;;
 attn-sweep)  # prepared in session 6 for the next: decode attention launch configs at batch 16-256 (the
   # batch-256 step spends half its graph in attention, at ~2.5 TB/s), then its CUDA tests
-  timeout ${SWEEP_TIMEOUT:-300} $PY -c "from kernels.bench import run_attention_sweep
-run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-240})" 2>&1 | tee "$OUT/kernels-h200.log"
+  attn_sweep ${SWEEP_TIMEOUT:-300} ${SWEEP_BUDGET:-240}
   TEST_TIMEOUT=120 tests 150 4 tests/test_kernels.py -k "attention" ;;
 s7a)  # session 7, first call: the decode attention sweep (tensor-core and CUDA-core paths, 36 launch
   # configurations, batch 256 first), then the original and the 30 % checkpoint with the sweep's best
   # configuration at batch 64 and 256 (MODEGPT_ATTN_CONFIG) against the default, then the CUDA tests of
   # the attention kernels
   ckpt &
-  timeout ${SWEEP_TIMEOUT:-230} $PY -c "from kernels.bench import run_attention_sweep
-run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-170})" 2>&1 | tee "$OUT/kernels-h200.log"
+  attn_sweep ${SWEEP_TIMEOUT:-230} ${SWEEP_BUDGET:-170}
   wait
   BEST=$($PY -c "import json, math
 d = json.load(open('$OUT/attention-sweep-h200.json'))
@@ -296,37 +305,28 @@ s8c)  # session 8, call 2: head dims read in two power-of-two chunks (DIM_CHUNKS
   # original, the 30 % checkpoint (auto: chunks) and the 30 % checkpoint with pow2-padded dims, batch 1-256;
   # then the CUDA tests of the attention kernels
   ckpt &
-  timeout ${SWEEP_TIMEOUT:-150} $PY -c "from kernels.bench import run_attention_sweep
-run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-110})" 2>&1 | tee "$OUT/kernels-h200.log"
+  attn_sweep ${SWEEP_TIMEOUT:-150} ${SWEEP_BUDGET:-110}
   wait
-  timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/2s \
-      --device cuda --dtype bfloat16 --batch 1 256 64 16 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
-      --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  ab_dim_chunks ${AB_TIMEOUT:-300} 1 256 64 16
   TEST_TIMEOUT=60 tests ${TESTS_TIMEOUT:-90} 4 tests/test_kernels.py -k "attention" ;;
 s8d)  # session 8, call 3: s8c again after its finding (80 as 64 + 16 was slower; now 64 + 32): the sweep of
   # the 30 % checkpoint's head dims, the recorded A/B at max_model_len 4096, then the CUDA tests of the
   # attention kernels and of the engine's graphs with them
   ckpt &
-  timeout ${SWEEP_TIMEOUT:-120} $PY -c "from kernels.bench import run_attention_sweep
-run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-90})" 2>&1 | tee "$OUT/kernels-h200.log"
+  attn_sweep ${SWEEP_TIMEOUT:-120} ${SWEEP_BUDGET:-90}
   wait
-  timeout ${AB_TIMEOUT:-280} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/2s \
-      --device cuda --dtype bfloat16 --batch 1 256 64 16 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
-      --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  ab_dim_chunks ${AB_TIMEOUT:-280} 1 256 64 16
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py tests/test_engine_cuda.py \
       -k "attention or engine_kernels or equals_eager" ;;
 s9a)  # prepared in session 8 for the next: the shipped attention default (32-key tiles, head dims in 64 + 32
   # chunks) end to end, against the padded tiles, in one process, large batches first; then a batch-256
   # step profile of each model (where the step goes now)
   ckpt
-  timeout ${AB_TIMEOUT:-330} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/2s \
-      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
-      --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  ab_dim_chunks ${AB_TIMEOUT:-330} 256 64 16 1
   PROFILE_KV_GB=16 PROFILE_BATCHES=256 profile ;;
 s9b)  # prepared in session 8 for the next: the attention sweep of several KV heads per program (KV_PACK,
   # "/p<n>") at the 7B original's and the 30 % checkpoint's head dims, then its CUDA tests
-  timeout ${SWEEP_TIMEOUT:-200} $PY -c "from kernels.bench import run_attention_sweep
-run_attention_sweep('$OUT/attention-sweep-h200.json', time_budget_s=${SWEEP_BUDGET:-160})" 2>&1 | tee "$OUT/kernels-h200.log"
+  attn_sweep ${SWEEP_TIMEOUT:-200} ${SWEEP_BUDGET:-160}
   TEST_TIMEOUT=60 tests ${TESTS_TIMEOUT:-120} 4 tests/test_kernels.py -k "attention" ;;
 s8e)  # session 8, last call (~7 device minutes left): the recorded original-vs-30 % A/B at max_model_len
   # 4096 with the final auto configuration (chunked head dims, key tiles from the chunk padding), large
