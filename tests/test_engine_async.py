@@ -16,15 +16,16 @@ from server.engine.types import GenerationRequest, SamplingParams
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+def setup(request):
     tok = byte_tokenizer()
     models = {}
     for name, cfg in (("llama", llama_like_config()), ("opt", opt_like_config())):
         sd = random_state_dict(cfg, seed=31)
         models[name] = (cfg, sd)
     engines = {name: AsyncEngine(name, cfg, sd, tok, device="cpu", dtype=torch.float32, kv_cache_bytes=1 << 21,
-                                 max_model_len=128, block_size=8, max_num_seqs=16, max_num_batched_tokens=64)
+                                 max_model_len=128, block_size=8, max_num_seqs=16, max_num_batched_tokens=64,
+                                 async_scheduling=request.param)
                for name, (cfg, sd) in models.items()}
     for e in engines.values():
         e.start()
@@ -81,6 +82,8 @@ def test_two_models_stream_concurrently_and_match_sync_engine(setup):
         assert st.generation_tokens_total >= 12 * len(prompts)
         assert st.num_running == 0 and st.kv_cache_usage == 0.0
     assert engines["llama"].max_model_len == 128 and engines["llama"].eos_token_id == tok.eos_token_id
+    for e in engines.values():  # with async scheduling, decode steps really were launched ahead
+        assert (e.engine.num_steps_ahead > 0) == e.engine.async_scheduling
 
 
 def test_client_disconnect_aborts_and_frees_cache(setup):

@@ -64,9 +64,9 @@ def test_cuda_graph_context_classes_equal_eager(monkeypatch):
     replayed = []
     run = graph.runner._run_graph
 
-    def spy(ids, pos, slots, tables, ctx):
+    def spy(ids, pos, slots, tables, ctx, *rest):
         replayed.append(graph.runner.graph_for(len(ids), max(len(t) for t in tables))[1])
-        return run(ids, pos, slots, tables, ctx)
+        return run(ids, pos, slots, tables, ctx, *rest)
 
     monkeypatch.setattr(graph.runner, "_run_graph", spy)
 
@@ -79,6 +79,35 @@ def test_cuda_graph_context_classes_equal_eager(monkeypatch):
     b = graph.run_to_completion(short_prompts())
     assert set(replayed) == {2, 6} and graph.runner.num_eager_steps > 0
     assert_same_generations(a, b, logprob_tol=1e-3)
+
+
+def test_async_scheduling_through_graphs_equals_synchronous():
+    """Decode steps launched ahead with their input tokens copied on the device into the graph's input
+    buffer give the synchronous engine's tokens: greedy, seeded sampling, penalties, EOS stops."""
+    cfg = llama_like_config()
+    sd = random_state_dict(cfg, seed=47)
+    kw = dict(device="cuda", dtype=torch.float32, kv_cache_bytes=1 << 24, block_size=16, max_num_seqs=32,
+              max_num_batched_tokens=256, max_model_len=128, eos_token_id=5)
+    sync = LLMEngine(cfg, sd, async_scheduling=False, **kw)
+    ahead = LLMEngine(cfg, sd, async_scheduling=True, **kw)
+    assert ahead.runner.graphs and LLMEngine(cfg, sd, **kw).async_scheduling  # the CUDA default
+
+    def mixed():
+        rs = reqs(12, cfg["vocab_size"], max_tokens=40, temperature=0.0)
+        rs += reqs(6, cfg["vocab_size"], max_tokens=30, prompt_seed=1, temperature=0.8, top_k=50, seed=9)
+        rs += reqs(6, cfg["vocab_size"], max_tokens=30, prompt_seed=2, temperature=0.0, frequency_penalty=0.7,
+                   presence_penalty=0.3)
+        for i, r in enumerate(rs):
+            r.request_id = f"m{i}"
+            r.params.ignore_eos = i % 2 == 0
+        return rs
+
+    a = sync.run_to_completion(mixed())
+    b = ahead.run_to_completion(mixed())
+    assert ahead.num_steps_ahead > 20 and ahead.runner.num_graph_steps > 20
+    assert_same_generations(a, b, logprob_tol=1e-4)
+    assert [v[-1].finish_reason for v in a.values()] == [v[-1].finish_reason for v in b.values()]
+    assert ahead.stats().kv_cache_usage == 0.0
 
 
 def test_bf16_and_env_switch(monkeypatch):

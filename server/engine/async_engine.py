@@ -43,7 +43,7 @@ class AsyncEngine:
                  *, block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  eos_token_id: int | list[int] | None = None, kv_cache_dtype: torch.dtype | None = None,
                  cuda_graphs: bool = True, compile: bool = False, cuda_graph_max_len: int = 4096,
-                 use_kernels: bool | None = None,
+                 use_kernels: bool | None = None, async_scheduling: bool | None = None,
                  score_interleave: int = 8):
         self.model_id = model_id
         self.tokenizer = tokenizer
@@ -62,7 +62,8 @@ class AsyncEngine:
                                     max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, eos_token_id=eos_token_id,
                                     kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs, compile=compile,
-                                    cuda_graph_max_len=cuda_graph_max_len, use_kernels=use_kernels)
+                                    cuda_graph_max_len=cuda_graph_max_len, use_kernels=use_kernels,
+                                    async_scheduling=async_scheduling)
         self.score_interleave = max(1, int(score_interleave))
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -248,6 +249,7 @@ class AsyncEngine:
 
     def _fail_all(self, reason: str) -> None:
         sched = self.engine.scheduler
+        self.engine.drop_in_flight()
         events = []
         for seq in list(sched.running) + list(sched.waiting):
             sched.finish(seq, reason)

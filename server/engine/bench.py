@@ -75,11 +75,11 @@ def main() -> None:
         sync()
         t_pre = time.time() - t
         t = time.time()
-        steps = 0
+        n0 = eng.stats().num_steps_total
         while eng.has_work():
             eng.step()
-            steps += 1
         sync()
+        steps = eng.stats().num_steps_total - n0  # forward steps (with async scheduling a call may only launch)
         t_dec = time.time() - t
         print(f"batch {b:4d}: prefill {b * a.prompt_len / t_pre:9.0f} tok/s ({n_prefill_steps} steps) | decode "
               f"{b * steps / t_dec:9.0f} tok/s, {1000 * t_dec / max(steps, 1):6.2f} ms/step")

@@ -39,11 +39,11 @@ def decode_ms_per_step(engine: LLMEngine, batch: int, prompt_len: int, steps: in
         engine.step()
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
-    t, n = time.perf_counter(), 0
+    t, n0 = time.perf_counter(), engine.stats().num_steps_total
     while engine.has_work():
         engine.step()
-        n += 1
     sync()
+    n = engine.stats().num_steps_total - n0  # forward steps (with async scheduling one call may only launch)
     return (time.perf_counter() - t) / max(n, 1) * 1e3
 
 

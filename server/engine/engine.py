@@ -5,21 +5,34 @@
 
 A step: schedule -> run the flat batch -> prompt logprobs for prompt positions -> sample the rows that
 reached the end of their known tokens -> append tokens, check stops -> emit one `TokenEvent` per
-request that produced something. Finish reasons: "stop" (EOS unless ignore_eos, or a stop token id;
+request that produced something.
+
+Async scheduling (vLLM's `--async-scheduling`; default on with CUDA graphs, `async_scheduling=` or env
+`MODEGPT_ASYNC_SCHEDULING=0/1`): a decode-only step is left in flight
+with its sampled tokens on the device. The next `step()` plans and launches the following decode
+step with those tokens as its inputs (`Scheduler.schedule_continuation`, `ModelRunner.execute(...,
+input_ids=)`), and only then reads the tokens back and does the host work of the step in flight
+(appending, stop checks, events) while the GPU runs the next one. Events therefore come one
+`step()` later; the tokens are the same. A row whose sequence stopped (EOS, stop id, abort) during
+the step in flight is computed once more and dropped. Penalties and min_tokens count the pending token
+on the device (`Sampler.launch(pending_tokens=)`). Steps that need the tokens on the host to be
+planned (admissions, prefills, preemptions) wait for them first, as without it. Finish reasons: "stop" (EOS unless ignore_eos, or a stop token id;
 `stop_token_id` set for stop_token_ids only, as vLLM's `stop_reason`), "length" (max_tokens or
 max_model_len), "abort". A request with `max_tokens == 0` gets one final event carrying only its
 prompt logprobs.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-from server.engine.runner import ModelRunner
-from server.engine.sampler import Sampler, make_generator, top_logprobs
-from server.engine.scheduler import Scheduler, Sequence
+from server.engine.runner import ModelRunner, StepResult
+from server.engine.sampler import PendingSample, Sampler, make_generator, top_logprobs
+from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence, SeqStatus
 from server.engine.types import EngineStats, GenerationRequest, SamplingParams, TokenEvent
 
 
@@ -31,13 +44,37 @@ def _eos_list(eos) -> list[int]:
     return [int(t) for t in eos]
 
 
+_ASYNC_ENV = "MODEGPT_ASYNC_SCHEDULING"
+
+
+def async_scheduling_enabled(flag: bool | None, runner: ModelRunner) -> bool:
+    """`flag`, else env `MODEGPT_ASYNC_SCHEDULING` ("0"/"1"), else on where decode steps replay CUDA
+    graphs (there the host's work per step is otherwise GPU idle time; on CPU the forward runs on the
+    host thread, so nothing overlaps)."""
+    if flag is not None:
+        return bool(flag)
+    env = os.environ.get(_ASYNC_ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    return runner.use_graphs
+
+
+@dataclass
+class _Launched:
+    """A step whose forward and sampling are enqueued on the device and whose host work is not done."""
+    out: SchedulerOutput
+    res: StepResult
+    sample: PendingSample
+    rows: list[Sequence]
+
+
 class LLMEngine:
     def __init__(self, config: dict, state_dict: dict[str, Tensor], *, device="cpu",
                  dtype: torch.dtype = torch.float32, kv_cache_bytes: int, max_model_len: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  eos_token_id: int | list[int] | None = None, kv_cache_dtype: torch.dtype | None = None,
                  cuda_graphs: bool = True, compile: bool = False, cuda_graph_max_len: int = 4096,
-                 use_kernels: bool | None = None):
+                 use_kernels: bool | None = None, async_scheduling: bool | None = None):
         mpe = int(config["max_position_embeddings"])
         self.max_model_len = min(int(max_model_len or mpe), mpe) if config["position_type"] == "learned" \
             else int(max_model_len or mpe)
@@ -58,6 +95,9 @@ class LLMEngine:
                                    max_model_len=self.max_model_len)
         self.sampler = Sampler(self.eos_token_ids)
         self._stats = EngineStats()
+        self.async_scheduling = async_scheduling_enabled(async_scheduling, self.runner)
+        self._in_flight: _Launched | None = None
+        self.num_steps_ahead = 0  # steps launched before the previous step's tokens were read back
 
     # ------------------------------------------------------------------------------ requests
 
@@ -101,18 +141,80 @@ class LLMEngine:
         return TokenEvent(request_id=request_id, token_id=None, finished=True, finish_reason="abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
+
+    def flush(self) -> list[TokenEvent]:
+        """Complete the step in flight, if any, and return its events: afterwards the host's state
+        (tokens, cache accounting) is current and `scheduler.schedule()` may be called directly."""
+        prev, self._in_flight = self._in_flight, None
+        return self._complete(prev) if prev is not None else []
+
+    def drop_in_flight(self) -> None:
+        """Forget a launched step without reading it (after a failure, or once every request of it was
+        finished elsewhere)."""
+        self._in_flight = None
 
     # ------------------------------------------------------------------------------ step
 
     def step(self) -> list[TokenEvent]:
-        sched = self.scheduler
-        out = sched.schedule()
+        """Advance by one step; the events of the step whose host work this call did (with async
+        scheduling that may be the previous launch, and a call that only launches returns [])."""
+        prev = self._in_flight
+        if prev is not None:
+            self._in_flight = None  # a failure below must not leave it to be completed again
+            self._in_flight = self._launch_ahead(prev)
+            return self._complete(prev)
+        out = self.scheduler.schedule()
         if not out:
             return []
+        launched = self._launch(out, self.runner.execute(out))
+        if self.async_scheduling and self._can_defer(launched):
+            self._in_flight = launched
+            return []
+        return self._complete(launched)
+
+    def _launch(self, out: SchedulerOutput, res: StepResult, pending_tokens: Tensor | None = None) -> _Launched:
         self._stats.num_steps_total += 1
-        res = self.runner.execute(out)
+        rows = [c.seq for c, _ in res.sample_rows]
+        logits = res.logits
+        if rows:
+            picked = [r for _, r in res.sample_rows]
+            if picked != list(range(logits.shape[0])):  # decode steps: every row, in order
+                logits = logits.index_select(0, torch.tensor(picked, device=logits.device))
+            sample = self.sampler.launch(logits, rows, pending_tokens)
+        else:
+            sample = PendingSample(None, None, [], [])
+        return _Launched(out, res, sample, rows)
+
+    @staticmethod
+    def _can_defer(step: _Launched) -> bool:
+        """A decode-only step in which every row samples: the next step can be launched ahead of it."""
+        out = step.out
+        return not out.prefills and bool(out.decodes) and len(step.rows) == len(out.decodes)
+
+    def _launch_ahead(self, prev: _Launched) -> _Launched | None:
+        """Plan and launch the decode step after `prev` with its sampled tokens as inputs; None where
+        it needs them on the host first (see the module docstring)."""
+        if not self._can_defer(prev):
+            return None
+        out = self.scheduler.schedule_continuation(prev.rows, self.max_model_len)
+        if out is None:
+            return None
+        index = {id(s): i for i, s in enumerate(prev.rows)}
+        rows = [index[id(c.seq)] for c in out.decodes]
+        ids = prev.sample.tokens
+        if rows != list(range(len(prev.rows))):
+            ids = ids.index_select(0, torch.tensor(rows, device=ids.device))
+        self.num_steps_ahead += 1
+        return self._launch(out, self.runner.execute(out, input_ids=ids), pending_tokens=ids)
+
+    def _complete(self, step: _Launched) -> list[TokenEvent]:
+        """The host work of a launched step: read its tokens back, append them, check stops, events.
+        Sequences finished since the launch (a stop in the step before, an abort) are skipped."""
+        sched = self.scheduler
+        out, res, rows = step.out, step.res, step.rows
         events: dict[str, TokenEvent] = {}
+        tokens, lps = step.sample.result()
 
         for c, row, count in res.prompt_rows:
             seq = c.seq
@@ -122,26 +224,17 @@ class LLMEngine:
                 seq.prompt_logprobs = [None]
             seq.prompt_logprobs.extend(top_logprobs(lp, targets, [seq.params.prompt_logprobs] * count))
 
-        rows = [c.seq for c, _ in res.sample_rows]
-        if rows:
-            picked = [r for _, r in res.sample_rows]
-            if picked == list(range(res.logits.shape[0])):  # decode steps: every row, in order
-                logits = res.logits
-            else:
-                logits = res.logits.index_select(0, torch.tensor(picked, device=res.logits.device))
-            tokens, lps = self.sampler(logits, rows)
-        else:
-            tokens, lps = [], []
-
         for c in out.chunks:
             seq = c.seq
+            if seq.status is SeqStatus.FINISHED:
+                continue
             if seq.num_preemptions == 0 and c.start < seq.prompt_len:
                 self._stats.prompt_tokens_total += min(c.end, seq.prompt_len) - c.start
             seq.num_computed = c.end
 
         for c in out.chunks:  # prompt-only requests (max_tokens == 0)
             seq = c.seq
-            if seq.params.max_tokens == 0 and c.completes_prefill:
+            if seq.params.max_tokens == 0 and c.completes_prefill and seq.status is not SeqStatus.FINISHED:
                 ev = TokenEvent(request_id=seq.request_id, token_id=None, finished=True, finish_reason="length")
                 if seq.wants_prompt_logprobs:
                     ev.prompt_logprobs = seq.prompt_logprobs or [None]
@@ -151,6 +244,8 @@ class LLMEngine:
                 events[seq.request_id] = ev
 
         for seq, tok, lp in zip(rows, tokens, lps):
+            if seq.status is SeqStatus.FINISHED:
+                continue
             p = seq.params
             seq.output_token_ids.append(tok)
             seq.token_ids.append(tok)

@@ -27,6 +27,9 @@ Design decisions:
   PyTorch.
 - On CPU it is the same code without graphs.
 - `score()` runs teacher-forced full-sequence forwards without touching the KV cache.
+- `execute(out, input_ids=...)`: the decode step whose input tokens are still on the device (the
+  previous step's samples, `LLMEngine`'s async scheduling). The host fills everything else; the ids
+  are copied on the device, behind the step that produces them.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from server.engine import ops
 from server.engine.kv_cache import PagedKVCache
 from server.engine.model import AttentionMetadata, ModeGPTModel
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
+from server.engine.transfer import to_device
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 GRAPH_CONTEXT_LENS = (256, 1024)
@@ -134,11 +138,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------ inputs
 
-    def prepare(self, out: SchedulerOutput):
+    def prepare(self, out: SchedulerOutput, ids_pending: bool = False):
         """The step's flat inputs: `(ids, positions, slots, decode block tables, decode context lengths,
-        metadata, logits rows, StepResult with its sample/prompt rows)`."""
-        if not out.prefills and all(c.samples for c in out.decodes):
-            return self._prepare_decode(out)
+        metadata, logits rows, StepResult with its sample/prompt rows)`. `ids_pending`: a decode step
+        whose input tokens the host does not have yet (ids are placeholders)."""
+        if ids_pending or (not out.prefills and all(c.samples for c in out.decodes)):
+            return self._prepare_decode(out, ids_pending)
         return self._prepare_general(out)
 
     def _prepare_general(self, out: SchedulerOutput):
@@ -175,7 +180,7 @@ class ModelRunner:
             else None for c in out.prefills]
         return ids, pos, slots, dec_tables, dec_ctx, meta, logits_idx, res
 
-    def _prepare_decode(self, out: SchedulerOutput):
+    def _prepare_decode(self, out: SchedulerOutput, ids_pending: bool = False):
         """`prepare` for the common decode-only step in which every sequence samples: the same result,
         built in a few list comprehensions (at 256 sequences the general loop is a measurable part of a
         step's host time: `server.engine.profile_step`'s `prepare_ms`)."""
@@ -184,7 +189,7 @@ class ModelRunner:
         tables = self.kv.allocator.tables
         dec_tables = [tables[c.seq.request_id] for c in decodes]
         pos = [c.start for c in decodes]
-        ids = [c.seq.token_ids[p] for c, p in zip(decodes, pos)]
+        ids = [0] * len(decodes) if ids_pending else [c.seq.token_ids[p] for c, p in zip(decodes, pos)]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(dec_tables, pos)]
         dec_ctx = [p + 1 for p in pos]
         n = len(decodes)
@@ -199,27 +204,30 @@ class ModelRunner:
     # ------------------------------------------------------------------------------ execution
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        ids, pos, slots, dec_tables, dec_ctx, meta, logits_idx, res = self.prepare(out)
+    def execute(self, out: SchedulerOutput, input_ids: Tensor | None = None) -> StepResult:
+        """Run one step. `input_ids [num decodes]` (long, on the device): a decode-only step's input
+        tokens, which then need not be on the host."""
+        if input_ids is not None and (out.prefills or len(input_ids) != len(out.decodes)):
+            raise ValueError("input_ids is for a decode-only step, one id per decode")
+        ids, pos, slots, dec_tables, dec_ctx, meta, logits_idx, res = self.prepare(out, input_ids is not None)
         dev = self.device
         nd = meta.num_decode
         decode_only = nd > 0 and not out.prefills
         max_blocks = max((len(t) for t in dec_tables), default=0)
         if (decode_only and self.use_graphs and nd <= max(self.graphs, default=0)
                 and max_blocks <= self.graph_max_blocks and logits_idx == list(range(nd))):
-            res.logits = self._run_graph(ids, pos, slots, dec_tables, dec_ctx)
+            res.logits = self._run_graph(ids, pos, slots, dec_tables, dec_ctx, input_ids)
             res.used_graph = True
             self.num_graph_steps += 1
             return res
         self.num_eager_steps += 1
-        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        meta.slot_mapping = to_device(slots, torch.long, dev)
         if nd:
-            meta.decode_block_tables = torch.tensor(self._pad_tables(dec_tables, max_blocks), dtype=torch.long,
-                                                    device=dev)
-            meta.decode_context_lens = torch.tensor(dec_ctx, dtype=torch.long, device=dev)
+            meta.decode_block_tables = to_device(self._pad_tables(dec_tables, max_blocks), torch.long, dev)
+            meta.decode_context_lens = to_device(dec_ctx, torch.long, dev)
         fn = self._decode_fn if decode_only else self.model.forward
-        res.logits = fn(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                        self.caches, meta, torch.tensor(logits_idx, dtype=torch.long, device=dev))
+        ids_t = input_ids if input_ids is not None else to_device(ids, torch.long, dev)
+        res.logits = fn(ids_t, to_device(pos, torch.long, dev), self.caches, meta, to_device(logits_idx, torch.long, dev))
         return res
 
     # ------------------------------------------------------------------------------ cuda graphs
@@ -269,7 +277,7 @@ class ModelRunner:
         context spans `max_blocks` blocks replays: the smallest of each that holds it."""
         return (min(x for x in self.graphs if x >= num_seqs), min(w for w in self.graph_widths if w >= max_blocks))
 
-    def _run_graph(self, ids, pos, slots, tables, ctx) -> Tensor:
+    def _run_graph(self, ids, pos, slots, tables, ctx, input_ids: Tensor | None = None) -> Tensor:
         n = len(ids)
         b, w = self.graph_for(n, max((len(t) for t in tables), default=0))
         self.h_copied.synchronize()  # free in practice: the previous step synced on its sampled tokens
@@ -282,6 +290,8 @@ class ModelRunner:
         self.g_vec.copy_(self.h_vec, non_blocking=True)
         self.g_tables[w][:b].copy_(self.h_tables[w][:b], non_blocking=True)
         self.h_copied.record()
+        if input_ids is not None:  # behind the step that samples them (one stream)
+            self.g_ids[:n].copy_(input_ids)
         g, logits = self.graphs[b][w]
         g.replay()
         return logits[:n].clone()

@@ -14,14 +14,23 @@ Reproducibility: a request with a `seed` owns a `torch.Generator` (on the logits
 row draws its own `Exp(1)` noise from it, so its tokens depend only on its seed and its logits, not on
 which other requests share the batch. Unseeded rows share one draw from the device's default RNG.
 Penalty tensors are built only for rows that use penalties, so plain requests cost nothing extra.
+
+Two phases, so that the engine can overlap a step's host work with the next step on the GPU
+(`LLMEngine`, async scheduling): `launch` enqueues all device work and returns a `PendingSample`
+without waiting for the device (host-built index and parameter tensors travel by pinned,
+non-blocking copies); `PendingSample.result()` waits for the tokens and builds the logprobs.
+`Sampler.__call__` is both at once. `launch(..., pending_tokens=)` samples for sequences whose previous
+token is still on the device: penalties and `min_tokens` count it there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from server.engine.transfer import to_device
 from server.engine.types import SamplingParams, TokenLogprob
 
 _EPS_TEMPERATURE = 1e-5
@@ -92,15 +101,18 @@ class Sampler:
         return ids
 
     @torch.inference_mode()
-    def process_logits(self, logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
+    def process_logits(self, logits: Tensor, rows: Sequence[SamplingRow],
+                       pending_tokens: Tensor | None = None) -> Tensor:
         """Steps 2-5: penalties, logit_bias, min_tokens (temperature not applied). Never modifies `logits`;
-        returns it unchanged when no row uses any of them."""
+        returns it unchanged when no row uses any of them. `pending_tokens [B]` (on the device): each
+        row's output token that is sampled but not yet in its `output_token_ids`."""
         B, V = logits.shape
         dev = logits.device
         params = [r.params for r in rows]
         given = logits  # never modified: the in-place steps below work on a copy
 
-        # 2-3. penalties (only rows that use them)
+        pending = 0 if pending_tokens is None else 1
+        # 2-3. penalties (only rows that use them); a pending token counts as an output token
         rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if rep:
             r_idx, t_idx = [], []
@@ -110,9 +122,13 @@ class Sampler:
                 t_idx += list(toks)
             seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
             if r_idx:
-                seen[torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)] = True
+                seen[to_device(r_idx, torch.long, dev), to_device(t_idx, torch.long, dev)] = True
+            if pending_tokens is not None:
+                ridx = to_device(rep, torch.long, dev)
+                seen[ridx, pending_tokens.index_select(0, ridx)] = True
             pen = torch.ones(B, device=dev)
-            pen[torch.tensor(rep, device=dev)] = torch.tensor([params[i].repetition_penalty for i in rep], device=dev)
+            pen[to_device(rep, torch.long, dev)] = to_device([params[i].repetition_penalty for i in rep],
+                                                             torch.float32, dev)
             pen = pen[:, None]
             logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
         fp = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
@@ -123,13 +139,16 @@ class Sampler:
                 t_idx += rows[i].output_token_ids
             counts = torch.zeros(B, V, device=dev)
             if r_idx:
-                counts.index_put_((torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)),
+                counts.index_put_((to_device(r_idx, torch.long, dev), to_device(t_idx, torch.long, dev)),
                                   torch.ones(len(r_idx), device=dev), accumulate=True)
+            fidx = to_device(fp, torch.long, dev)
+            if pending_tokens is not None:
+                counts.index_put_((fidx, pending_tokens.index_select(0, fidx)), torch.ones(len(fp), device=dev),
+                                  accumulate=True)
             freq = torch.zeros(B, device=dev)
             pres = torch.zeros(B, device=dev)
-            fidx = torch.tensor(fp, device=dev)
-            freq[fidx] = torch.tensor([params[i].frequency_penalty for i in fp], device=dev)
-            pres[fidx] = torch.tensor([params[i].presence_penalty for i in fp], device=dev)
+            freq[fidx] = to_device([params[i].frequency_penalty for i in fp], torch.float32, dev)
+            pres[fidx] = to_device([params[i].presence_penalty for i in fp], torch.float32, dev)
             logits = logits - counts * freq[:, None] - (counts > 0).float() * pres[:, None]
 
         # 4-5. logit bias, min_tokens
@@ -138,59 +157,81 @@ class Sampler:
             for t, v in p.logit_bias.items():
                 if 0 <= int(t) < V:
                     b_r.append(i), b_t.append(int(t)), b_v.append(float(v))
-            if len(rows[i].output_token_ids) < p.min_tokens:
+            if len(rows[i].output_token_ids) + pending < p.min_tokens:
                 for t in self.stop_ids(p):
                     if 0 <= t < V:
                         m_r.append(i), m_t.append(t)
         if (b_r or m_r) and logits is given:
             logits = logits.clone()
         if b_r:
-            logits.index_put_((torch.tensor(b_r, device=dev), torch.tensor(b_t, device=dev)),
-                              torch.tensor(b_v, device=dev), accumulate=True)
+            logits.index_put_((to_device(b_r, torch.long, dev), to_device(b_t, torch.long, dev)),
+                              to_device(b_v, torch.float32, dev), accumulate=True)
         if m_r:
-            logits[torch.tensor(m_r, device=dev), torch.tensor(m_t, device=dev)] = float("-inf")
+            logits[to_device(m_r, torch.long, dev), to_device(m_t, torch.long, dev)] = float("-inf")
 
         return logits
 
     @torch.inference_mode()
-    def __call__(self, logits: Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Sample one token per row of `logits [B, V]` (float32). Returns token ids and logprobs."""
+    def launch(self, logits: Tensor, rows: Sequence[SamplingRow],
+               pending_tokens: Tensor | None = None) -> "PendingSample":
+        """Enqueue the sampling of one token per row of `logits [B, V]` (float32); nothing waits for
+        the device (see the module docstring for `pending_tokens`)."""
         B, V = logits.shape
-        if B == 0:
-            return [], []
-        dev = logits.device
         params = [r.params for r in rows]
+        if B == 0:
+            return PendingSample(None, None, [], [])
+        dev = logits.device
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
-        raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
-        logits = self.process_logits(logits, rows)
+        raw_lp = torch.log_softmax(logits.index_select(0, to_device(want_lp, torch.long, dev)), dim=-1) \
+            if want_lp else None
+        logits = self.process_logits(logits, rows, pending_tokens)
 
         # 6. greedy / random
         tokens = logits.argmax(dim=-1)
         rand = [i for i, p in enumerate(params) if p.temperature >= _EPS_TEMPERATURE]
         if rand:
-            greedy = torch.tensor([p.temperature < _EPS_TEMPERATURE for p in params], device=dev)
-            temps = torch.tensor([max(p.temperature, _EPS_TEMPERATURE) for p in params], device=dev)
+            greedy = to_device([p.temperature < _EPS_TEMPERATURE for p in params], torch.bool, dev)
+            temps = to_device([max(p.temperature, _EPS_TEMPERATURE) for p in params], torch.float32, dev)
             scaled = logits / temps[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-                top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=dev)
-                top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=dev)
+                top_k = to_device([p.top_k if 0 < p.top_k < V else V for p in params], torch.long, dev)
+                top_p = to_device([p.top_p if p.top_p < 1.0 else 2.0 for p in params], torch.float32, dev)
                 scaled = apply_top_k_top_p(scaled, top_k, top_p)
             probs = scaled.softmax(dim=-1)
             q = torch.empty_like(probs)
             unseeded = [i for i in rand if rows[i].generator is None]
             if unseeded:
-                q[unseeded] = torch.empty(len(unseeded), V, device=dev).exponential_()
+                q[to_device(unseeded, torch.long, dev)] = torch.empty(len(unseeded), V, device=dev).exponential_()
             for i in rand:
                 g = rows[i].generator
                 if g is not None:
                     q[i].exponential_(generator=g)
             sampled = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
             tokens = torch.where(greedy, tokens, sampled)
-        token_list = tokens.tolist()
+        return PendingSample(tokens, raw_lp, want_lp, [params[i].logprobs for i in want_lp])
 
-        lps: list[TokenLogprob | None] = [None] * B
-        if want_lp:
-            got = top_logprobs(raw_lp, [token_list[i] for i in want_lp], [params[i].logprobs for i in want_lp])
-            for i, lp in zip(want_lp, got):
+    def __call__(self, logits: Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Sample one token per row of `logits [B, V]` (float32). Returns token ids and logprobs."""
+        return self.launch(logits, rows).result()
+
+
+@dataclass
+class PendingSample:
+    """A launched sampling: `tokens [B]` on the device (the next step may read them there) and the raw
+    log-probs of the rows that asked for logprobs."""
+    tokens: Tensor | None
+    raw_lp: Tensor | None
+    want_lp: list[int]
+    num_top: list[int]
+
+    def result(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for the device; token ids and logprobs per row."""
+        if self.tokens is None:
+            return [], []
+        token_list = self.tokens.tolist()
+        lps: list[TokenLogprob | None] = [None] * len(token_list)
+        if self.want_lp:
+            got = top_logprobs(self.raw_lp, [token_list[i] for i in self.want_lp], self.num_top)
+            for i, lp in zip(self.want_lp, got):
                 lps[i] = lp
         return token_list, lps

@@ -19,6 +19,12 @@ sequence restarts at `num_computed = 0` with prompt + outputs as its recompute p
 Prompt logprobs (echo) need the logits of every prompt position, so the scheduler marks, per chunk,
 the positions `p < prompt_len - 1` whose logits predict prompt token `p + 1`.
 Requests join (`add`) and leave (`finish`, `abort`) only between steps.
+
+`schedule_continuation` plans the decode step after one whose sampled tokens are still on the device
+(the engine's async scheduling): every running sequence advances by its pending token. It only ever
+plans such a plain step: it returns None, and the engine reads the tokens back and schedules
+normally, whenever a request waits, a prefill is in progress, or a block cannot be had without
+preempting.
 """
 from __future__ import annotations
 
@@ -183,6 +189,32 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         out.preempted.append(seq)
+
+    def schedule_continuation(self, pending: list[Sequence], max_model_len: int) -> SchedulerOutput | None:
+        """The next decode step for `pending`, the sequences of a launched decode step whose tokens the
+        host has not read yet (each is one token past its `token_ids`). A sequence for which that token
+        is certainly its last (max_tokens or `max_model_len` reached) is left out; one that stops on
+        the token anyway (EOS, a stop id, an abort) wastes one row, which the engine drops. None where
+        this cannot be planned without the tokens (see the module docstring)."""
+        if self.waiting:
+            return None
+        members = set(pending)
+        if any(s not in members for s in self.running):
+            return None
+        out = SchedulerOutput()
+        alloc = self.allocator
+        for seq in pending:
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # finished or aborted since the launch
+            n = seq.num_tokens + 1  # with the pending token
+            if len(seq.output_token_ids) + 1 >= seq.params.max_tokens or n >= max_model_len:
+                continue
+            if not alloc.holds(seq.request_id, n):
+                if not alloc.can_grow(seq.request_id, n):
+                    return None  # would need a preemption: decide with the tokens known
+                alloc.grow(seq.request_id, n)
+            out.decodes.append(ScheduledChunk(seq, seq.num_tokens, 1))
+        return out or None
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
