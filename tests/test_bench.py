@@ -54,6 +54,17 @@ def test_bench_ab_alternates_rounds_and_reports_the_median_ratio(tmp_path, monke
     assert "MODEGPT_KERNELS" not in os.environ  # each variant's environment is restored after its rounds
 
 
+def test_bench_ab_variants_of_a_host_setting_share_one_engine(capsys):
+    from server.engine.bench_ab import main as bench_ab
+
+    variants = ["random:tiny-llama-gqa@MODEGPT_ASYNC_SCHEDULING=0", "random:tiny-llama-gqa@MODEGPT_ASYNC_SCHEDULING=1"]
+    res = bench_ab([*variants, "--dtype", "float32", "--batch", "2", "--prompt-len", "5", "--steps", "3",
+                    "--rounds", "2"])
+    assert capsys.readouterr().out.count("built ") == 1  # one engine, the setting switched per round
+    assert res["async_scheduling"] == {variants[0]: False, variants[1]: True}
+    assert all(len(v) == 2 and min(v) > 0 for v in res["runs"][0]["ms_per_step"].values())
+
+
 def test_bench_ab_rejects_a_malformed_variant():
     from server.engine.bench_ab import parse_variant
 

@@ -9,6 +9,8 @@ the ratio; alternating rounds and taking medians cancels a slow drift. Each roun
 greedy steps for `--batch` sequences of `--prompt-len` token prompts (the prefill is not timed).
 A variant `SPEC@KEY=VAL,...` runs its engine under those environment variables (construction, graph
 capture and its rounds), so one process can compare kernel settings of one model as well.
+Variants that differ only in host-side settings (`MODEGPT_ASYNC_SCHEDULING`) share one engine, which
+takes the setting per round: the A/B then compares one set of graphs and kernel picks.
 Prints the per-round milliseconds per step and each variant's median speedup over the first;
 `--json` writes them.
 """
@@ -26,7 +28,7 @@ import torch
 
 from compressor.loading import load_modegpt
 from server.engine.dtypes import default_dtype
-from server.engine.engine import LLMEngine
+from server.engine.engine import LLMEngine, async_scheduling_enabled
 from server.engine.types import GenerationRequest, SamplingParams
 
 
@@ -45,6 +47,14 @@ def decode_ms_per_step(engine: LLMEngine, batch: int, prompt_len: int, steps: in
     sync()
     n = engine.stats().num_steps_total - n0  # forward steps (with async scheduling one call may only launch)
     return (time.perf_counter() - t) / max(n, 1) * 1e3
+
+
+HOST_SETTINGS = ("MODEGPT_ASYNC_SCHEDULING",)  # read per round, not at construction
+
+
+def build_key(spec: str, env: dict[str, str]) -> tuple:
+    """What an engine's construction depends on: variants with one key share an engine."""
+    return spec, tuple(sorted((k, v) for k, v in env.items() if k not in HOST_SETTINGS))
 
 
 def parse_variant(arg: str) -> tuple[str, dict[str, str]]:
@@ -87,26 +97,37 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.perf_counter() - t0:6.1f} s] {what}", flush=True)
 
     max_model_len = args.max_model_len or args.prompt_len + args.steps + 16
+    built: dict[tuple, LLMEngine] = {}
     for name, (spec, env) in zip(names, variants):
-        with mock.patch.dict(os.environ, env):
-            loaded = load_modegpt(spec, args.device, dtype)
-            engines.append(LLMEngine(loaded.config, loaded.state_dict, device=args.device, dtype=dtype,
-                                     kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
-                                     max_num_seqs=max(16, *args.batch), max_model_len=max_model_len))
-            del loaded
-        progress(f"built {name} (loaded, warmed up, graphs captured)")
+        key = build_key(spec, env)
+        if key not in built:
+            with mock.patch.dict(os.environ, env):
+                loaded = load_modegpt(spec, args.device, dtype)
+                built[key] = LLMEngine(loaded.config, loaded.state_dict, device=args.device, dtype=dtype,
+                                       kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
+                                       max_num_seqs=max(16, *args.batch), max_model_len=max_model_len)
+                del loaded
+            progress(f"built {name} (loaded, warmed up, graphs captured)")
+        engines.append(built[key])
+
+    async_used = [False] * len(engines)
+
+    def run(i: int, batch: int, steps: int, tag: str) -> float:
+        eng = engines[i]
+        with mock.patch.dict(os.environ, variants[i][1]):
+            eng.async_scheduling = async_used[i] = async_scheduling_enabled(None, eng.runner)
+            return decode_ms_per_step(eng, batch, args.prompt_len, steps, tag)
+
     runs = []
     for batch in args.batch:
-        for eng, (_, env) in zip(engines, variants):  # warm-up: allocator, oneDNN primitives, graphs
-            with mock.patch.dict(os.environ, env):
-                decode_ms_per_step(eng, batch, args.prompt_len, 4, "warm")
+        for i in range(len(engines)):  # warm-up: allocator, oneDNN primitives, graphs
+            run(i, batch, 4, "warm")
         progress(f"warmed up b={batch}")
         rounds: list[list[float]] = [[] for _ in engines]
         for r in range(args.rounds):  # rotate the order each round: A B C, B C A, C A B, ...
             for k in range(len(engines)):
                 i = (k + r) % len(engines)
-                with mock.patch.dict(os.environ, variants[i][1]):
-                    rounds[i].append(decode_ms_per_step(engines[i], batch, args.prompt_len, args.steps, f"r{r}"))
+                rounds[i].append(run(i, batch, args.steps, f"r{r}"))
         med = [statistics.median(v) for v in rounds]
         runs.append({"batch": batch, "ms_per_step": dict(zip(names, rounds)), "median_ms_per_step": dict(zip(names, med)),
                      "speedup_over_first": dict(zip(names, (med[0] / m for m in med)))})
@@ -116,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device, "dtype": str(dtype),
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "prompt_len": args.prompt_len, "steps": args.steps, "rounds": args.rounds, "variants": names,
+              "async_scheduling": dict(zip(names, async_used)),
               "max_model_len": max_model_len,
               "runs": runs}
     if args.json:

@@ -33,6 +33,7 @@ from torch import Tensor
 from server.engine.runner import ModelRunner, StepResult
 from server.engine.sampler import PendingSample, Sampler, make_generator, top_logprobs
 from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence, SeqStatus
+from server.engine.transfer import to_device
 from server.engine.types import EngineStats, GenerationRequest, SamplingParams, TokenEvent
 
 
@@ -183,7 +184,7 @@ class LLMEngine:
                 logits = logits.index_select(0, torch.tensor(picked, device=logits.device))
             sample = self.sampler.launch(logits, rows, pending_tokens)
         else:
-            sample = PendingSample(None, None, [], [])
+            sample = PendingSample.empty()
         return _Launched(out, res, sample, rows)
 
     @staticmethod
@@ -204,7 +205,7 @@ class LLMEngine:
         rows = [index[id(c.seq)] for c in out.decodes]
         ids = prev.sample.tokens
         if rows != list(range(len(prev.rows))):
-            ids = ids.index_select(0, torch.tensor(rows, device=ids.device))
+            ids = ids.index_select(0, to_device(rows, torch.long, ids.device))
         self.num_steps_ahead += 1
         return self._launch(out, self.runner.execute(out, input_ids=ids), pending_tokens=ids)
 

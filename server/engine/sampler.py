@@ -58,22 +58,29 @@ def top_logprobs(logprobs: Tensor, token_ids: Sequence[int], num_top: Sequence[i
 
     One topk with the batch maximum, one device->host copy.
     """
-    B = logprobs.shape[0]
-    if B == 0:
+    if logprobs.shape[0] == 0:
         return []
     ids = torch.as_tensor(list(token_ids), device=logprobs.device, dtype=torch.long)
+    chosen, tv, ti = _select_logprobs(logprobs, ids, max(num_top))
+    return _assemble_logprobs(ids.tolist(), chosen.tolist(), tv.tolist(), ti.tolist(), num_top)
+
+
+def _select_logprobs(logprobs: Tensor, ids: Tensor, num_top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Device part of `top_logprobs`: the chosen ids' log-probs `[B]` and the top `num_top` `[B, k]`."""
     chosen = logprobs.gather(1, ids[:, None])[:, 0]
-    k = min(max(num_top), logprobs.shape[1])
-    if k > 0:
-        tv, ti = logprobs.topk(k, dim=-1)
-        tv, ti = tv.tolist(), ti.tolist()
-    chosen = chosen.tolist()
+    k = max(0, min(num_top, logprobs.shape[1]))
+    tv, ti = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())
+    return chosen, tv, ti
+
+
+def _assemble_logprobs(ids: list[int], chosen: list[float], tv: list[list[float]], ti: list[list[int]],
+                       num_top: Sequence[int]) -> list[TokenLogprob]:
     out = []
-    for i in range(B):
-        n = min(num_top[i], k)
+    for i, tok in enumerate(ids):
+        n = min(num_top[i], len(ti[i]))
         top = {} if n <= 0 else {int(t): float(v) for t, v in zip(ti[i][:n], tv[i][:n])}
-        top.setdefault(int(token_ids[i]), float(chosen[i]))
-        out.append(TokenLogprob(token_id=int(token_ids[i]), logprob=float(chosen[i]), top=top))
+        top.setdefault(int(tok), float(chosen[i]))
+        out.append(TokenLogprob(token_id=int(tok), logprob=float(chosen[i]), top=top))
     return out
 
 
@@ -179,7 +186,7 @@ class Sampler:
         B, V = logits.shape
         params = [r.params for r in rows]
         if B == 0:
-            return PendingSample(None, None, [], [])
+            return PendingSample.empty()
         dev = logits.device
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_lp = torch.log_softmax(logits.index_select(0, to_device(want_lp, torch.long, dev)), dim=-1) \
@@ -208,7 +215,7 @@ class Sampler:
                     q[i].exponential_(generator=g)
             sampled = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
             tokens = torch.where(greedy, tokens, sampled)
-        return PendingSample(tokens, raw_lp, want_lp, [params[i].logprobs for i in want_lp])
+        return PendingSample.launch(tokens, raw_lp, want_lp, [params[i].logprobs for i in want_lp])
 
     def __call__(self, logits: Tensor, rows: Sequence[SamplingRow]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Sample one token per row of `logits [B, V]` (float32). Returns token ids and logprobs."""
@@ -217,21 +224,44 @@ class Sampler:
 
 @dataclass
 class PendingSample:
-    """A launched sampling: `tokens [B]` on the device (the next step may read them there) and the raw
-    log-probs of the rows that asked for logprobs."""
+    """A launched sampling. `tokens [B]` stays on the device (the next step may read it there); what the
+    host needs (the tokens and the logprob rows' values) is copied into pinned memory right behind the
+    sampling, with an event, so `result()` waits for this step only, not for a step launched after it
+    on the same stream."""
     tokens: Tensor | None
-    raw_lp: Tensor | None
+    host: tuple[Tensor, ...]  # tokens [B], then chosen [L], top values [L, k], top ids [L, k]
     want_lp: list[int]
     num_top: list[int]
+    done: "torch.cuda.Event | None" = None
+
+    @classmethod
+    def empty(cls) -> "PendingSample":
+        return cls(None, (), [], [])
+
+    @classmethod
+    def launch(cls, tokens: Tensor, raw_lp: Tensor | None, want_lp: list[int], num_top: list[int]) -> "PendingSample":
+        parts = [tokens]
+        if want_lp:
+            ids = tokens.index_select(0, to_device(want_lp, torch.long, tokens.device))
+            parts += _select_logprobs(raw_lp, ids, max(num_top))
+        if tokens.device.type != "cuda":
+            return cls(tokens, tuple(parts), want_lp, num_top)
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in parts)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(tokens, host, want_lp, num_top, done)
 
     def result(self) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Wait for the device; token ids and logprobs per row."""
+        """Wait for this sampling's copies; token ids and logprobs per row."""
         if self.tokens is None:
             return [], []
-        token_list = self.tokens.tolist()
+        if self.done is not None:
+            self.done.synchronize()
+        token_list = self.host[0].tolist()
         lps: list[TokenLogprob | None] = [None] * len(token_list)
         if self.want_lp:
-            got = top_logprobs(self.raw_lp, [token_list[i] for i in self.want_lp], self.num_top)
+            chosen, tv, ti = (t.tolist() for t in self.host[1:])
+            got = _assemble_logprobs([token_list[i] for i in self.want_lp], chosen, tv, ti, self.num_top)
             for i, lp in zip(self.want_lp, got):
                 lps[i] = lp
         return token_list, lps
