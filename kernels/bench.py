@@ -222,9 +222,11 @@ def _gather_sdpa(q, kc, vc, tables, lens, scale):
         q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=hkv != H)[:, :, 0]
 
 
-def _attention_inputs(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtype):
+def _attention_inputs(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtype, ragged: bool = False):
     """32 heads (MHA) over a paged cache of block size 16, with enough block tables over distinct
-    blocks to defeat L2: ``(q, k_cache, v_cache, tables, lens, bytes moved, flops)``."""
+    blocks to defeat L2: ``(q, k_cache, v_cache, tables, lens, bytes moved, flops)``. ``ragged``:
+    context lengths ``ctx - i % 16`` (an engine's batch; its last key tile is partly empty) instead
+    of ``ctx`` for every sequence."""
     H = hkv = 32
     dqk, dv = dims
     bs = 16
@@ -238,8 +240,12 @@ def _attention_inputs(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtyp
     perm = torch.randperm(n * B * blocks, device=dev).int()
     tables = [perm[i * B * blocks:(i + 1) * B * blocks].view(B, blocks) for i in range(n)]
     lens = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+    if ragged:
+        lens -= torch.arange(B, device=dev, dtype=torch.int32) % bs
+        kv_bytes = int(lens.sum()) * hkv * (dqk + dv) * esz
     q = torch.randn(B, H, dqk, device=dev, dtype=dtype)
-    return q, kc, vc, tables, lens, kv_bytes + B * H * (dqk + dv) * esz, 2.0 * B * H * ctx * (dqk + dv)
+    keys = int(lens.sum())
+    return q, kc, vc, tables, lens, kv_bytes + B * H * (dqk + dv) * esz, 2.0 * H * keys * (dqk + dv)
 
 
 def _attention_case(dims: tuple[int, int], B: int, ctx: int, dtype: torch.dtype) -> dict:
@@ -572,7 +578,8 @@ def run_kernel_bench(out_path: str, time_budget_s: float = 270.0, dtype: torch.d
 ATTENTION_SWEEP_CONFIGS = [{"BLOCK_N": bn, "num_warps": w, "num_stages": 2, "DIM_CHUNKS": True, "KV_PACK": hp}
                            for bn, w, hp in ((32, 4, 1), (32, 4, 2), (32, 4, 4), (32, 8, 4), (64, 4, 1), (64, 4, 2),
                                              (64, 8, 2), (16, 4, 4))]
-ATTENTION_SWEEP_CASES = [(B, dims, ctx) for B in (256, 64, 16) for ctx in (128, 1024)
+# contexts as the engine sees them: ragged (each sequence ctx - i % 16 long, see `_attention_inputs`)
+ATTENTION_SWEEP_CASES = [(B, dims, ctx) for B in (256, 64, 16) for ctx in (112, 1024)
                          for dims in ((128, 128), (96, 96), (80, 80))]
 
 
@@ -619,7 +626,7 @@ def run_attention_sweep(out_path: str, time_budget_s: float = 240.0, dtype: torc
             results["cases"].append(dict(case, skipped="time budget exhausted"))
             continue
         try:
-            q, kc, vc, tables, lens, nbytes, flops = _attention_inputs(dims, B, ctx, dtype)
+            q, kc, vc, tables, lens, nbytes, flops = _attention_inputs(dims, B, ctx, dtype, ragged=True)
             if dims not in compiled:
                 _precompile_attention([DEFAULT_CONFIG] + ATTENTION_SWEEP_CONFIGS, q, kc, vc, tables[0], lens,
                                       128 ** -0.5)

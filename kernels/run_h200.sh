@@ -15,8 +15,9 @@
 #   bash kernels/run_h200.sh attn-sweep  # decode attention launch configs at batch 16-256, then its CUDA tests
 #   bash kernels/run_h200.sh s7a       # session 7: the attention sweep, its best config end to end at 64/256, tests
 #   bash kernels/run_h200.sh s7b       # session 7: graphs per context class A/B at max_model_len 4096, CUDA tests
-#   bash kernels/run_h200.sh s9a       # next: the shipped attention default end to end vs padded tiles, b256 profiles
-#   bash kernels/run_h200.sh s9b       # next: attention sweep of several KV heads per program (KV_PACK), tests
+#   bash kernels/run_h200.sh s9a       # session 9: the shipped attention default end to end vs padded tiles, b256 profiles
+#   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
+#   bash kernels/run_h200.sh s9b       # prepared in session 8: attention sweep of several KV heads per program, tests
 #   bash kernels/run_h200.sh s8e       # session 8: the recorded A/B, original vs 30 %, batch 256/64/16/1
 #   bash kernels/run_h200.sh s8d       # session 8: head dims in chunks of >= 32: sweep, A/B batch 1-256, tests
 #   bash kernels/run_h200.sh s8c       # session 8: head dims in two chunks: attention sweep, A/B batch 1-256, tests
@@ -318,7 +319,21 @@ s8d)  # session 8, call 3: s8c again after its finding (80 as 64 + 16 was slower
   ab_dim_chunks ${AB_TIMEOUT:-280} 1 256 64 16
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py tests/test_engine_cuda.py \
       -k "attention or engine_kernels or equals_eager" ;;
-s9a)  # prepared in session 8 for the next: the shipped attention default (32-key tiles, head dims in 64 + 32
+s9c)  # session 9, call 2: async scheduling (decode steps launched ahead of the host) on/off for the original
+  # and the 30 % checkpoint (one engine per model, the setting switched per round), the attention sweep
+  # of several KV heads per program (KV_PACK) at ragged contexts, then the CUDA tests of async scheduling,
+  # the graphs and the packed attention configs
+  ckpt &
+  attn_sweep ${SWEEP_TIMEOUT:-150} ${SWEEP_BUDGET:-115}
+  wait
+  timeout ${AB_TIMEOUT:-240} $PY -m server.engine.bench_ab random:llama-2-7b@MODEGPT_ASYNC_SCHEDULING=0 random:llama-2-7b \
+      /tmp/l7b-30@MODEGPT_ASYNC_SCHEDULING=0 /tmp/l7b-30 --device cuda --dtype bfloat16 --batch 256 64 16 1 \
+      --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-async.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
+  TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-110} 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "async or context_classes or equals_eager or launch_configs"
+  tcache_out ;;
+s9a)  # session 9, call 1 (prepared in session 8): the shipped attention default (32-key tiles, head dims in 64 + 32
   # chunks) end to end, against the padded tiles, in one process, large batches first; then a batch-256
   # step profile of each model (where the step goes now)
   ckpt

@@ -1,25 +1,27 @@
-"""The synchronous engine: scheduler + model runner + sampler, one `step()` at a time.
+"""The engine: scheduler + model runner + sampler, one `step()` at a time.
 
 `LLMEngine` is single-threaded and deterministic (tests and offline use drive it directly);
 `server.engine.async_engine.AsyncEngine` runs it in a background thread for the API server.
 
 A step: schedule -> run the flat batch -> prompt logprobs for prompt positions -> sample the rows that
 reached the end of their known tokens -> append tokens, check stops -> emit one `TokenEvent` per
-request that produced something.
-
-Async scheduling (vLLM's `--async-scheduling`; default on with CUDA graphs, `async_scheduling=` or env
-`MODEGPT_ASYNC_SCHEDULING=0/1`): a decode-only step is left in flight
-with its sampled tokens on the device. The next `step()` plans and launches the following decode
-step with those tokens as its inputs (`Scheduler.schedule_continuation`, `ModelRunner.execute(...,
-input_ids=)`), and only then reads the tokens back and does the host work of the step in flight
-(appending, stop checks, events) while the GPU runs the next one. Events therefore come one
-`step()` later; the tokens are the same. A row whose sequence stopped (EOS, stop id, abort) during
-the step in flight is computed once more and dropped. Penalties and min_tokens count the pending token
-on the device (`Sampler.launch(pending_tokens=)`). Steps that need the tokens on the host to be
-planned (admissions, prefills, preemptions) wait for them first, as without it. Finish reasons: "stop" (EOS unless ignore_eos, or a stop token id;
+request that produced something. Finish reasons: "stop" (EOS unless ignore_eos, or a stop token id;
 `stop_token_id` set for stop_token_ids only, as vLLM's `stop_reason`), "length" (max_tokens or
 max_model_len), "abort". A request with `max_tokens == 0` gets one final event carrying only its
 prompt logprobs.
+
+Async scheduling (as vLLM's `--async-scheduling`; on by default where decode steps replay CUDA graphs;
+`async_scheduling=` or env `MODEGPT_ASYNC_SCHEDULING=0/1`):
+- a decode-only step is left in flight, its sampled tokens on the device;
+- the next `step()` plans the following decode step (`Scheduler.schedule_continuation`) and launches
+  it with those tokens as inputs (`ModelRunner.execute(..., input_ids=)`); only then does it read the
+  tokens back and do the host work of the step in flight (append, stop checks, events), while the GPU
+  runs the next step;
+- events therefore come one `step()` later; the tokens are the same. A row whose sequence stopped (EOS,
+  stop id, abort) in the step in flight is computed once more and dropped;
+- penalties and min_tokens count the pending token on the device (`Sampler.launch(pending_tokens=)`);
+- steps that need the tokens on the host to be planned (admissions, prefills, preemptions) wait for
+  them first, as without it.
 """
 from __future__ import annotations
 
@@ -196,7 +198,7 @@ class LLMEngine:
     def _launch_ahead(self, prev: _Launched) -> _Launched | None:
         """Plan and launch the decode step after `prev` with its sampled tokens as inputs; None where
         it needs them on the host first (see the module docstring)."""
-        if not self._can_defer(prev):
+        if not (self.async_scheduling and self._can_defer(prev)):
             return None
         out = self.scheduler.schedule_continuation(prev.rows, self.max_model_len)
         if out is None:
