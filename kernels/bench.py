@@ -651,7 +651,7 @@ def run_attention_sweep(out_path: str, time_budget_s: float = 240.0, dtype: torc
             default = config_name(DEFAULT_CONFIG)
             best = min(ok, key=lambda k: ok[k]["us"])
             case.update(bytes=nbytes, flops=flops, timings=timings, best=best,
-                        auto=config_name(auto_config(ctx, *dims)),
+                        auto=config_name(auto_config(ctx, *dims, B)),
                         best_speedup_vs_default=ok[default]["us"] / ok[best]["us"] if default in ok else None)
             del q, kc, vc, tables
         except Exception as exc:  # noqa: BLE001

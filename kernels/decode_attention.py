@@ -382,27 +382,39 @@ def dim_chunks(d: int, split: bool = True) -> tuple[int, int]:
     return (c0, c1) if c0 + c1 < full else (full, 0)
 
 
-def auto_config(capacity: int, dqk: int, dv: int) -> dict:
-    """The launch configuration for a block table of ``capacity`` positions and these head dims, from the
-    H200 sweep of session 7 (``kernels.bench.run_attention_sweep``, docs/BENCHMARKS.md; 32 heads, batch
-    16-256, bf16). Relative to :data:`DEFAULT_CONFIG`:
+def auto_config(capacity: int, dqk: int, dv: int, batch: int = 1, group: int = 1) -> dict:
+    """The launch configuration for a block table of ``capacity`` positions, these head dims, ``batch``
+    sequences and ``group`` query heads per KV head, from the H200 sweeps (``kernels.bench.
+    run_attention_sweep``, docs/BENCHMARKS.md; 32 heads, bf16; a CUDA graph fixes the configuration, so
+    it can only follow what is known at capture: the table's width and the batch bucket):
 
-    * short contexts (128 positions): key tiles of 32 were 1.01-1.24x faster at every batch and head dim
-      but one (0.97x at batch 16, dims 128); half the shared memory per program and half the wasted
-      tail tile. End to end at batch 64 and 256 they made the 7B original 1.04x and 1.15x faster.
-    * long contexts (1024) with a head dim padded inside one chunk (112 in a 128-wide tile): three
-      pipeline stages were 1.03-1.35x faster; otherwise two stages stayed best.
-    * head dims read in two chunks (:func:`dim_chunks`, session 8): 96, 88 and 80 as 64 + 32 were
-      0.97-1.26x the speed of the best padded configuration (1.00-1.65x of the old default; 128 is one
-      chunk either way). At exactly 128 keys, 80 and 88 then preferred key tiles of 64 (1.04-1.09x), but
-      an engine's contexts are ragged (a 64-key tile wastes up to half of its last tile), and the
-      end-to-end run with chunks and 64-key tiles gave lower 30 % / original ratios at batch 16-256 than
-      the one with padded 32-key tiles (session 8, different calls), so short contexts keep 32. The
-      end-to-end effect of this default (32-key tiles, chunks) is not measured yet."""
-    if capacity <= SHORT_CONTEXT:
-        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": True, "KV_PACK": 1}
+    * session 7: short contexts want key tiles of 32 (1.01-1.24x), long ones with a head dim padded
+      inside one chunk (112 in 128) a third pipeline stage (1.03-1.35x).
+    * session 8: head dims read in two chunks (:func:`dim_chunks`; 96, 88 and 80 as 64 + 32), 0.97-1.26x
+      of the best padded configuration; end to end (session 9, call 1) the 30 % checkpoint with them was
+      1.07x faster at batch 256 and 1.05x at 64 than with padded 32-key tiles, and equal at 1-16.
+    * session 9, several KV heads per program (``KV_PACK``) at ragged contexts (each sequence ``ctx - i %
+      16`` long), multi-head attention: against the previous choice (32/4w/2s/cd short, 64/4w/2s/cd long)
+      - short (112 positions), batch 64-256: ``16/4w/2s/cd/p4`` for dims <= 96, 1.17-1.39x (1.07x at
+        128, where it loses at batch 64), and ``32/4w/2s/cd/p2`` for 128, 1.06-1.08x;
+      - short, batch 16: no packing, 64-key tiles for dims <= 96 (1.15x), 32 for 128 (as before);
+      - long (1024), batch 16-256: ``32/4w/2s/cd/p2``, 1.06-1.34x (one case 0.98x: 80 dims at batch 16).
+    Packing is used for multi-head attention only (``group == 1``, what was measured) and never for a
+    dim padded inside one chunk (112: not measured); below batch 16 nothing changed (not swept)."""
     padded_one_chunk = any(c1 == 0 and c0 != d for d in (dqk, dv) for c0, c1 in [dim_chunks(d)])
-    return dict(DEFAULT_CONFIG, num_stages=3 if padded_one_chunk else 2, DIM_CHUNKS=True)
+    wide = max(dqk, dv) > 96  # one 128-wide chunk
+    measured = not padded_one_chunk and batch >= 16
+    pack = measured and group == 1
+    cfg = dict(DEFAULT_CONFIG, DIM_CHUNKS=True)
+    if capacity <= SHORT_CONTEXT:
+        if pack and batch >= 64:
+            return dict(cfg, BLOCK_N=32, KV_PACK=2) if wide else dict(cfg, BLOCK_N=16, KV_PACK=4)
+        if measured and not wide:
+            return dict(cfg, BLOCK_N=64)
+        return dict(cfg, BLOCK_N=32)
+    if pack:
+        return dict(cfg, BLOCK_N=32, KV_PACK=2)
+    return dict(cfg, num_stages=3 if padded_one_chunk else 2)
 
 
 def config_name(cfg: dict) -> str:
@@ -479,7 +491,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     if max_context_len is not None:
         capacity = min(capacity, int(max_context_len))
     capacity = max(capacity, 1)
-    cfg = _launch_config(config, auto_config(capacity, dqk, dv))
+    cfg = _launch_config(config, auto_config(capacity, dqk, dv, B, group))
     hp = min(cfg["KV_PACK"], next_pow2(hkv)) if rope is None else 1  # RoPE writes one KV head per program
     packs = cdiv(hkv, hp)
     splits, part_len = plan_splits(B, packs, capacity, cfg["BLOCK_N"], q.device, num_splits)

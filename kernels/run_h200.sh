@@ -17,6 +17,7 @@
 #   bash kernels/run_h200.sh s7b       # session 7: graphs per context class A/B at max_model_len 4096, CUDA tests
 #   bash kernels/run_h200.sh s9a       # session 9: the shipped attention default end to end vs padded tiles, b256 profiles
 #   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
+#   bash kernels/run_h200.sh s9d       # session 9: the recorded A/B with KV heads packed per attention program, tests
 #   bash kernels/run_h200.sh s9b       # prepared in session 8: attention sweep of several KV heads per program, tests
 #   bash kernels/run_h200.sh s8e       # session 8: the recorded A/B, original vs 30 %, batch 256/64/16/1
 #   bash kernels/run_h200.sh s8d       # session 8: head dims in chunks of >= 32: sweep, A/B batch 1-256, tests
@@ -333,6 +334,17 @@ s9c)  # session 9, call 2: async scheduling (decode steps launched ahead of the 
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-110} 4 tests/test_engine_cuda.py tests/test_kernels.py \
       -k "async or context_classes or equals_eager or launch_configs"
   tcache_out ;;
+s9d)  # session 9, call 3: the recorded A/B, original against 30 %, with the new defaults (async scheduling,
+  # KV heads packed per attention program from batch 16: auto_config) and with the previous attention
+  # choice for these short contexts (32/4w/2s/cd), batch 256/64/16/1; then the CUDA tests of async
+  # scheduling, of the attention launch configurations and of graphs against eager
+  ckpt
+  timeout ${AB_TIMEOUT:-330} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_ATTN_CONFIG=32/4w/2s/cd \
+      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/2s/cd --device cuda --dtype bfloat16 --batch 256 64 16 1 \
+      --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-kv-pack.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
+  TEST_TIMEOUT=120 tests ${TESTS_TIMEOUT:-150} 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "async or auto_config_by_batch or launch_configs or decode_equals_eager" ;;
 s9a)  # session 9, call 1 (prepared in session 8): the shipped attention default (32-key tiles, head dims in 64 + 32
   # chunks) end to end, against the padded tiles, in one process, large batches first; then a batch-256
   # step profile of each model (where the step goes now)

@@ -1221,11 +1221,33 @@ def test_triton_attention_config_names_round_trip_and_the_env_override(seed, for
         kernels.decode_attention(q, kc, vc, tables, lens, 0.3)
 
 
-def test_attention_auto_config_follows_the_context_class_and_head_dims():
-    """auto_config: head dims in chunks; short block tables take key tiles of 32, long ones the 64-key
-    default, with a third pipeline stage where a dim is padded inside one chunk (the session-7 and
-    session-8 sweeps' winners)."""
-    from kernels.decode_attention import DEFAULT_CONFIG, SHORT_CONTEXT, auto_config
+@needs_triton
+@pytest.mark.parametrize("B", [16, 64])
+@pytest.mark.parametrize("dims", [(80, 64), (128, 128)], ids=["80x64", "128"])
+def test_triton_decode_attention_auto_config_by_batch(seed, force_triton, B, dims):
+    """With no config given, the batch picks the launch (from 64 sequences of multi-head attention,
+    several KV heads per program, a partial last pack with 3 KV heads): each against float64."""
+    from kernels.decode_attention import auto_config, config_name, decode_attention_triton
+
+    dqk, dv = dims
+    q, kc, vc, tables, lens = attention_inputs(B, 3, 3, dqk, dv, torch.float32, TRITON_DEVICE, 40)
+    assert (auto_config(48, dqk, dv, B)["KV_PACK"] > 1) == (B >= 64), config_name(auto_config(48, dqk, dv, B))
+    ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
+    out = nan_like((B, 3, dv), torch.float32, TRITON_DEVICE)
+    decode_attention_triton(q, kc, vc, tables, lens, 0.3, out)
+    assert_close(out, ref, torch.float32, seed, f"decode attention auto B={B} {dims}")
+
+
+def test_attention_auto_config_follows_the_context_class_batch_and_head_dims():
+    """auto_config: the session 7-9 sweeps' winners. Head dims in chunks; below batch 16 short block
+    tables take key tiles of 32 and long ones the 64-key default, with a third pipeline stage where a dim
+    is padded inside one chunk; from batch 16 multi-head attention packs KV heads into one program
+    (short: four per program with 16-key tiles at dims <= 96, two with 32-key tiles at 128, from batch
+    64; long: two with 32-key tiles), GQA does not; a dim padded in one chunk (112) is never packed."""
+    from kernels.decode_attention import DEFAULT_CONFIG, SHORT_CONTEXT, auto_config, config_name
+
+    def name(*a):
+        return config_name(auto_config(*a))
 
     assert auto_config(SHORT_CONTEXT, 128, 128)["BLOCK_N"] == 32
     assert auto_config(SHORT_CONTEXT, 88, 80) == dict(DEFAULT_CONFIG, BLOCK_N=32, DIM_CHUNKS=True)
@@ -1233,6 +1255,17 @@ def test_attention_auto_config_follows_the_context_class_and_head_dims():
     assert auto_config(4096, 112, 96) == dict(DEFAULT_CONFIG, num_stages=3, DIM_CHUNKS=True)
     assert auto_config(4096, 80, 80)["num_stages"] == 2  # padded, but in two chunks
     assert auto_config(4096, 128, 96)["num_stages"] == 2
+    # by batch (multi-head: group 1)
+    assert [name(SHORT_CONTEXT, 88, 80, b) for b in (8, 16, 64, 256)] == [
+        "32/4w/2s/cd", "64/4w/2s/cd", "16/4w/2s/cd/p4", "16/4w/2s/cd/p4"]
+    assert [name(SHORT_CONTEXT, 128, 128, b) for b in (8, 16, 64, 256)] == [
+        "32/4w/2s/cd", "32/4w/2s/cd", "32/4w/2s/cd/p2", "32/4w/2s/cd/p2"]
+    assert [name(4096, 96, 96, b) for b in (1, 16, 256)] == ["64/4w/2s/cd", "32/4w/2s/cd/p2", "32/4w/2s/cd/p2"]
+    # GQA and a dim padded inside one chunk: no packing
+    assert name(SHORT_CONTEXT, 96, 96, 256, 4) == "64/4w/2s/cd"
+    assert name(4096, 128, 128, 256, 4) == "64/4w/2s/cd"
+    assert name(SHORT_CONTEXT, 112, 112, 256) == "32/4w/2s/cd"
+    assert name(4096, 112, 112, 256) == "64/4w/3s/cd"
 
 
 def test_attention_dim_chunks_cover_each_head_dim_in_at_most_two_powers_of_two():

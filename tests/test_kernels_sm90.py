@@ -107,8 +107,9 @@ def test_decode_attention_compiles_for_sm90(sm90, dtype):
             tables = torch.zeros(B, blocks, dtype=torch.int32)
             lens = torch.ones(B, dtype=torch.int32)
             counters = torch.zeros(B * hkv, dtype=torch.int32)
-            packed = dict(auto_config(capacity, dqk, dv), KV_PACK=4)  # opt-in: four KV heads per program
-            for config in (None, DEFAULT_CONFIG, auto_config(capacity, dqk, dv), packed):
+            auto = auto_config(capacity, dqk, dv, B, H // hkv)  # what decode_attention_triton picks (config None)
+            packed = dict(auto, KV_PACK=4)  # four KV heads per program, also where auto does not pack
+            for config in (None, DEFAULT_CONFIG, auto, packed):
                 decode_attention_triton(q, kc, vc, tables, lens, 0.1, config=config, counters=counters)
                 decode_attention_triton(q, kc, vc, tables, lens, 0.1, config=config)
         k, v = _t(1, hkv * dqk, dtype=dtype), _t(1, hkv * dv, dtype=dtype)
