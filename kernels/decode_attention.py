@@ -397,20 +397,18 @@ def auto_config(capacity: int, dqk: int, dv: int, batch: int = 1, group: int = 1
       16`` long), multi-head attention: against the previous choice (32/4w/2s/cd short, 64/4w/2s/cd long)
       - short (112 positions), batch 64-256: ``16/4w/2s/cd/p4`` for dims <= 96, 1.17-1.39x (1.07x at
         128, where it loses at batch 64), and ``32/4w/2s/cd/p2`` for 128, 1.06-1.08x;
-      - short, batch 16: no packing, 64-key tiles for dims <= 96 (1.15x), 32 for 128 (as before);
+      - short, batch 16: no packing. 64-key tiles for dims <= 96 were 1.15x faster in the sweep, but
+        end to end (call 3) the 30 % checkpoint was 0.8 % slower with them than with 32, so 32 stays;
       - long (1024), batch 16-256: ``32/4w/2s/cd/p2``, 1.06-1.34x (one case 0.98x: 80 dims at batch 16).
     Packing is used for multi-head attention only (``group == 1``, what was measured) and never for a
     dim padded inside one chunk (112: not measured); below batch 16 nothing changed (not swept)."""
     padded_one_chunk = any(c1 == 0 and c0 != d for d in (dqk, dv) for c0, c1 in [dim_chunks(d)])
     wide = max(dqk, dv) > 96  # one 128-wide chunk
-    measured = not padded_one_chunk and batch >= 16
-    pack = measured and group == 1
+    pack = group == 1 and not padded_one_chunk and batch >= 16  # where packing was measured
     cfg = dict(DEFAULT_CONFIG, DIM_CHUNKS=True)
     if capacity <= SHORT_CONTEXT:
         if pack and batch >= 64:
             return dict(cfg, BLOCK_N=32, KV_PACK=2) if wide else dict(cfg, BLOCK_N=16, KV_PACK=4)
-        if measured and not wide:
-            return dict(cfg, BLOCK_N=64)
         return dict(cfg, BLOCK_N=32)
     if pack:
         return dict(cfg, BLOCK_N=32, KV_PACK=2)

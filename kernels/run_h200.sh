@@ -18,6 +18,7 @@
 #   bash kernels/run_h200.sh s9a       # session 9: the shipped attention default end to end vs padded tiles, b256 profiles
 #   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
 #   bash kernels/run_h200.sh s9d       # session 9: the recorded A/B with KV heads packed per attention program, tests
+#   bash kernels/run_h200.sh s9e       # session 9: MLP widths aligned to 128 (head dims to 16) with the new defaults
 #   bash kernels/run_h200.sh s9b       # prepared in session 8: attention sweep of several KV heads per program, tests
 #   bash kernels/run_h200.sh s8e       # session 8: the recorded A/B, original vs 30 %, batch 256/64/16/1
 #   bash kernels/run_h200.sh s8d       # session 8: head dims in chunks of >= 32: sweep, A/B batch 1-256, tests
@@ -345,6 +346,13 @@ s9d)  # session 9, call 3: the recorded A/B, original against 30 %, with the new
       | tee "$OUT/bench-engine-h200.log"
   TEST_TIMEOUT=120 tests ${TESTS_TIMEOUT:-150} 4 tests/test_engine_cuda.py tests/test_kernels.py \
       -k "async or auto_config_by_batch or launch_configs or decode_equals_eager" ;;
+s9e)  # session 9, call 5: with async scheduling and packed attention (the step is now matmul- and
+  # attention-bound at batch 16-256), does re-rounding the 30 % checkpoint's widths to 128 (head dims to
+  # 16; session 4: 2-4 % at batch 16-256 then) help? Original, 30 %, 30 % aligned, batch 256/64/16/1
+  ckpt; ckpt_aligned 128 16
+  timeout ${AB_TIMEOUT:-400} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 /tmp/l7b-30-a128 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-align.json" 2>&1 | tee "$OUT/bench-engine-h200.log" ;;
 s9a)  # session 9, call 1 (prepared in session 8): the shipped attention default (32-key tiles, head dims in 64 + 32
   # chunks) end to end, against the padded tiles, in one process, large batches first; then a batch-256
   # step profile of each model (where the step goes now)

@@ -1257,12 +1257,12 @@ def test_attention_auto_config_follows_the_context_class_batch_and_head_dims():
     assert auto_config(4096, 128, 96)["num_stages"] == 2
     # by batch (multi-head: group 1)
     assert [name(SHORT_CONTEXT, 88, 80, b) for b in (8, 16, 64, 256)] == [
-        "32/4w/2s/cd", "64/4w/2s/cd", "16/4w/2s/cd/p4", "16/4w/2s/cd/p4"]
+        "32/4w/2s/cd", "32/4w/2s/cd", "16/4w/2s/cd/p4", "16/4w/2s/cd/p4"]
     assert [name(SHORT_CONTEXT, 128, 128, b) for b in (8, 16, 64, 256)] == [
         "32/4w/2s/cd", "32/4w/2s/cd", "32/4w/2s/cd/p2", "32/4w/2s/cd/p2"]
     assert [name(4096, 96, 96, b) for b in (1, 16, 256)] == ["64/4w/2s/cd", "32/4w/2s/cd/p2", "32/4w/2s/cd/p2"]
     # GQA and a dim padded inside one chunk: no packing
-    assert name(SHORT_CONTEXT, 96, 96, 256, 4) == "64/4w/2s/cd"
+    assert name(SHORT_CONTEXT, 96, 96, 256, 4) == "32/4w/2s/cd"
     assert name(4096, 128, 128, 256, 4) == "64/4w/2s/cd"
     assert name(SHORT_CONTEXT, 112, 112, 256) == "32/4w/2s/cd"
     assert name(4096, 112, 112, 256) == "64/4w/3s/cd"
