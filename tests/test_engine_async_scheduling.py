@@ -52,6 +52,8 @@ def mixed_requests(vocab, eos, n=24, seed=3):
             kw.update(min_tokens=3)
         if i % 8 == 5:
             kw.update(frequency_penalty=0.5, presence_penalty=0.2)
+        if i % 9 == 4:
+            kw.update(repetition_penalty=1.3)
         reqs.append(GenerationRequest(f"r{i}", prompt, SamplingParams(**kw)))
     return reqs
 
@@ -101,6 +103,36 @@ def test_async_scheduling_gives_the_synchronous_engine_s_results(model):
     assert b.requests_finished_total == a.requests_finished_total == 24
     assert b.num_running == b.num_waiting == 0 and b.kv_cache_usage == 0.0
     assert not eng.has_work()
+
+
+@pytest.mark.parametrize("setting", ["freq-presence", "repetition", "min-tokens"])
+def test_a_step_launched_ahead_counts_the_pending_token(model, setting):
+    """Penalties and min_tokens strong enough to change the greedy tokens: the step launched before the
+    previous token was read back must count that token (on the device) exactly as the synchronous
+    engine counts it on the host."""
+    prompts = {f"p{i}": [3 + i, 17, 29, 5 + 2 * i] for i in range(6)}
+    plain = engine(model, False).run_to_completion(
+        [GenerationRequest(k, p, SamplingParams(max_tokens=12, temperature=0.0)) for k, p in prompts.items()])
+
+    def params(k):
+        if setting == "freq-presence":
+            extra = dict(frequency_penalty=2.0, presence_penalty=2.0)
+        elif setting == "repetition":
+            extra = dict(repetition_penalty=3.0)
+        else:  # the second plain token stops the request, but not before 6 tokens
+            extra = dict(stop_token_ids=[plain[k][1].token_id], min_tokens=6)
+        return SamplingParams(max_tokens=12, temperature=0.0, logprobs=1, **extra)
+
+    def reqs():
+        return [GenerationRequest(k, p, params(k)) for k, p in prompts.items()]
+
+    ref = engine(model, False).run_to_completion(reqs())
+    eng = engine(model, True)
+    got = eng.run_to_completion(reqs())
+    assert eng.num_steps_ahead > 5
+    assert_same(ref, got)
+    changed = sum([e.token_id for e in ref[k]] != [e.token_id for e in plain[k]] for k in ref)
+    assert changed >= 3  # the setting really decides tokens here
 
 
 def test_a_step_is_left_in_flight_and_completed_by_the_next_call(model):
