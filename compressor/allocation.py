@@ -65,6 +65,23 @@ def _layer_params(d_h: int, heads: int, kv: int, mlp_mats: int, s: LayerSizes) -
     return (mlp_mats * d_h * s.intermediate_size + (heads + kv) * d_h * s.qk_dim + (kv + heads) * d_h * s.v_dim)
 
 
+# auto alignment (`resolve_alignment`): models whose narrowest MLP is at least this wide round kept widths
+# to 128 and head dims to 16; smaller ones to 8 and 8
+WIDE_MLP = 2048
+
+
+def resolve_alignment(cfg: dict, align: int | None = None, head_align: int | None = None) -> tuple[int, int]:
+    """The rounding of kept sizes: the given values, or (None) by model size. A model with an MLP at least
+    `WIDE_MLP` wide (LLaMA-2-7B: 11008) rounds MLP widths to 128 and head dims to 16: on the H200 that
+    made the 30 % checkpoint of LLaMA-2-7B 1.04x faster at batch 256 and 1.01-1.03x at 1-64 than widths
+    rounded to 8 (cuBLAS tiles; docs/BENCHMARKS.md, session 9), and on SmolLM2-135M at 25 % the same
+    rounding (coarser there: 128 of 1536) cost no quality (docs/COMPRESSION.md). Smaller models keep 8
+    and 8 (the finest sizes whose bf16 cache rows stay 16-byte aligned)."""
+    wide = min(layer["intermediate_size"] for layer in cfg["layers"]) >= WIDE_MLP
+    return (align if align is not None else (128 if wide else 8),
+            head_align if head_align is not None else (16 if wide else 8))
+
+
 def kept_sizes(phi: list[float], cfg: dict, align: int = 8, rope_pairs: bool = True,
                head_align: int = 8) -> list[LayerSizes]:
     """Round ``(1 - phi_l)`` of each module's inner size, then hold the total ratio with MLP widths.

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .allocation import allocate, kept_sizes
+from .allocation import allocate, kept_sizes, resolve_alignment
 from .calibration import calibration_ids
 from .checkpoint import write_checkpoint
 from .decompose import whitened_svd
@@ -133,7 +133,8 @@ def compress_baseline(method: str, spec: str, out: Path, opts: CompressOptions, 
     hf_cfg = ModeGPTConfig(**{k: v for k, v in cfg_full.items() if k not in ("model_type", "architectures", "layers")},
                            layers=[dict(layer) for layer in cfg_full["layers"]])
     n = cfg_full["num_hidden_layers"]
-    sizes = kept_sizes(allocate([0.0] * n, opts.ratio, method="uniform"), cfg_full, align=opts.align,
+    sizes = kept_sizes(allocate([0.0] * n, opts.ratio, method="uniform"), cfg_full,
+                       align=resolve_alignment(cfg_full, opts.align, opts.head_align)[0],
                        rope_pairs=cfg_full["position_type"] == "rope")
     state = {k: v.cpu() for k, v in globals_.items()}
     layers_cfg, ranks = [dict(layer) for layer in cfg_full["layers"]], {}

@@ -20,9 +20,11 @@ def _add_compress(sub) -> None:
     p.add_argument("--eps", type=float, default=0.1, help="entropic softmax temperature of the BI allocation")
     p.add_argument("--cap", type=float, default=0.8, help="maximum sparsity of one layer")
     p.add_argument("--ridge", type=float, default=0.1, help="ridge of the leverage scores, relative to the mean eigenvalue")
-    p.add_argument("--align", type=int, default=8, help="round kept MLP widths to this multiple")
-    p.add_argument("--head-align", type=int, default=8,
-                   help="round kept q/k and v head dims to this multiple (8: 16-byte bf16 cache rows; 1: finest)")
+    p.add_argument("--align", type=int, default=None,
+                   help="round kept MLP widths to this multiple (default: 128 for MLPs at least 2048 wide, else 8)")
+    p.add_argument("--head-align", type=int, default=None,
+                   help="round kept q/k and v head dims to this multiple (default: 16 for MLPs at least 2048 wide, "
+                        "else 8: 16-byte bf16 cache rows; 1: finest)")
     p.add_argument("--sequential", action="store_true",
                    help="calibrate each layer on the outputs of the already compressed layers before it")
     p.add_argument("--head-rank-ratio", type=float, default=None, metavar="F",

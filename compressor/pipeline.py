@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .allocation import LayerSizes, allocate, block_influence, kept_sizes, realised_ratio
+from .allocation import LayerSizes, allocate, block_influence, kept_sizes, realised_ratio, resolve_alignment
 from .calibration import calibration_ids
 from .checkpoint import write_checkpoint
 from .decompose import gather_qk, nystrom_mlp, qk_select, svd_vo
@@ -49,8 +49,8 @@ class CompressOptions:
     cap: float = 0.8
     ridge: float = 0.1
     refit_damping: float = 0.0
-    align: int = 8
-    head_align: int = 8
+    align: int | None = None  # None: by model size (allocation.resolve_alignment)
+    head_align: int | None = None
     sequential: bool = False
     head_rank_ratio: float | None = None  # factorize the LM head + embedding keeping this rank fraction (head.py)
     head_untie: bool = False  # tied models: factorize head and embedding separately instead of sharing
@@ -207,7 +207,8 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
     dtype = opts.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg_full = source_config(source)
     n_layers = cfg_full["num_hidden_layers"]
-    lm_head_rank = head_rank(cfg_full, opts.head_rank_ratio, opts.align) if opts.head_rank_ratio else None
+    align, head_align = resolve_alignment(cfg_full, opts.align, opts.head_align)
+    lm_head_rank = head_rank(cfg_full, opts.head_rank_ratio, align) if opts.head_rank_ratio else None
     tokenizer = source.load_tokenizer()
     ids = calibration_ids(tokenizer, opts.calib, opts.calib_samples, opts.calib_seqlen, cfg_full["vocab_size"],
                           opts.seed)
@@ -236,8 +237,8 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
         del stream
         timings["block_influence_s"] = time.perf_counter() - t
     phi = allocate(bi, opts.ratio, opts.eps, opts.cap, opts.allocation)
-    sizes = kept_sizes(phi, cfg_full, align=opts.align, rope_pairs=cfg_full["position_type"] == "rope",
-                       head_align=opts.head_align)
+    sizes = kept_sizes(phi, cfg_full, align=align, rope_pairs=cfg_full["position_type"] == "rope",
+                       head_align=head_align)
 
     # pass 2: compress layer by layer
     t = time.perf_counter()
@@ -296,8 +297,8 @@ def compress(spec: str, out: Path, opts: CompressOptions, overwrite: bool = Fals
                         "seed": opts.seed, "sequential": opts.sequential},
         "ridge": opts.ridge,
         "refit_damping": opts.refit_damping,
-        "align": opts.align,
-        "head_align": opts.head_align,
+        "align": align,
+        "head_align": head_align,
     }
     if head is not None:
         cfg["modegpt"]["lm_head"] = {k: head[k] for k in ("rank_ratio", "rank", "shared", "untied", "whiten")}
