@@ -19,6 +19,7 @@
 #   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
 #   bash kernels/run_h200.sh s9d       # session 9: the recorded A/B with KV heads packed per attention program, tests
 #   bash kernels/run_h200.sh s9e       # session 9: MLP widths aligned to 128 (head dims to 16) with the new defaults
+#   bash kernels/run_h200.sh s9f       # session 9: the engine's CUDA tests after async scheduling (whole file)
 #   bash kernels/run_h200.sh s9b       # prepared in session 8: attention sweep of several KV heads per program, tests
 #   bash kernels/run_h200.sh s8e       # session 8: the recorded A/B, original vs 30 %, batch 256/64/16/1
 #   bash kernels/run_h200.sh s8d       # session 8: head dims in chunks of >= 32: sweep, A/B batch 1-256, tests
@@ -99,7 +100,10 @@ ab_dim_chunks() {  # timeout batches...: original, 30 % (auto: chunked head dims
       --device cuda --dtype bfloat16 --batch "$@" --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
       --json "$OUT/bench-ab-dim-chunks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
 }
-SHAPES=kernels/shapes/llama-2-7b-30.config.json  # config.json of a real 30% compression of random:llama-2-7b
+# config.json of a real 30% compression of random:llama-2-7b, re-rounded to the compressor's default for
+# this size since session 9 (widths to 128, head dims to 16); sessions 2-9 ran llama-2-7b-30.config.json
+# (widths to 8), the compression itself: SHAPES=kernels/shapes/llama-2-7b-30.config.json repeats them as run
+SHAPES=${SHAPES:-kernels/shapes/llama-2-7b-30-a128.config.json}
 ckpt() {  # /tmp/l7b-30: compress for real (~100 s), or, once its config is in the repo, a random-weight twin
   [ -d /tmp/l7b-30 ] && return 0
   if [ -f "$SHAPES" ]; then  # same shapes, random weights: identical timing (the source weights are random too)
@@ -353,6 +357,10 @@ s9e)  # session 9, call 5: with async scheduling and packed attention (the step 
   timeout ${AB_TIMEOUT:-400} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 /tmp/l7b-30-a128 \
       --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
       --json "$OUT/bench-ab-align.json" 2>&1 | tee "$OUT/bench-engine-h200.log" ;;
+s9f)  # session 9, last call: every engine CUDA test (graphs per context class, bf16, the kernel bridge, two
+  # engines on one GPU, async scheduling) and the batch-dependent attention choice, after the session's changes
+  TEST_TIMEOUT=180 tests ${TESTS_TIMEOUT:-200} 4 tests/test_engine_cuda.py \
+      tests/test_kernels.py::test_triton_decode_attention_auto_config_by_batch ;;
 s9a)  # session 9, call 1 (prepared in session 8): the shipped attention default (32-key tiles, head dims in 64 + 32
   # chunks) end to end, against the padded tiles, in one process, large batches first; then a batch-256
   # step profile of each model (where the step goes now)

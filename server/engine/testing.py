@@ -152,7 +152,7 @@ def realigned_config(config: dict, full_width: int, align: int, head_align: int)
     For timing only (``kernels/run_h200.sh``: what does alignment buy on the GPU?): each layer's
     sparsity is read back as ``1 - intermediate_size / full_width`` and re-rounded, holding the total
     ratio; ``qk_index`` keeps each KV head's first kept pairs (extended with the unused ones)."""
-    from compressor.allocation import kept_sizes
+    from compressor.allocation import kept_sizes, realised_ratio
 
     head_dim = int(config["head_dim"])
     half = head_dim // 2
@@ -170,5 +170,6 @@ def realigned_config(config: dict, full_width: int, align: int, head_align: int)
             qk_index.append(pairs + [p + half for p in pairs])
         layers.append({"intermediate_size": s.intermediate_size, "qk_dim": s.qk_dim, "v_dim": s.v_dim,
                        "qk_index": qk_index})
-    meta = dict(config.get("modegpt", {}), align=align, head_align=head_align)
+    meta = dict(config.get("modegpt", {}), align=align, head_align=head_align,
+                realised_ratio=realised_ratio(full, sizes))
     return dict(config, layers=layers, modegpt=meta)
