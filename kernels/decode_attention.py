@@ -489,7 +489,8 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     if max_context_len is not None:
         capacity = min(capacity, int(max_context_len))
     capacity = max(capacity, 1)
-    cfg = _launch_config(config, auto_config(capacity, dqk, dv, B, group))
+    # the RoPE variant writes one KV head per program (never packed): it keeps the unpacked choice
+    cfg = _launch_config(config, auto_config(capacity, dqk, dv, B if rope is None else 1, group))
     hp = min(cfg["KV_PACK"], next_pow2(hkv)) if rope is None else 1  # RoPE writes one KV head per program
     packs = cdiv(hkv, hp)
     splits, part_len = plan_splits(B, packs, capacity, cfg["BLOCK_N"], q.device, num_splits)
