@@ -25,6 +25,7 @@ from compressor.loading import load_modegpt
 from server.engine import ops
 from server.engine.dtypes import default_dtype
 from server.engine.engine import LLMEngine
+from server.engine.timing import prefill_then_decode
 from server.engine.types import GenerationRequest, SamplingParams
 
 
@@ -56,23 +57,11 @@ def _requests(batch: int, prompt_len: int, gen_len: int, vocab: int, seed: int) 
 
 
 def bench_engine(engine: LLMEngine, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict:
-    sync = _sync(engine.device)
     for req in _requests(batch, prompt_len, gen_len, engine.vocab_size, seed):
         engine.add_request(req)
-    sync()
-    t = time.perf_counter()
-    while engine.scheduler.waiting or any(s.num_computed < s.prompt_len for s in engine.scheduler.running):
-        engine.step()
-    sync()
-    t_prefill = time.perf_counter() - t
-    t, n0 = time.perf_counter(), engine.stats().num_steps_total
-    while engine.has_work():
-        engine.step()
-    sync()
-    steps = engine.stats().num_steps_total - n0  # forward steps (with async scheduling a call may only launch)
-    t_decode = time.perf_counter() - t
-    return {"prefill_tok_s": batch * prompt_len / t_prefill, "decode_tok_s": batch * steps / t_decode,
-            "ms_per_step": 1000 * t_decode / max(steps, 1), "decode_steps": steps}
+    t = prefill_then_decode(engine)
+    return {"prefill_tok_s": batch * prompt_len / t.prefill_s, "decode_tok_s": batch * t.decode_steps / t.decode_s,
+            "ms_per_step": t.ms_per_decode_step, "decode_steps": t.decode_steps}
 
 
 def bench_hf_generate(model, batch: int, prompt_len: int, gen_len: int, vocab: int, device: str) -> float:

@@ -16,6 +16,7 @@ import torch
 
 from server.engine.engine import LLMEngine
 from server.engine.testing import random_state_dict
+from server.engine.timing import prefill_then_decode
 from server.engine.types import GenerationRequest, SamplingParams
 
 
@@ -59,30 +60,15 @@ def main() -> None:
                     max_num_batched_tokens=max(8192, max(a.batch)), max_model_len=a.prompt_len + a.gen_len + 16,
                     cuda_graphs=not a.no_graphs, compile=a.compile, eos_token_id=None)
     print(f"init {time.time() - t0:.1f}s graphs={sorted(eng.runner.graphs)} kv_blocks={eng.runner.kv.num_blocks}")
-    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     for b in a.batch:
         reqs = [GenerationRequest(f"{b}-{i}", [(i * 7 + j) % 49152 for j in range(a.prompt_len)],
                                   SamplingParams(max_tokens=a.gen_len, temperature=0.0, ignore_eos=True))
                 for i in range(b)]
         for r in reqs:
             eng.add_request(r)
-        sync()
-        t = time.time()
-        n_prefill_steps = 0
-        while any(s.num_computed < s.prompt_len for s in eng.scheduler.running) or eng.scheduler.waiting:
-            eng.step()
-            n_prefill_steps += 1
-        sync()
-        t_pre = time.time() - t
-        t = time.time()
-        n0 = eng.stats().num_steps_total
-        while eng.has_work():
-            eng.step()
-        sync()
-        steps = eng.stats().num_steps_total - n0  # forward steps (with async scheduling a call may only launch)
-        t_dec = time.time() - t
-        print(f"batch {b:4d}: prefill {b * a.prompt_len / t_pre:9.0f} tok/s ({n_prefill_steps} steps) | decode "
-              f"{b * steps / t_dec:9.0f} tok/s, {1000 * t_dec / max(steps, 1):6.2f} ms/step")
+        t = prefill_then_decode(eng)
+        print(f"batch {b:4d}: prefill {b * a.prompt_len / t.prefill_s:9.0f} tok/s ({t.prefill_steps} steps) | decode "
+              f"{b * t.decode_steps / t.decode_s:9.0f} tok/s, {t.ms_per_decode_step:6.2f} ms/step")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 from compressor.loading import load_modegpt
 from server.engine.dtypes import default_dtype
 from server.engine.engine import LLMEngine, async_scheduling_enabled
+from server.engine.timing import prefill_then_decode
 from server.engine.types import GenerationRequest, SamplingParams
 
 
@@ -37,16 +38,7 @@ def decode_ms_per_step(engine: LLMEngine, batch: int, prompt_len: int, steps: in
         prompt = [100 + (i * 7 + j) % 1000 for j in range(prompt_len)]
         engine.add_request(GenerationRequest(f"{tag}-{i}", prompt,
                                              SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)))
-    while engine.scheduler.waiting or any(s.num_computed < s.prompt_len for s in engine.scheduler.running):
-        engine.step()
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    sync()
-    t, n0 = time.perf_counter(), engine.stats().num_steps_total
-    while engine.has_work():
-        engine.step()
-    sync()
-    n = engine.stats().num_steps_total - n0  # forward steps (with async scheduling one call may only launch)
-    return (time.perf_counter() - t) / max(n, 1) * 1e3
+    return prefill_then_decode(engine).ms_per_decode_step
 
 
 HOST_SETTINGS = ("MODEGPT_ASYNC_SCHEDULING",)  # read per round, not at construction

@@ -183,7 +183,7 @@ class LLMEngine:
         if rows:
             picked = [r for _, r in res.sample_rows]
             if picked != list(range(logits.shape[0])):  # decode steps: every row, in order
-                logits = logits.index_select(0, torch.tensor(picked, device=logits.device))
+                logits = logits.index_select(0, to_device(picked, torch.long, logits.device))
             sample = self.sampler.launch(logits, rows, pending_tokens)
         else:
             sample = PendingSample.empty()
