@@ -202,29 +202,31 @@ def test_continuation_is_only_planned_without_admissions_prefills_or_preemption(
     for c in out.chunks:
         c.seq.num_computed = c.end
     a.token_ids.append(9), a.output_token_ids.append(9)
-    assert sched.schedule_continuation([a], 64) is None  # b is still prefilling
+    assert sched.schedule_continuation([a]) is None  # b is still prefilling
     out = sched.schedule()  # a decodes, b's prefill ends: both sample, and their tokens stay pending
     for c in out.chunks:
         c.seq.num_computed = c.end
-    nxt = sched.schedule_continuation([a, b], 64)
+    nxt = sched.schedule_continuation([a, b])
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in nxt.decodes] == [("a", 4, 1), ("b", 7, 1)]
     assert alloc.holds("a", 5) and alloc.num_free_blocks == 2  # a's second block, for position 4
     sched.add(Sequence("c", [1], params))
-    assert sched.schedule_continuation([a, b], 64) is None  # an admission needs the tokens first
+    assert sched.schedule_continuation([a, b]) is None  # an admission needs the tokens first
     sched.abort("c")
     # growth without a free block would need a preemption: no plan (the synchronous path decides)
     alloc.grow("a", 16)
     assert alloc.num_free_blocks == 0
     b.token_ids.append(9), b.output_token_ids.append(9)  # b's pending token is now at position 8
-    assert sched.schedule_continuation([a, b], 64) is None
+    assert sched.schedule_continuation([a, b]) is None
     # a sequence whose pending token is certainly its last is left out
     a.params = SamplingParams(max_tokens=len(a.output_token_ids) + 1, temperature=0.0)
     sched.abort("b")
-    assert sched.schedule_continuation([a], 64) is None
+    assert sched.schedule_continuation([a]) is None
     a.params = params
     # max_model_len 5: a's pending token (position 4) is its last
-    assert sched.schedule_continuation([a], 5) is None
-    assert [c.start for c in sched.schedule_continuation([a], 6).decodes] == [4]
+    sched.max_model_len = 5
+    assert sched.schedule_continuation([a]) is None
+    sched.max_model_len = 6
+    assert [c.start for c in sched.schedule_continuation([a]).decodes] == [4]
 
 
 def test_min_tokens_counts_a_pending_token():

@@ -200,7 +200,7 @@ class LLMEngine:
         it needs them on the host first (see the module docstring)."""
         if not (self.async_scheduling and self._can_defer(prev)):
             return None
-        out = self.scheduler.schedule_continuation(prev.rows, self.max_model_len)
+        out = self.scheduler.schedule_continuation(prev.rows)
         if out is None:
             return None
         index = {id(s): i for i, s in enumerate(prev.rows)}

@@ -190,10 +190,10 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(seq)
 
-    def schedule_continuation(self, pending: list[Sequence], max_model_len: int) -> SchedulerOutput | None:
+    def schedule_continuation(self, pending: list[Sequence]) -> SchedulerOutput | None:
         """The next decode step for `pending`, the sequences of a launched decode step whose tokens the
         host has not read yet (each is one token past its `token_ids`). A sequence for which that token
-        is certainly its last (max_tokens or `max_model_len` reached) is left out; one that stops on
+        is certainly its last (max_tokens or the scheduler's `max_model_len` reached) is left out; one that stops on
         the token anyway (EOS, a stop id, an abort) wastes one row, which the engine drops. None where
         this cannot be planned without the tokens (see the module docstring)."""
         if self.waiting:
@@ -207,7 +207,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # finished or aborted since the launch
             n = seq.num_tokens + 1  # with the pending token
-            if len(seq.output_token_ids) + 1 >= seq.params.max_tokens or n >= max_model_len:
+            if len(seq.output_token_ids) + 1 >= seq.params.max_tokens or n >= self.max_model_len:
                 continue
             if not alloc.holds(seq.request_id, n):
                 if not alloc.can_grow(seq.request_id, n):
