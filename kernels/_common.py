@@ -65,6 +65,46 @@ def pdl_meta(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
 
 
+_L2_PREFETCH_ENV = "MODEGPT_L2_PREFETCH"
+L2_PREFETCH_DEFAULT_MIB = 0
+L2_LINE = 128  # bytes
+
+
+def l2_prefetch_bytes(device: torch.device) -> int:
+    """Bytes of its weight that a skinny-linear launch asks the L2 to fetch before its programs wait
+    on the previous kernel (``kernels._tl.l2_prefetch``); 0 for none.
+
+    Under PDL a matmul's programs start while the kernel before it still runs; they load their first
+    weight tile into registers and wait. The prefetch extends what streams during that wait (an
+    attention or norm launch leaves HBM mostly idle at decode sizes) from one tile per program to the
+    leading part of every weight row, up to this many bytes per launch, into the L2 with evict_last
+    priority; the weight loads after the wait are marked evict_first, so a weight stream does not push
+    a later kernel's prefetched lines out. ``MODEGPT_L2_PREFETCH`` = MiB per launch (read per launch:
+    a graph keeps what was read at its capture); always 0 without PDL."""
+    if not pdl_enabled(device):
+        return 0
+    raw = os.environ.get(_L2_PREFETCH_ENV, str(L2_PREFETCH_DEFAULT_MIB)).strip()
+    try:
+        mib = float(raw)
+    except ValueError:
+        raise ValueError(f"{_L2_PREFETCH_ENV}={raw!r}: expected MiB per launch, a number >= 0") from None
+    return max(0, int(mib * (1 << 20)))
+
+
+def prefetch_lines(budget: int, rows: int, row_bytes: int) -> int:
+    """128-byte lines to prefetch at the head of each of ``rows`` weight rows of ``row_bytes`` within
+    ``budget`` bytes: a power of two (a Triton block dimension), at most the row rounded up, or 0."""
+    if budget <= 0 or rows <= 0:
+        return 0
+    per_row = min(budget // rows, next_pow2(-(-row_bytes // L2_LINE)) * L2_LINE) // L2_LINE
+    return 0 if per_row < 1 else 1 << (per_row.bit_length() - 1)
+
+
+def launch_mode(device: torch.device) -> tuple[bool, int]:
+    """What a timed pick depends on besides the shape: PDL and the L2 prefetch."""
+    return pdl_enabled(device), l2_prefetch_bytes(device)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -31,3 +31,12 @@ def pdl_wait(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def l2_prefetch(ptrs):
+    """Ask the L2 to fetch the 128-byte lines at ``ptrs`` (one ``prefetch.global.L2::evict_last``
+    per element; nothing is loaded into registers and nothing waits for it). CUDA only: launchers
+    enable it through ``kernels._common.l2_prefetch_bytes``, which is 0 off the GPU."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2::evict_last [$1];", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)

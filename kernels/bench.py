@@ -57,6 +57,8 @@ DECODE_MAX = 256
 MODELS = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824)}
 TOKENS = [1, 16, 64, 256, 2048, 8192]
 RANK_FRACTIONS = [0.25, 0.5, 0.75]
+# budgets (MiB per launch, MODEGPT_L2_PREFETCH) at which the low-rank skinny pair is also timed
+L2_PREFETCH_MIB = tuple(int(v) for v in os.environ.get("MODEGPT_BENCH_L2_PREFETCH_MIB", "16,64").split(",") if v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,6 +160,15 @@ def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Te
                             for i in range(n)], True)
             out.update(skinny_pair_nopdl_us=us, skinny_pair_nopdl=_rates(us, nbytes, flops),
                        speedup_skinny_pair_nopdl_vs_baseline=base / us)
+            # the same pair with each launch prefetching part of its weight into the L2 before its wait
+            for mib in L2_PREFETCH_MIB:
+                with mock.patch.dict(os.environ, {"MODEGPT_L2_PREFETCH": str(mib)}):
+                    y = skinny_linear_triton(skinny_linear_triton(x, As[0]), Bs[0])  # tunes outside the capture
+                    out[f"rel_diff_skinny_pair_pf{mib}_vs_baseline"] = _rel(y, y_ref)
+                    us = _time([lambda i=i: skinny_linear_triton(skinny_linear_triton(x, As[i]), Bs[i])
+                                for i in range(n)], True)
+                out.update({f"skinny_pair_pf{mib}_us": us, f"skinny_pair_pf{mib}": _rates(us, nbytes, flops),
+                            f"speedup_skinny_pair_pf{mib}_vs_baseline": base / us})
             # what ships: kernels.lowrank_linear in auto mode (per-shape pick of the pair, timed in graphs)
             with mock.patch.dict(os.environ, {"MODEGPT_KERNELS": "auto"}):
                 y = dispatch.lowrank_linear(x, As[0], Bs[0])
@@ -505,7 +516,7 @@ def _lowrank_decode_summary(c: dict) -> str:
     """`` fused .. us x.. .. TB/s  skinny2 .. us x..`` for low-rank decode cases ('' otherwise)."""
     parts = []
     for key, label in (("fused_decode", "fused"), ("skinny_pair", "skinny2"), ("skinny_pair_nopdl", "nopdl"),
-                       ("auto", "auto")):
+                       *((f"skinny_pair_pf{mib}", f"pf{mib}") for mib in L2_PREFETCH_MIB), ("auto", "auto")):
         if f"{key}_us" in c:
             parts.append(f"{label} {c[f'{key}_us']:7.1f} us x{c[f'speedup_{key}_vs_baseline']:4.2f} "
                          f"{c[key]['TBps']:4.2f} TB/s")

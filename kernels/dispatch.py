@@ -459,7 +459,7 @@ def mlp_pick(x2: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torch
     """``"epilogue"`` or ``"chain"`` for :func:`swiglu_mlp` at this shape: the faster in CUDA graphs
     (``skinny_linear._timed_pick``, once per shape; None during another graph's capture)."""
     key = ("swiglu_mlp", tuple(gate_up_weight.shape), tuple(weight.shape), 1 if x2.shape[0] == 1 else _SKINNY_MAX_M,
-           x2.dtype, gate_up_bias is not None, bias is not None, x2.device, _common.pdl_enabled(x2.device))
+           x2.dtype, gate_up_bias is not None, bias is not None, x2.device, _common.launch_mode(x2.device))
     return _timed_pick(key, {
         "epilogue": lambda: linear(skinny_linear_triton(x2, gate_up_weight, gate_up_bias, swiglu_out=True), weight, bias),
         "chain": lambda: swiglu_linear(linear(x2, gate_up_weight, gate_up_bias), weight, bias)}, x2.device,
@@ -553,7 +553,7 @@ def rope_qkv_pick(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     key = ("linear_rope_qkv", tuple(weight.shape), num_heads, tuple(inv_freq.shape), v_cache.shape[-1],
            1 if x2.shape[0] == 1 else _SKINNY_MAX_M, x2.dtype, bias is not None, x2.device,
-           _common.pdl_enabled(x2.device))
+           _common.launch_mode(x2.device))
     args = (num_heads, positions, inv_freq, k_cache, v_cache, slot_mapping)
     return _timed_pick(key, {
         "fused": lambda: skinny_linear_rope_triton(x2, weight, bias, *args),

@@ -16,6 +16,8 @@
 #   bash kernels/run_h200.sh s7a       # session 7: the attention sweep, its best config end to end at 64/256, tests
 #   bash kernels/run_h200.sh s7b       # session 7: graphs per context class A/B at max_model_len 4096, CUDA tests
 #   bash kernels/run_h200.sh s9a       # session 9: the shipped attention default end to end vs padded tiles, b256 profiles
+#   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
+#   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
 #   bash kernels/run_h200.sh s9d       # session 9: the recorded A/B with KV heads packed per attention program, tests
 #   bash kernels/run_h200.sh s9e       # session 9: MLP widths aligned to 128 (head dims to 16) with the new defaults
@@ -325,6 +327,21 @@ s8d)  # session 8, call 3: s8c again after its finding (80 as 64 + 16 was slower
   ab_dim_chunks ${AB_TIMEOUT:-280} 1 256 64 16
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py tests/test_engine_cuda.py \
       -k "attention or engine_kernels or equals_eager" ;;
+s10a)  # session 10, call 1: skinny matmuls that prefetch the head of their weight rows into the L2 while
+  # the previous kernel runs (MODEGPT_L2_PREFETCH=16 MiB per launch) against none, original and 30 %,
+  # batch 1 and 16 (the sizes the skinny kernel serves; 64-256 run cuBLAS and are unaffected)
+  ckpt
+  timeout ${AB_TIMEOUT:-420} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_L2_PREFETCH=${PF:-16} \
+      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_L2_PREFETCH=${PF:-16} --device cuda --dtype bfloat16 --batch 1 16 \
+      --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-l2-prefetch.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
+s10b)  # session 10, call 2: the low-rank skinny pair with the L2 prefetch (16 and 64 MiB per launch) against two
+  # cuBLAS calls at 1 and 16 tokens, then the CUDA tests of the prefetch (PDL chain in a graph, same bits)
+  kernel_bench ${BENCH_TIMEOUT:-260} ${BENCH_BUDGET:-230} \
+      '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b up r=0.75 M=1")'
+  TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-120} 4 tests/test_kernels.py -k "pdl or l2_prefetch or skinny"
+  tcache_out ;;
 s9c)  # session 9, call 2: async scheduling (decode steps launched ahead of the host) on/off for the original
   # and the 30 % checkpoint (one engine per model, the setting switched per round), the attention sweep
   # of several KV heads per program (KV_PACK) at ragged contexts, then the CUDA tests of async scheduling,

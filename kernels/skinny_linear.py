@@ -43,9 +43,10 @@ import triton
 import triton.language as tl
 
 from . import pick_store
-from ._common import SUPPORTED_DTYPES, cdiv, dot_precision, pdl_enabled, pdl_meta
+from ._common import (SUPPORTED_DTYPES, cdiv, dot_precision, l2_prefetch_bytes, launch_mode, pdl_meta,
+                      prefetch_lines)
 from ._tl import mma as _mma
-from ._tl import pdl_wait
+from ._tl import l2_prefetch, pdl_wait
 from .autotune import autotune, launch
 from .reference import _flat_cache
 from .rope import rope_cos_sin
@@ -170,14 +171,24 @@ def _rope_epilogue(y1, y2, j, st1, st2, f_ok, is_qk, pos, slot, q_row, q_ptr, fr
 
 
 @triton.jit
+def _prefetch_rows(w_ptr, rows, n_mask, k_lo, k_hi, PF_LINES: tl.constexpr):
+    """L2 prefetch of ``PF_LINES`` 128-byte lines from element ``k_lo`` of each weight row at offsets
+    ``rows`` (the leading part of every row: what the loop after the wait reads first), clipped to
+    ``k_hi``; lanes outside the rows or K ask for the first line instead."""
+    offs = k_lo + tl.arange(0, PF_LINES) * (1024 // w_ptr.dtype.element_ty.primitive_bitwidth)
+    ok = n_mask[:, None] & (offs < k_hi)[None, :]
+    l2_prefetch(w_ptr + tl.where(ok, rows[:, None] + offs[None, :], 0))
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    stride_dm, stride_sm, eps, N_KEY, K_KEY, UP_OFF,
                    pos_ptr, freq_ptr, slot_ptr, kc_ptr, vc_ptr, ROPE_H, ROPE_GROUP, ROPE_HALF, ROPE_DV, stride_f,
                    stride_kcs, stride_kch, stride_vcs, stride_vch,
                    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr,
                    GATED: tl.constexpr, X_ALIGN: tl.constexpr, SWIGLU_OUT: tl.constexpr, NORM: tl.constexpr,
-                   HAS_DELTA: tl.constexpr, ROPE_OUT: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   HAS_DELTA: tl.constexpr, ROPE_OUT: tl.constexpr, PDL: tl.constexpr, PF_LINES: tl.constexpr,
+                   W_EVICT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``y = x @ W.T + b`` for ``N`` output rows.
 
     ``SWIGLU_OUT``: W holds gate rows ``[0, N)`` and up rows ``[N, 2N)`` (a fused gate/up weight) and
@@ -190,7 +201,12 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
     heads of ``d = 2 * ROPE_HALF`` rows, then the value rows up to ``N``) and each program owns
     ``BLOCK_N`` rotary PAIRS: the first ``cdiv(qk_pairs, BLOCK_N)`` programs pair ``j`` (rows
     ``head*d + i`` and ``+ ROPE_HALF``), the rest the value rows as pairs ``(vstart + j, vstart + vh + j)``
-    with ``vh = ceil(NV / 2)``; the epilogue (``_rope_epilogue``) rotates and writes q and the caches."""
+    with ``vh = ceil(NV / 2)``; the epilogue (``_rope_epilogue``) rotates and writes q and the caches.
+
+    ``PF_LINES`` (PDL only, ``kernels._common.l2_prefetch_bytes``): before the wait, each program also
+    asks the L2 for the next ``PF_LINES`` 128-byte lines of each of its rows (``_prefetch_rows``);
+    ``W_EVICT`` is the weight loads' L2 eviction policy ("evict_first" with the prefetch, so a streamed
+    weight does not evict prefetched lines)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,10 +252,14 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
         if ROPE_OUT:
             bias_u = tl.load(b_ptr + n_second, mask=n_mask_u, other=0.0).to(tl.float32)
     if M_PAD == 1:
-        w0 = tl.load(w_ptr + rows[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0)
+        w0 = tl.load(w_ptr + rows[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0, eviction_policy=W_EVICT)
         if SWIGLU_OUT or ROPE_OUT:
             w0u = tl.load(w_ptr + rows_u[:, None] + offs_b[None, :], mask=n_mask_u[:, None] & first[None, :],
-                          other=0.0)
+                          other=0.0, eviction_policy=W_EVICT)
+        if PF_LINES > 0:
+            _prefetch_rows(w_ptr, rows, n_mask, BLOCK_K, K, PF_LINES)
+            if SWIGLU_OUT or ROPE_OUT:
+                _prefetch_rows(w_ptr, rows_u, n_mask_u, BLOCK_K, K, PF_LINES)
         pdl_wait(PDL)
         a, sq = _act(x_ptr + offs_b, d_ptr + offs_b, nw_ptr + offs_b, s_ptr + offs_b, first, first, up_off, pid == 0,
                      GATED, NORM, HAS_DELTA, True)
@@ -253,10 +273,10 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          (k0 // BLOCK_K) % nprog == pid, GATED, NORM, HAS_DELTA, False)
             if NORM:
                 ssq += tl.sum(sq, axis=0)
-            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0, eviction_policy=W_EVICT)
             acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
             if SWIGLU_OUT or ROPE_OUT:
-                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None], other=0.0)
+                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None], other=0.0, eviction_policy=W_EVICT)
                 acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
         if k_main < K:
             offs_k = k_main + offs_b
@@ -265,11 +285,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          tail_writer, GATED, NORM, HAS_DELTA, True)
             if NORM:
                 ssq += tl.sum(sq, axis=0)
-            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=W_EVICT)
             acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
             if SWIGLU_OUT or ROPE_OUT:
                 wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None] & k_mask[None, :],
-                             other=0.0)
+                             other=0.0, eviction_policy=W_EVICT)
                 acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
         if NORM:
             rstd = tl.math.rsqrt(ssq / K + eps)
@@ -298,10 +318,14 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
         xm = offs_m[:, None] * stride_xm
         dm = offs_m[:, None] * stride_dm
         sm = offs_m[:, None] * stride_sm
-        w0 = tl.load(w_ptr + rows[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0)
+        w0 = tl.load(w_ptr + rows[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0, eviction_policy=W_EVICT)
         if SWIGLU_OUT or ROPE_OUT:
             w0u = tl.load(w_ptr + rows_u[None, :] + offs_b[:, None], mask=n_mask_u[None, :] & first[:, None],
-                          other=0.0)
+                          other=0.0, eviction_policy=W_EVICT)
+        if PF_LINES > 0:
+            _prefetch_rows(w_ptr, rows, n_mask, BLOCK_K, K, PF_LINES)
+            if SWIGLU_OUT or ROPE_OUT:
+                _prefetch_rows(w_ptr, rows_u, n_mask_u, BLOCK_K, K, PF_LINES)
         pdl_wait(PDL)
         a, sq = _act(x_ptr + xm + offs_b[None, :], d_ptr + dm + offs_b[None, :], nw_ptr + offs_b[None, :],
                      s_ptr + sm + offs_b[None, :], m_mask[:, None] & first[None, :], first[None, :], up_off, pid == 0,
@@ -317,10 +341,10 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          (k0 // BLOCK_K) % nprog == pid, GATED, NORM, HAS_DELTA, True)
             if NORM:
                 ssq2 += tl.sum(sq, axis=1)
-            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0, eviction_policy=W_EVICT)
             acc2 = _mma(a.to(dt), w, acc2, PRECISION)
             if SWIGLU_OUT or ROPE_OUT:
-                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask_u[None, :], other=0.0)
+                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask_u[None, :], other=0.0, eviction_policy=W_EVICT)
                 acc2_u = _mma(a.to(dt), wu, acc2_u, PRECISION)
         if k_main < K:
             offs_k = k_main + offs_b
@@ -330,11 +354,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          tail_writer, GATED, NORM, HAS_DELTA, True)
             if NORM:
                 ssq2 += tl.sum(sq, axis=1)
-            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0, eviction_policy=W_EVICT)
             acc2 = _mma(a.to(dt), w, acc2, PRECISION)
             if SWIGLU_OUT or ROPE_OUT:
                 wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask_u[None, :] & k_mask[:, None],
-                             other=0.0)
+                             other=0.0, eviction_policy=W_EVICT)
                 acc2_u = _mma(a.to(dt), wu, acc2_u, PRECISION)
         if NORM:
             rstd2 = tl.math.rsqrt(ssq2 / K + eps)[:, None]
@@ -361,7 +385,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                      mask=m_mask[:, None] & n_mask[None, :])
 
 
-_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT"],
+_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES"],
                    prune=_prune)(_skinny_kernel)
 
 
@@ -408,6 +432,7 @@ def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, ro
     N, K = y.shape[1], weight.shape[1]
     if M == 0:
         return
+    pf = prefetch_lines(l2_prefetch_bytes(x2.device), weight.shape[0], K * weight.element_size())
     d2, nw, s2, eps = norm if norm is not None else (None, weight, x2, 0.0)
     d2_ = d2 if d2 is not None else x2
     x_align = _align(K, x2.stride(0), x2.data_ptr() // x2.element_size()) if gated else 1
@@ -435,7 +460,8 @@ def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, ro
            dict(M_PAD=1 if M == 1 else 16, HAS_BIAS=bias is not None,
                 ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
                 PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
-                NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, **pdl_meta(x2.device)),
+                NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, PF_LINES=pf,
+                W_EVICT="evict_first" if pf else "", **pdl_meta(x2.device)),
            _INTERPRET)
 
 
@@ -664,7 +690,7 @@ def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``gated``: ``x2`` is ``[M, 2K]`` (gate | up), and the fused SwiGLU + matmul launch is timed against
     what would run otherwise: the ``silu_mul`` launch, then the faster of this kernel and cuBLAS."""
     key = ("dense", tuple(weight.shape), 1 if x2.shape[0] == 1 else MAX_M, weight.dtype, bias is not None, gated,
-           weight.device, pdl_enabled(weight.device))
+           weight.device, launch_mode(weight.device))
     if gated:
         from .fused_norm import silu_mul_triton
 
@@ -689,7 +715,7 @@ def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch
     both are our kernels, which timing each stage alone cannot see. During another graph's capture
     an unseen shape takes cuBLAS for both."""
     key = ("lowrank", tuple(A.shape), tuple(B.shape), 1 if x2.shape[0] == 1 else MAX_M, A.dtype,
-           bias is not None, A.device, pdl_enabled(A.device))
+           bias is not None, A.device, launch_mode(A.device))
     cublas = torch.nn.functional.linear
 
     def pair(first, second):

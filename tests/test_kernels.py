@@ -615,7 +615,8 @@ def test_pdl_chain_in_cuda_graph_same_bits_as_without(seed, force_triton, monkey
     """With PDL each kernel starts loading weights while its predecessor finishes and waits for it
     before reading activations. Captured in a CUDA graph and replayed with new inputs, the chain must
     give the same bits as with MODEGPT_PDL=0 (a missing wait would read the previous replay's stale
-    activations) and match the float64 reference."""
+    activations) and match the float64 reference; so must the chain whose matmuls also prefetch
+    their weights into the L2 before the wait (MODEGPT_L2_PREFETCH, weight loads evict_first)."""
     dtype = torch.bfloat16
     K, F, R = dims
     dev = "cuda"
@@ -628,8 +629,12 @@ def test_pdl_chain_in_cuda_graph_same_bits_as_without(seed, force_triton, monkey
     x = randn(M, K, dtype=dtype, device=dev)
     d = randn(M, K, dtype=dtype, device=dev)
     results = {}
-    for pdl in ("1", "0"):
+    settings = {"pdl": ("1", "0"), "pdl+prefetch": ("1", "16"), "off": ("0", "16")}
+    for name, (pdl, prefetch) in settings.items():
         monkeypatch.setenv("MODEGPT_PDL", pdl)
+        monkeypatch.setenv("MODEGPT_L2_PREFETCH", prefetch)
+        if name == "pdl+prefetch" and _common.pdl_enabled(torch.device(dev)):
+            assert _common.l2_prefetch_bytes(torch.device(dev)) == 16 << 20
         _pdl_chain(x, d, wn, w_up, w_down, A, B, b)  # compile / tune outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -644,7 +649,7 @@ def test_pdl_chain_in_cuda_graph_same_bits_as_without(seed, force_triton, monkey
                 o.fill_(float("nan"))
             graph.replay()
             got.append([o.clone() for o in outs])
-            if pdl == "1":
+            if pdl == "1":  # both PDL settings against the reference
                 s_ref = (x.double() + d.double())
                 hn = s_ref * torch.rsqrt(s_ref.pow(2).mean(-1, keepdim=True) + 1e-5) * wn.double()
                 gu = hn @ w_up.double().T
@@ -655,10 +660,35 @@ def test_pdl_chain_in_cuda_graph_same_bits_as_without(seed, force_triton, monkey
                 ref = s3 * torch.rsqrt(s3.pow(2).mean(-1, keepdim=True) + 1e-5) * wn.double()
                 assert_close(got[-1][1], ref, dtype, seed, f"PDL chain M={M} {dims}", tol=5e-2)
         torch.cuda.synchronize()
-        results[pdl] = got
-    for rep, (on, off) in enumerate(zip(results["1"], results["0"])):
-        for a, o in zip(on, off):
-            assert torch.equal(a, o), f"replay {rep}: PDL changed the result (M={M} {dims}); seed={seed}"
+        results[name] = got
+    for name in ("pdl", "pdl+prefetch"):
+        for rep, (on, off) in enumerate(zip(results[name], results["off"])):
+            for a, o in zip(on, off):
+                assert torch.equal(a, o), f"replay {rep}: {name} changed the result (M={M} {dims}); seed={seed}"
+
+
+def test_l2_prefetch_budget(monkeypatch):
+    """MODEGPT_L2_PREFETCH is MiB per launch, 0 without PDL (never on CPU or with MODEGPT_PDL=0); each
+    row gets a power of two of 128-byte lines within the budget, never more than the row rounded up."""
+    monkeypatch.setenv("MODEGPT_L2_PREFETCH", "16")
+    assert _common.l2_prefetch_bytes(torch.device("cpu")) == 0
+    monkeypatch.setattr(_common, "pdl_enabled", lambda device: True)
+    assert _common.l2_prefetch_bytes(torch.device("cpu")) == 16 << 20
+    monkeypatch.setenv("MODEGPT_L2_PREFETCH", "0.5")
+    assert _common.l2_prefetch_bytes(torch.device("cpu")) == 1 << 19
+    monkeypatch.setenv("MODEGPT_L2_PREFETCH", "lots")
+    with pytest.raises(ValueError, match="MODEGPT_L2_PREFETCH"):
+        _common.l2_prefetch_bytes(torch.device("cpu"))
+    lines = _common.prefetch_lines
+    assert lines(16 << 20, 4096, 8192) == 32  # 4096 B per row: 32 lines
+    assert lines(16 << 20, 22016, 8192) == 4  # 762 B per row: 5 lines, rounded down to 4
+    assert lines(16 << 20, 11008, 2048) == 8  # 1524 B per row: 11 lines, rounded down to 8
+    assert lines(16 << 20, 64, 1000) == 8  # capped at the row: 1000 B is 8 lines rounded up
+    assert lines(16 << 20, 1 << 20, 8192) == 0  # under one line per row
+    assert lines(0, 4096, 8192) == lines(1 << 20, 0, 8192) == 0
+    for budget, rows, row_bytes in ((3 << 20, 12288, 8192), (5 << 19, 700, 184)):
+        n = lines(budget, rows, row_bytes)
+        assert n & (n - 1) == 0 and n * 128 * rows <= budget and n * 128 < 2 * row_bytes + 256
 
 
 def test_pdl_is_off_on_cpu_and_when_disabled(monkeypatch):

@@ -120,10 +120,13 @@ def test_decode_attention_compiles_for_sm90(sm90, dtype):
 
 
 @BF16
-def test_decode_step_kernels_compile_for_sm90(sm90, dtype):
+@pytest.mark.parametrize("prefetch_mib", [0, 16], ids=["no-prefetch", "l2-prefetch"])
+def test_decode_step_kernels_compile_for_sm90(sm90, dtype, prefetch_mib, monkeypatch):
     """The rest of a decode step at the 30 % 7B checkpoint's shapes: skinny linears (plain, SwiGLU in
     the prologue or the epilogue, add + RMSNorm folded in, projection + RoPE + cache write), RoPE + cache
-    write, add + RMSNorm and SwiGLU, at 1 and 16 tokens."""
+    write, add + RMSNorm and SwiGLU, at 1 and 16 tokens; with and without the skinny kernels' L2
+    prefetch (its inline PTX goes through ptxas here)."""
+    monkeypatch.setenv("MODEGPT_L2_PREFETCH", str(prefetch_mib))
     from kernels.fused_norm import add_rms_norm_triton, silu_mul_triton
     from kernels.rope import rope_qkv_triton_
     from kernels.skinny_linear import norm_skinny_linear_triton, skinny_linear_rope_triton, skinny_linear_triton
