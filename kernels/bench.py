@@ -57,8 +57,9 @@ DECODE_MAX = 256
 MODELS = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824)}
 TOKENS = [1, 16, 64, 256, 2048, 8192]
 RANK_FRACTIONS = [0.25, 0.5, 0.75]
-# budgets (MiB per launch, MODEGPT_L2_PREFETCH) at which the low-rank skinny pair is also timed
-L2_PREFETCH_MIB = tuple(int(v) for v in os.environ.get("MODEGPT_BENCH_L2_PREFETCH_MIB", "16,64").split(",") if v)
+# budgets (MiB per launch, MODEGPT_L2_PREFETCH) at which the low-rank skinny pair is also timed (session 10
+# timed 16 and 64: slower than none in 9 of 12 cases, so by default none)
+L2_PREFETCH_MIB = tuple(int(v) for v in os.environ.get("MODEGPT_BENCH_L2_PREFETCH_MIB", "").split(",") if v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,7 +125,9 @@ def _rates(us: float, nbytes: float, flops: float) -> dict:
 def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Tensor, base: float, nbytes: float,
                             flops: float) -> dict:
     """Decode sizes only (graph-timed, same weight copies as the baseline): the one-launch fused kernel
-    (``lowrank_decode_triton``, M <= 64) and the skinny pair ``skinny(skinny(x, A), B)`` (M <= 16).
+    (``lowrank_decode_triton``, M <= 64), the skinny pair ``skinny(skinny(x, A), B)`` (M <= 16, also
+    without PDL and with the L2 prefetch budgets of ``L2_PREFETCH_MIB``), the split pair
+    ``skinny(shrink_split(x, A), B)`` and what dispatch picks (``auto``).
     A failure is recorded under ``*_error`` and does not lose the rest of the case."""
     from . import lowrank
     from .skinny_linear import MAX_M as SKINNY_MAX_M
@@ -160,6 +163,14 @@ def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Te
                             for i in range(n)], True)
             out.update(skinny_pair_nopdl_us=us, skinny_pair_nopdl=_rates(us, nbytes, flops),
                        speedup_skinny_pair_nopdl_vs_baseline=base / us)
+            # the shrink split over K, then the skinny expand
+            shrink_split_triton = lowrank.shrink_split_triton
+            y = skinny_linear_triton(shrink_split_triton(x, As[0]), Bs[0])  # tunes outside the capture
+            out["rel_diff_split_pair_vs_baseline"] = _rel(y, y_ref)
+            us = _time([lambda i=i: skinny_linear_triton(shrink_split_triton(x, As[i]), Bs[i]) for i in range(n)],
+                       True)
+            out.update(split_pair_us=us, split_pair=_rates(us, nbytes, flops),
+                       speedup_split_pair_vs_baseline=base / us)
             # the same pair with each launch prefetching part of its weight into the L2 before its wait
             for mib in L2_PREFETCH_MIB:
                 with mock.patch.dict(os.environ, {"MODEGPT_L2_PREFETCH": str(mib)}):
@@ -516,6 +527,7 @@ def _lowrank_decode_summary(c: dict) -> str:
     """`` fused .. us x.. .. TB/s  skinny2 .. us x..`` for low-rank decode cases ('' otherwise)."""
     parts = []
     for key, label in (("fused_decode", "fused"), ("skinny_pair", "skinny2"), ("skinny_pair_nopdl", "nopdl"),
+                       ("split_pair", "split2"),
                        *((f"skinny_pair_pf{mib}", f"pf{mib}") for mib in L2_PREFETCH_MIB), ("auto", "auto")):
         if f"{key}_us" in c:
             parts.append(f"{label} {c[f'{key}_us']:7.1f} us x{c[f'speedup_{key}_vs_baseline']:4.2f} "

@@ -20,9 +20,10 @@ Policy (read per call, so tests and operators can flip it at run time):
   decode kernel ``lowrank.lowrank_decode_triton`` measured 0.72-1.11x of two cuBLAS calls (2026-11-29)
   and is not routed to either; it also shares one counter block per device, so two engines on separate
   streams of one GPU must not run it concurrently. At decode sizes (rows <= ``skinny_max_tokens()``)
-  the two stages are picked as a pair (``skinny_linear.lowrank_pick``: skinny or cuBLAS each, timed
-  together, because with PDL a skinny expand overlaps a skinny shrink): 0.92-1.30x of two cuBLAS
-  calls on the H200 (session 5, docs/BENCHMARKS.md).
+  the two stages are picked as a pair (``skinny_linear.lowrank_pick``: the shrink skinny, split over K
+  (``lowrank.shrink_split_triton``) or cuBLAS, the expand skinny or cuBLAS, timed together, because
+  with PDL a skinny expand overlaps a Triton shrink): 0.92-1.30x of two cuBLAS calls on the H200 with
+  the first four combinations (session 5, docs/BENCHMARKS.md).
 * ``linear`` (dense) in ``auto`` mode uses the skinny Triton kernel (``kernels.skinny_linear``) for
   at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default 16: decode steps) on the weight shapes where
   it timed faster than cuBLAS (once per shape, ``skinny_linear.beats_cublas``), cuBLAS otherwise.
@@ -71,7 +72,7 @@ if HAVE_TRITON:
     # attribute ``kernels.decode_attention`` from this module's function to the submodule.
     from .decode_attention import decode_attention_triton, parse_config, rope_decode_attention_triton
     from .fused_norm import add_rms_norm_triton, silu_mul_triton
-    from .lowrank import lowrank_linear_triton
+    from .lowrank import lowrank_linear_triton, shrink_split_triton
     from .rope import rope_gather_triton_, rope_qkv_triton_
     from .skinny_linear import MAX_M as _SKINNY_MAX_M
     from .skinny_linear import _timed_pick, beats_cublas, lowrank_pick, norm_skinny_linear_triton, skinny_linear_triton
@@ -153,8 +154,11 @@ def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         if _skinny_ok(x, A, None, rows) and B.dtype == x.dtype and B.stride(-1) == 1:
             x2 = x.reshape(rows, x.shape[-1])
             first, second = lowrank_pick(x2, A, B, bias)
-            t = skinny_linear_triton(x2, A) if first else torch.nn.functional.linear(x2, A)
-            if second:
+            if first == "split":
+                t = shrink_split_triton(x2, A)
+            else:
+                t = skinny_linear_triton(x2, A) if first == "skinny" else torch.nn.functional.linear(x2, A)
+            if second == "skinny":
                 return skinny_linear_triton(t.view(*x.shape[:-1], -1), B, bias, out)
             y = torch.nn.functional.linear(t, B, bias).view(*x.shape[:-1], -1)
         else:

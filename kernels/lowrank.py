@@ -87,7 +87,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import SUPPORTED_DTYPES, cdiv, dot_precision, next_pow2, sm_count, workspace
-from ._tl import mma
+from ._tl import mma, pdl_wait
 from .autotune import autotune, launch
 
 DECODE_MAX_M = 256
@@ -381,8 +381,13 @@ _MAX_SPINS = tl.constexpr(1 << 20)  # ~0.5-1 s of acquire loads
 @triton.jit
 def _fused_shrink_tile(tile, x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
                        stride_t, stride_ps, seg_cols, M_PAD: tl.constexpr, ALIGN_A: tl.constexpr,
-                       PRECISION: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr):
-    """Shrink tile ``tile``: rank chunk ``tile // KS``, K split ``tile % KS``."""
+                       PRECISION: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
+                       PUBLISH: tl.constexpr, PDL: tl.constexpr):
+    """Shrink tile ``tile``: rank chunk ``tile // KS``, K split ``tile % KS``.
+
+    ``PUBLISH``: count the finished chunk into its rank segment for the fused kernel's expand tiles
+    (the split shrink, :func:`shrink_split_triton`, has none). ``PDL``: the split's first tile of A
+    is loaded before the grid-dependency wait (``kernels._tl.pdl_wait``), x only after it."""
     chunk = tile // KS
     split = tile % KS
     offs_r = chunk * RB + tl.arange(0, RB)
@@ -397,9 +402,18 @@ def _fused_shrink_tile(tile, x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, strid
     k_stop = tl.minimum(k_hi, k_main)
     tail = (k_main < k_hi) & (k_main >= k_lo)
     offs_b = tl.arange(0, BK)
+    # the split's first whole tile, peeled off the loop so that under PDL it streams before the wait.
+    # Its K mask is all or nothing, a comparison of two splats, which the compiler sees as constant
+    # along K (the loads stay vectorized); a block, not a scalar, for the interpreter (see skinny_linear)
+    first = (tl.zeros([BK], dtype=tl.int32) + k_lo) < k_stop
+    offs_k = k_lo + offs_b
     if M_PAD == 1:
-        acc = tl.zeros((RB,), dtype=tl.float32)
-        for k0 in range(k_lo, k_stop, BK):
+        a = tl.load(a_ptr + rows_a[:, None] + offs_k[None, :] * stride_ak, mask=r_mask[:, None] & first[None, :],
+                    other=0.0)
+        pdl_wait(PDL)
+        xv = tl.load(x_ptr + offs_k * stride_xk, mask=first, other=0.0)
+        acc = tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+        for k0 in range(k_lo + BK, k_stop, BK):
             offs_k = k0 + offs_b
             a = tl.load(a_ptr + rows_a[:, None] + offs_k[None, :] * stride_ak, mask=r_mask[:, None], other=0.0)
             xv = tl.load(x_ptr + offs_k * stride_xk)
@@ -416,8 +430,13 @@ def _fused_shrink_tile(tile, x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, strid
     else:
         offs_m = tl.arange(0, M_PAD)
         m_mask = offs_m < M
-        acc = tl.zeros((M_PAD, RB), dtype=tl.float32)
-        for k0 in range(k_lo, k_stop, BK):
+        a = tl.load(a_ptr + rows_a[None, :] + offs_k[:, None] * stride_ak, mask=r_mask[None, :] & first[:, None],
+                    other=0.0)
+        pdl_wait(PDL)
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=m_mask[:, None] & first[None, :], other=0.0)
+        acc = mma(xv, a, tl.zeros((M_PAD, RB), dtype=tl.float32), PRECISION)
+        for k0 in range(k_lo + BK, k_stop, BK):
             offs_k = k0 + offs_b
             a = tl.load(a_ptr + rows_a[None, :] + offs_k[:, None] * stride_ak, mask=r_mask[None, :], other=0.0)
             xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -436,8 +455,9 @@ def _fused_shrink_tile(tile, x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, strid
     seg = (chunk * RB) // seg_cols
     if KS == 1:
         tl.store(t_ptr + t_offs, acc.to(t_ptr.dtype.element_ty), mask=t_mask)
-        tl.debug_barrier()  # every thread's part of t is stored before the release below
-        tl.atomic_add(cnt_ptr + _CNT_SEG + seg, 1, sem="release")
+        if PUBLISH:
+            tl.debug_barrier()  # every thread's part of t is stored before the release below
+            tl.atomic_add(cnt_ptr + _CNT_SEG + seg, 1, sem="release")
     else:
         tl.store(p_ptr + split * stride_ps + t_offs, acc, mask=t_mask)
         tl.debug_barrier()
@@ -449,8 +469,9 @@ def _fused_shrink_tile(tile, x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, strid
                 total += tl.load(p_ptr + s * stride_ps + t_offs, mask=t_mask, other=0.0, cache_modifier=".cg")
             tl.store(t_ptr + t_offs, total.to(t_ptr.dtype.element_ty), mask=t_mask)
             tl.store(cnt_ptr + _CNT_CHUNK + chunk, 0)  # all its splits have arrived: reset
-            tl.debug_barrier()
-            tl.atomic_add(cnt_ptr + _CNT_SEG + seg, 1, sem="release")
+            if PUBLISH:
+                tl.debug_barrier()
+                tl.atomic_add(cnt_ptr + _CNT_SEG + seg, 1, sem="release")
 
 
 @triton.jit
@@ -551,7 +572,7 @@ def _fused_decode_kernel(x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, p_ptr, t_ptr, cnt
     tile = tl.atomic_add(cnt_ptr + _CNT_TICKET, 1, sem="relaxed")
     if tile < n_shrink:
         _fused_shrink_tile(tile, x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, stride_xm, stride_xk, stride_ar,
-                           stride_ak, stride_t, stride_ps, seg_cols, M_PAD, ALIGN_A, PRECISION, RB, BK, KS)
+                           stride_ak, stride_t, stride_ps, seg_cols, M_PAD, ALIGN_A, PRECISION, RB, BK, KS, True, False)
     else:
         _fused_expand_tile(tile - n_shrink, b_ptr, bias_ptr, y_ptr, t_ptr, cnt_ptr, M, N, R, stride_bn, stride_br,
                            stride_ym, stride_t, seg_cols, n_expand, M_PAD, HAS_BIAS, ALIGN_B, PRECISION, RB, BN, BR)
@@ -619,6 +640,61 @@ def _fused_prune(configs, named_args, **kwargs):
 _fused_decode = autotune(_FUSED_GEMV_CONFIGS + _FUSED_MMA_CONFIGS, key=["M_KEY", "N", "K", "R", "KS_REQ"],
                          prune=_fused_prune)(_fused_decode_kernel)
 _INTERPRET_FUSED = {"RB": 16, "BK": 32, "BN": 16, "BR": 16, "NSEG": 2}
+
+# Split shrink (``shrink_split_triton``): the fused kernel's shrink tiles as a launch of their own, for the
+# two-launch pair ``skinny(shrink_split(x, A), B)`` under PDL. A has only r rows (256-3456 at MoDeGPT
+# ranks), so the skinny kernel's one program per 8-64 rows gives 4-128 programs, under one per SM,
+# each streaming a long K range: latency-bound (session 10: the "down" shapes, K = 11008-13824, were
+# 0.79-0.91x of two cuBLAS calls as a skinny pair). Splitting K gives ~2 waves of programs.
+@triton.jit(do_not_specialize=["M"])
+def _split_shrink_kernel(x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, stride_xm, stride_ar, stride_t, stride_ps,
+                         M_KEY, KS_REQ, M_PAD: tl.constexpr, ALIGN_A: tl.constexpr, PRECISION: tl.constexpr,
+                         PDL: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr):
+    """``t = x @ A.T`` (x ``[M, K]``, A ``[R, K]``, both with unit inner stride): program i is rank
+    chunk ``i // KS`` over K split ``i % KS``; a chunk's last split sums the fp32 partials in split
+    order and stores the chunk of t rounded to its dtype (see ``_fused_shrink_tile``)."""
+    _fused_shrink_tile(tl.program_id(0), x_ptr, a_ptr, p_ptr, t_ptr, cnt_ptr, M, K, R, stride_xm, 1, stride_ar, 1,
+                       stride_t, stride_ps, 1, M_PAD, ALIGN_A, PRECISION, RB, BK, KS, False, PDL)
+
+
+def _scfg(rb, bk, warps, stages):
+    return triton.Config({"RB": rb, "BK": bk}, num_warps=warps, num_stages=stages)
+
+
+# one token: CUDA-core GEMV tiles; 2-64 tokens: tensor-core tiles (RB >= 16). The first of each is the untuned default.
+_SPLIT_GEMV_CONFIGS = [_scfg(*c) for c in ((8, 512, 4, 3), (4, 1024, 4, 3), (16, 256, 4, 4), (8, 1024, 8, 3),
+                                           (16, 512, 8, 3), (32, 256, 8, 3))]
+_SPLIT_MMA_CONFIGS = [_scfg(*c) for c in ((16, 256, 4, 3), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3),
+                                          (64, 128, 8, 3))]
+_SPLIT_GEMV_IDS = {id(c) for c in _SPLIT_GEMV_CONFIGS}
+
+
+def _split_prune(configs, named_args, **kwargs):
+    """The call's family (GEMV for one token, MMA otherwise), tiles no wider than tiny dims, a
+    shared-memory budget, and each config's K splits (``fused_splits``, or ``KS_REQ`` > 0)."""
+    m_pad = kwargs.get("M_PAD", named_args.get("M_PAD", 1))
+    K, R = named_args["K"], named_args["R"]
+    x = named_args["x_ptr"]
+    keep = [c for c in configs if (id(c) in _SPLIT_GEMV_IDS) == (m_pad == 1)] or list(configs[:1])
+    for name, dim in (("BK", K), ("RB", R)):
+        cap = max(16, next_pow2(dim), min(c.kwargs[name] for c in keep))
+        keep = [c for c in keep if c.kwargs[name] <= cap]
+    esz = x.element_size()
+
+    def smem(c):
+        return c.num_stages * esz * c.kwargs["BK"] * (m_pad + c.kwargs["RB"])
+
+    keep = [c for c in keep if smem(c) <= _FUSED_SMEM_BUDGET] or [min(keep, key=smem)]
+    ks_req = int(named_args["KS_REQ"])
+    return [triton.Config({**c.kwargs, "KS": min(MAX_KS, ks_req) if ks_req > 0 else
+                           fused_splits(R, K, c.kwargs["RB"], x.device)}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in keep]
+
+
+_split_shrink = autotune(_SPLIT_GEMV_CONFIGS + _SPLIT_MMA_CONFIGS, key=["M_KEY", "K", "R", "KS_REQ"],
+                         prune=_split_prune)(_split_shrink_kernel)
+_INTERPRET_SPLIT = {"RB": 16, "BK": 32}
+
 
 # The counter block of each device. All zero between launches: each launch zeroes what it used
 # before it ends. Allocated (and zeroed) once; if that first call happens during CUDA-graph capture
@@ -722,4 +798,50 @@ def lowrank_decode_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bia
             r_pad, M * r_pad, m_pad, ks_req),
            {"M_PAD": m_pad, "HAS_BIAS": bias is not None, "ALIGN_A": align_a, "ALIGN_B": align_b,
             "PRECISION": dot_precision(x.dtype)}, interp)
+    return out
+
+
+def shrink_split_triton(x: torch.Tensor, A: torch.Tensor, out: torch.Tensor | None = None, *,
+                        splits: int | None = None) -> torch.Tensor:
+    """``x @ A.T`` for a few tokens (at most ``FUSED_MAX_M`` rows) with A ``[r, in]`` of few rows and a
+    long ``in``: the first stage of a factorized linear, split over K (``_split_shrink_kernel``).
+    Fp32 accumulation, one rounding to x's dtype, deterministic (partials summed in split order).
+    ``splits`` forces the K splits (tests; at most ``MAX_KS``). Launches on one device share the
+    counter block of :func:`lowrank_decode_triton`: not concurrently on two streams of one device."""
+    K = x.shape[-1]
+    if A.dim() != 2 or A.shape[1] != K:
+        raise ValueError(f"shape mismatch: x[..., {K}] and A {tuple(A.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES or A.dtype != x.dtype:
+        raise TypeError(f"x and A must share one of {SUPPORTED_DTYPES}: {x.dtype}, {A.dtype}")
+    if A.stride(1) != 1:
+        raise ValueError("A needs unit stride along its last dim")
+    R = A.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M > FUSED_MAX_M:
+        raise ValueError(f"shrink_split_triton takes at most {FUSED_MAX_M} rows, got {M}")
+    if out is None:
+        out = torch.empty((*lead, R), dtype=x.dtype, device=x.device)
+    elif out.shape != (*lead, R) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {(*lead, R)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    t = out.view(M, R)
+    if M == 0 or R == 0:
+        return out
+    if K == 0:
+        t.zero_()
+        return out
+    dev = x.device
+    ks_req = 0 if splits is None else max(1, min(MAX_KS, int(splits)))
+    partials = _scratch((ks_req or _splits_limit(K), M, R), torch.float32, dev)
+    cnt = _counters(dev, _CHUNK_BASE + cdiv(R, _MIN_RB))
+    m_pad = 1 if M == 1 else max(16, next_pow2(M))
+    interp = dict(_INTERPRET_SPLIT)
+    interp["KS"] = ks_req or fused_splits(R, K, interp["RB"], dev)
+    launch(_split_shrink, lambda meta: (cdiv(R, meta["RB"]) * meta["KS"],),
+           (x2, A, partials, t, cnt, M, K, R, x2.stride(0), A.stride(0), R, M * R, m_pad, ks_req),
+           {"M_PAD": m_pad, "ALIGN_A": _align(A.stride(0), A.storage_offset()), "PRECISION": dot_precision(x.dtype),
+            **_common.pdl_meta(dev)}, interp)
     return out

@@ -18,6 +18,7 @@
 #   bash kernels/run_h200.sh s9a       # session 9: the shipped attention default end to end vs padded tiles, b256 profiles
 #   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
+#   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
 #   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
 #   bash kernels/run_h200.sh s9d       # session 9: the recorded A/B with KV heads packed per attention program, tests
 #   bash kernels/run_h200.sh s9e       # session 9: MLP widths aligned to 128 (head dims to 16) with the new defaults
@@ -341,6 +342,13 @@ s10b)  # session 10, call 2: the low-rank skinny pair with the L2 prefetch (16 a
   kernel_bench ${BENCH_TIMEOUT:-260} ${BENCH_BUDGET:-230} \
       '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b up r=0.75 M=1")'
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-120} 4 tests/test_kernels.py -k "pdl or l2_prefetch or skinny"
+  tcache_out ;;
+s10c)  # session 10, call 3: the low-rank pair with the shrink split over K (lowrank.shrink_split_triton) + the
+  # skinny expand, against two cuBLAS calls, the skinny pair and what dispatch picks, at rank 25 % (1 and 16
+  # tokens, 7B/13B up/down) and 50 %; then the CUDA tests of the split shrink and of the pair in a graph
+  kernel_bench ${BENCH_TIMEOUT:-330} ${BENCH_BUDGET:-300} \
+      '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b down r=0.5 M=1")'
+  TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py -k "shrink_split or split_pair or lowrank_decode or pdl"
   tcache_out ;;
 s9c)  # session 9, call 2: async scheduling (decode steps launched ahead of the host) on/off for the original
   # and the 30 % checkpoint (one engine per model, the setting switched per round), the attention sweep

@@ -708,19 +708,22 @@ def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _timed_pick(key, candidates, weight.device, prefer="ours") == "ours"
 
 
-def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool]:
-    """For a factorized linear ``(x2 @ A.T) @ B.T + bias`` at decode sizes: whether the shrink and
-    the expand each take this kernel (True) or cuBLAS (False), timed as PAIRS (all four
-    combinations, once per shape): with PDL the expand's weight stream overlaps the shrink only when
-    both are our kernels, which timing each stage alone cannot see. During another graph's capture
-    an unseen shape takes cuBLAS for both."""
+def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, str]:
+    """For a factorized linear ``(x2 @ A.T) @ B.T + bias`` at decode sizes: how each stage runs,
+    ``(shrink, expand)``, the shrink one of "skinny" (this kernel), "split" (``lowrank.shrink_split_triton``:
+    K split over ~2 waves of programs, for A's few rows) or "cublas", the expand "skinny" or
+    "cublas". Timed as PAIRS (all six combinations, once per shape): with PDL the expand's weight
+    stream overlaps the shrink only when both are our kernels, which timing each stage alone cannot
+    see. During another graph's capture an unseen shape takes cuBLAS for both."""
+    from .lowrank import shrink_split_triton
+
     key = ("lowrank", tuple(A.shape), tuple(B.shape), 1 if x2.shape[0] == 1 else MAX_M, A.dtype,
            bias is not None, A.device, launch_mode(A.device))
-    cublas = torch.nn.functional.linear
+    stages = {"skinny": skinny_linear_triton, "cublas": torch.nn.functional.linear}
+    shrinks = {**stages, "split": lambda x, a, _bias: shrink_split_triton(x, a)}
 
     def pair(first, second):
         return lambda: second(first(x2, A, None), B, bias)
 
-    candidates = {(a, b): pair(skinny_linear_triton if a else cublas, skinny_linear_triton if b else cublas)
-                  for a in (True, False) for b in (True, False)}
-    return _timed_pick(key, candidates, A.device) or (False, False)
+    candidates = {(a, b): pair(shrinks[a], stages[b]) for a in ("skinny", "split", "cublas") for b in stages}
+    return _timed_pick(key, candidates, A.device) or ("cublas", "cublas")

@@ -368,6 +368,91 @@ def test_triton_lowrank_decode_cuda_graph(seed, force_triton):
         assert fused_counters_are_zero("cuda")
 
 
+# K-split shrink (kernels.lowrank.shrink_split_triton): the fused kernel's shrink tiles as their own launch.
+# In the interpreter RB = 16, BK = 32: rank 37 gives a ragged last chunk, K = 70 a ragged K tail, and 5
+# splits of 70 leave two splits without a whole tile.
+def ref_shrink(x, A):
+    """``x @ A.T`` in float64, rounded once to x's dtype (what the first of two matmuls stores)."""
+    return (x.double() @ A.double().T).to(x.dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("K,R", [(70, 37), (96, 19)] + ([(11008, 1024), (4096, 3072), (13824, 1280)] if CUDA else []),
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("splits", [None, 1, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_shrink_split(seed, force_triton, monkeypatch, K, R, M, splits, dtype):
+    """NaN-poisoned output and partials; close to float64; counters zero afterwards (the chunk
+    counters are shared with the fused kernel); a second call bitwise equal (partials summed in
+    split order)."""
+    from kernels.lowrank import shrink_split_triton
+
+    monkeypatch.setattr(_common, "POISON_WORKSPACES", True)
+    x = randn(M, K, dtype=dtype, device=TRITON_DEVICE)
+    A = randn(R, K, dtype=dtype, device=TRITON_DEVICE, scale=K ** -0.5)
+    out = nan_like((M, R), dtype, TRITON_DEVICE)
+    assert shrink_split_triton(x, A, out, splits=splits) is out
+    what = f"shrink split M={M} K={K} R={R} splits={splits} {dtype}"
+    assert_close(out, ref_shrink(x, A), dtype, seed, what)
+    assert fused_counters_are_zero(TRITON_DEVICE), f"counters not reset: {what}; seed={seed}"
+    assert torch.equal(shrink_split_triton(x, A, splits=splits), out), f"second call differs: {what}; seed={seed}"
+
+
+@needs_triton
+def test_triton_shrink_split_shapes_and_errors(seed, force_triton):
+    """Leading dims, a column-sliced x; K = 0 gives zeros; wrong shapes, dtypes, strides and more than
+    64 rows are clear errors."""
+    from kernels.lowrank import shrink_split_triton
+
+    dtype = torch.bfloat16
+    x = randn(2, 3, 130, dtype=dtype, device=TRITON_DEVICE)[..., 10:106]
+    A = randn(37, 96, dtype=dtype, device=TRITON_DEVICE, scale=96 ** -0.5)
+    t = shrink_split_triton(x, A, splits=2)
+    assert t.shape == (2, 3, 37)
+    assert_close(t, ref_shrink(x, A), dtype, seed, "shrink split strided")
+    assert torch.equal(shrink_split_triton(x[..., :0], A[:, :0]), torch.zeros(2, 3, 37, dtype=dtype,
+                                                                              device=TRITON_DEVICE))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        shrink_split_triton(x, A[:, :95])
+    with pytest.raises(TypeError):
+        shrink_split_triton(x, A.float())
+    with pytest.raises(ValueError, match="unit stride"):
+        shrink_split_triton(x, randn(96, 37, dtype=dtype, device=TRITON_DEVICE).t())
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        shrink_split_triton(randn(65, 96, dtype=dtype, device=TRITON_DEVICE), A)
+    with pytest.raises(ValueError, match="out must be"):
+        shrink_split_triton(x, A, torch.empty(2, 3, 36, dtype=dtype, device=TRITON_DEVICE))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA graphs")
+def test_split_pair_in_cuda_graph_same_bits_as_eager(seed, force_triton):
+    """The pair dispatch can pick, ``skinny(shrink_split(x, A), B)``, captured and replayed with new
+    inputs (under PDL on SM90+: the expand streams B while the shrink finishes): each replay equal to
+    the eager pair bit for bit and close to float64."""
+    from kernels.lowrank import shrink_split_triton
+    from kernels.skinny_linear import skinny_linear_triton
+
+    dtype = torch.bfloat16
+    for M, (K, N, R) in ((1, (11008, 4096, 1024)), (16, (4096, 11008, 1024)), (5, (96, 80, 37))):
+        x, A, B, b = lowrank_inputs(M, K, N, R, dtype, "cuda")
+        out = torch.empty(M, N, dtype=dtype, device="cuda")
+        skinny_linear_triton(shrink_split_triton(x, A), B, b, out)  # compile / tune outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            skinny_linear_triton(shrink_split_triton(x, A), B, b, out)
+        for rep in range(3):
+            x.copy_(randn(M, K, dtype=dtype, device="cuda"))
+            out.fill_(float("nan"))
+            graph.replay()
+            eager = skinny_linear_triton(shrink_split_triton(x, A), B, b)
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager), f"replay {rep} differs from eager, M={M} {(K, N, R)}; seed={seed}"
+            assert_close(out, ref_lowrank(x, A, B, b), dtype, seed, f"split pair graph M={M} {(K, N, R)}")
+        assert fused_counters_are_zero("cuda")
+
+
 @pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
 def test_lowrank_decode_prune():
     """The fused kernel's pruner: GEMV tiles for one token, MMA tiles (RB, BN >= 16) otherwise, each

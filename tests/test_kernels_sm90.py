@@ -153,8 +153,9 @@ def test_decode_step_kernels_compile_for_sm90(sm90, dtype, prefetch_mib, monkeyp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_lowrank_kernels_compile_for_sm90(sm90, dtype):
     """The factorized linear at the 7B and 13B MLP shapes, ranks 25-75 %, from one token (the one-launch
-    decode kernel and the two-stage split-K path) to prefill sizes (the tiled shrink and expand)."""
-    from kernels.lowrank import lowrank_decode_triton, lowrank_linear_triton
+    decode kernel, the K-split shrink with PDL and the two-stage split-K path) to prefill sizes (the tiled
+    shrink and expand)."""
+    from kernels.lowrank import lowrank_decode_triton, lowrank_linear_triton, shrink_split_triton
 
     for k, n in ((4096, 11008), (11008, 4096), (5120, 13824)):
         for r in (k * n // (k + n) // 4, 3 * k * n // (k + n) // 4):
@@ -163,4 +164,5 @@ def test_lowrank_kernels_compile_for_sm90(sm90, dtype):
                 lowrank_linear_triton(_t(M, k, dtype=dtype), A, B)
             for M in (1, 16):
                 lowrank_decode_triton(_t(M, k, dtype=dtype), A, B)
+                shrink_split_triton(_t(M, k, dtype=dtype), A)
     assert all(shared <= SMEM_LIMIT for _, shared in sm90) and len(sm90) >= 6
