@@ -19,6 +19,7 @@
 #   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
+#   bash kernels/run_h200.sh s10d      # session 10: random:llama-2-13b vs its 30 % checkpoint, batch 256/64/16/1
 #   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
 #   bash kernels/run_h200.sh s9d       # session 9: the recorded A/B with KV heads packed per attention program, tests
 #   bash kernels/run_h200.sh s9e       # session 9: MLP widths aligned to 128 (head dims to 16) with the new defaults
@@ -349,6 +350,16 @@ s10c)  # session 10, call 3: the low-rank pair with the shrink split over K (low
   kernel_bench ${BENCH_TIMEOUT:-330} ${BENCH_BUDGET:-300} \
       '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b down r=0.5 M=1")'
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py -k "shrink_split or split_pair or lowrank_decode or pdl"
+  tcache_out ;;
+s10d)  # session 10, call 4: the product's target size. random:llama-2-13b compressed for real at 30 % (the
+  # default rounding: 128 / 16; 64 x 1024 calibration ids, since the allocation of a random model does not
+  # need more), then original against it in one process, batch 256/64/16/1, max_model_len 4096
+  [ -d /tmp/l13b-30 ] || timeout ${COMPRESS_TIMEOUT:-200} $PY -c "from compressor.pipeline import CompressOptions, compress
+compress('random:llama-2-13b', '/tmp/l13b-30', CompressOptions(ratio=0.3, device='cuda', calib_samples=64, calib_seqlen=1024, progress=False), overwrite=True)" 2>&1 | tail -3
+  cp /tmp/l13b-30/config.json "$OUT/llama-2-13b-30.config.json"
+  timeout ${AB_TIMEOUT:-360} $PY -m server.engine.bench_ab random:llama-2-13b /tmp/l13b-30 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 32 --rounds 3 --kv-cache-gb 30 --max-model-len 4096 \
+      --json "$OUT/bench-ab-13b.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
 s9c)  # session 9, call 2: async scheduling (decode steps launched ahead of the host) on/off for the original
   # and the 30 % checkpoint (one engine per model, the setting switched per round), the attention sweep
