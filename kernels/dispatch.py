@@ -75,6 +75,7 @@ if HAVE_TRITON:
     from .lowrank import lowrank_linear_triton, shrink_split_triton
     from .rope import rope_gather_triton_, rope_qkv_triton_
     from .skinny_linear import MAX_M as _SKINNY_MAX_M
+    from .skinny_linear import m_pad as _skinny_m_pad
     from .skinny_linear import _timed_pick, beats_cublas, lowrank_pick, norm_skinny_linear_triton, skinny_linear_triton
 
 _ENV = "MODEGPT_KERNELS"
@@ -462,7 +463,7 @@ def mlp_pick(x2: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torch
              weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """``"epilogue"`` or ``"chain"`` for :func:`swiglu_mlp` at this shape: the faster in CUDA graphs
     (``skinny_linear._timed_pick``, once per shape; None during another graph's capture)."""
-    key = ("swiglu_mlp", tuple(gate_up_weight.shape), tuple(weight.shape), 1 if x2.shape[0] == 1 else _SKINNY_MAX_M,
+    key = ("swiglu_mlp", tuple(gate_up_weight.shape), tuple(weight.shape), _skinny_m_pad(x2.shape[0]),
            x2.dtype, gate_up_bias is not None, bias is not None, x2.device, _common.launch_mode(x2.device))
     return _timed_pick(key, {
         "epilogue": lambda: linear(skinny_linear_triton(x2, gate_up_weight, gate_up_bias, swiglu_out=True), weight, bias),
@@ -556,7 +557,7 @@ def rope_qkv_pick(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     from .skinny_linear import skinny_linear_rope_triton
 
     key = ("linear_rope_qkv", tuple(weight.shape), num_heads, tuple(inv_freq.shape), v_cache.shape[-1],
-           1 if x2.shape[0] == 1 else _SKINNY_MAX_M, x2.dtype, bias is not None, x2.device,
+           _skinny_m_pad(x2.shape[0]), x2.dtype, bias is not None, x2.device,
            _common.launch_mode(x2.device))
     args = (num_heads, positions, inv_freq, k_cache, v_cache, slot_mapping)
     return _timed_pick(key, {

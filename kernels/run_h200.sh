@@ -20,6 +20,7 @@
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
 #   bash kernels/run_h200.sh s10d      # session 10: random:llama-2-13b vs its 30 % checkpoint, batch 256/64/16/1
+#   bash kernels/run_h200.sh s10e      # session 10: the skinny kernel up to 64 tokens against cuBLAS at batch 64
 #   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
 #   bash kernels/run_h200.sh s9d       # session 9: the recorded A/B with KV heads packed per attention program, tests
 #   bash kernels/run_h200.sh s9e       # session 9: MLP widths aligned to 128 (head dims to 16) with the new defaults
@@ -360,6 +361,15 @@ compress('random:llama-2-13b', '/tmp/l13b-30', CompressOptions(ratio=0.3, device
   timeout ${AB_TIMEOUT:-360} $PY -m server.engine.bench_ab random:llama-2-13b /tmp/l13b-30 \
       --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 32 --rounds 3 --kv-cache-gb 30 --max-model-len 4096 \
       --json "$OUT/bench-ab-13b.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
+s10e)  # session 10, call 5: the skinny kernel up to 64 tokens (tokens padded to 32/64, shallower tiles; picked per
+  # shape against cuBLAS as at 1-16) against cuBLAS at batch 64, original and 30 %, one process
+  ckpt
+  timeout ${AB_TIMEOUT:-400} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_SKINNY_MAX_TOKENS=64 \
+      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_SKINNY_MAX_TOKENS=64 --device cuda --dtype bfloat16 --batch ${BATCHES:-64} \
+      --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-skinny64.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
+  TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-100} 4 tests/test_kernels.py tests/test_skinny_rope.py -k "33 or 20"
   tcache_out ;;
 s9c)  # session 9, call 2: async scheduling (decode steps launched ahead of the host) on/off for the original
   # and the 30 % checkpoint (one engine per model, the setting switched per round), the attention sweep

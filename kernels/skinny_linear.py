@@ -1,4 +1,4 @@
-"""Triton skinny linear: ``y = x @ W.T + bias`` for the few tokens of a decode step (M <= 16).
+"""Triton skinny linear: ``y = x @ W.T + bias`` for the few tokens of a decode step (M <= 64).
 
 Why (docs/BENCHMARKS.md, H200 step profile of a 30 % ModeGPT checkpoint of LLaMA-2-7B at batch 1):
 the weight matmuls are 72 % of a decode step, and cuBLAS streamed the compressed model's weights at
@@ -11,7 +11,7 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
   whole K range with a software-pipelined loop (``num_stages``): small tiles give hundreds of
   programs, so the last wave is short, and there is no split-K and no second launch.
 * ``M == 1``: an fp32 multiply + row reduction on the CUDA cores (a tensor-core tile would be 1/16
-  used). ``2 <= M <= 16``: ``tl.dot`` with the token rows padded to 16.
+  used). ``2 <= M <= 64``: ``tl.dot`` with the token rows padded to 16, 32 or 64 (``m_pad``).
 * Rows of W start ``K`` elements apart. Triton only proves 16-element alignment of integer
   arguments, so a width like 9880 (a multiple of 8, not 16) would make it issue 2-byte loads
   (0.42 TB/s, measured for the attention kernel's odd head dims): the launcher passes the largest
@@ -29,7 +29,7 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
 
 Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
 compressed model share a handful of tunings; results persist in Triton's cache (``kernels.autotune``).
-``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 16) and
+``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 16, at most 64) and
 cuBLAS above, and in ``auto`` mode only for the shapes where it measured faster than cuBLAS
 (:func:`beats_cublas`); ``MODEGPT_KERNELS=torch`` turns it off with the other kernels.
 """
@@ -51,7 +51,13 @@ from .autotune import autotune, launch
 from .reference import _flat_cache
 from .rope import rope_cos_sin
 
-MAX_M = 16
+MAX_M = 64  # rows; dispatch routes at most MODEGPT_SKINNY_MAX_TOKENS (default 16) here
+
+
+def m_pad(M: int) -> int:
+    """The token rows a launch computes (and its tuning / pick bucket): 1 (the CUDA-core GEMV), else
+    16, 32 or 64 (the ``tl.dot`` path, tokens padded to a power of two)."""
+    return 1 if M == 1 else max(16, 1 << (int(M) - 1).bit_length())
 
 
 def _cfg(bn, bk, warps, stages):
@@ -61,15 +67,37 @@ def _cfg(bn, bk, warps, stages):
 _CONFIGS = [_cfg(*c) for c in (
     (8, 1024, 4, 3), (16, 512, 4, 4), (16, 1024, 8, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3),
     (64, 128, 4, 4))]
+# shallower tiles that only 32-64 token rows take (their token tiles fill the shared memory first)
+_WIDE_CONFIGS = [_cfg(*c) for c in ((16, 256, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4))]
+_WIDE_IDS = {id(c) for c in _WIDE_CONFIGS}
 _INTERPRET = {"BLOCK_N": 16, "BLOCK_K": 32}
 
 
+_SMEM_BUDGET = 220 * 1024  # bytes of pipelined tiles (H100/H200: 227 KB per block)
+
+
 def _prune(configs, named_args, **kwargs):
-    """The dot path needs BLOCK_N >= 16 (MMA tile). Triton passes the launch's constexpr keywords
-    (``M_PAD``) in ``kwargs`` and the positional arguments in ``named_args``."""
-    if kwargs.get("M_PAD", named_args.get("M_PAD", 1)) > 1:
-        return [c for c in configs if c.kwargs["BLOCK_N"] >= 16]
-    return configs
+    """The dot path needs BLOCK_N >= 16 (MMA tile); from 32 tokens up, the configs (with the
+    shallower ``_WIDE_CONFIGS``) whose pipelined token and weight tiles fit in shared memory (at 1-16
+    tokens every config fits or Triton rejects it, as before). Triton passes the launch's constexpr
+    keywords (``M_PAD`` ...) in ``kwargs`` and the positional arguments in ``named_args``."""
+    def flag(name):
+        return kwargs.get(name, named_args.get(name, False))
+
+    m = flag("M_PAD") or 1
+    if m <= 16:
+        keep = [c for c in configs if id(c) not in _WIDE_IDS]
+        return keep if m == 1 else [c for c in keep if c.kwargs["BLOCK_N"] >= 16]
+    x = named_args.get("x_ptr")
+    esz = x.element_size() if hasattr(x, "element_size") else 2
+    x_tiles = 2 if flag("GATED") or (flag("NORM") and flag("HAS_DELTA")) else 1  # gate + up, or x + delta
+    w_tiles = 2 if flag("SWIGLU_OUT") or flag("ROPE_OUT") else 1  # two row sets per program
+
+    def smem(c):
+        return c.num_stages * c.kwargs["BLOCK_K"] * (x_tiles * m + w_tiles * c.kwargs["BLOCK_N"]) * esz
+
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] >= 16]
+    return [c for c in keep if smem(c) <= _SMEM_BUDGET] or [min(keep, key=smem)]
 
 
 @triton.jit
@@ -385,7 +413,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                      mask=m_mask[:, None] & n_mask[None, :])
 
 
-_skinny = autotune(_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES"],
+_skinny = autotune(_CONFIGS + _WIDE_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES"],
                    prune=_prune)(_skinny_kernel)
 
 
@@ -457,7 +485,7 @@ def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, ro
            (x2, weight, bias if bias is not None else weight, y, d2_, nw, s2, M, N, K, x2.stride(0), weight.stride(0),
             y.stride(0), d2_.stride(0), s2.stride(0), float(eps), cdiv(N, 256), cdiv(K, 256), K if gated else 0,
             *rope_args),
-           dict(M_PAD=1 if M == 1 else 16, HAS_BIAS=bias is not None,
+           dict(M_PAD=m_pad(M), HAS_BIAS=bias is not None,
                 ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
                 PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
                 NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, PF_LINES=pf,
@@ -468,7 +496,7 @@ def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, ro
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          out: torch.Tensor | None = None, *, gated: bool = False,
                          swiglu_out: bool = False) -> torch.Tensor:
-    """Triton path of :func:`kernels.dispatch.linear` for ``x`` ``[..., K]`` with at most 16 rows.
+    """Triton path of :func:`kernels.dispatch.linear` for ``x`` ``[..., K]`` with at most 64 rows.
 
     ``gated=True``: ``x`` is a fused gate/up output ``[..., 2K]`` (gate first) and the kernel computes
     ``silu(gate) * up`` while loading it, i.e. :func:`kernels.dispatch.swiglu_linear` in one launch.
@@ -492,7 +520,7 @@ def norm_skinny_linear_triton(x: torch.Tensor, delta: torch.Tensor | None, norm_
     Each program sums the squares of the rows while it streams its K range and scales its dot
     products by the rows' ``1/rms`` at the end; the programs write ``s`` a K chunk each. The
     normalised activation is not rounded to the input dtype before the matmul (fp32 at one token,
-    ``s * norm_weight`` rounded once for the ``tl.dot`` path at 2-16), so results differ from
+    ``s * norm_weight`` rounded once for the ``tl.dot`` path at 2-64), so results differ from
     ``add_rms_norm`` then :func:`skinny_linear_triton` at the level of that rounding.
     ``swiglu_out`` as in :func:`skinny_linear_triton`."""
     N, K, _ = _check(x, weight, bias, False, swiglu_out)
@@ -551,7 +579,7 @@ def skinny_linear_rope_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch
                               q_out: torch.Tensor | None = None) -> torch.Tensor:
     """A layer's q/k/v projection, RoPE and KV-cache write in ONE launch (``kernels.dispatch.linear_rope_qkv_``).
 
-    ``x`` ``[T, K]`` (T <= 16), ``weight`` the fused ``[H*d + Hkv*d + Hkv*dv, K]`` (q rows, k rows, v
+    ``x`` ``[T, K]`` (T <= 64), ``weight`` the fused ``[H*d + Hkv*d + Hkv*dv, K]`` (q rows, k rows, v
     rows), ``bias`` the same length or None, ``inv_freq`` fp32 ``[Hkv, d/2]`` (the kept frequencies of
     each KV head), caches ``[num_slots, Hkv, d]`` / ``[.., dv]`` or paged ``[num_blocks, block_size, Hkv, d]``.
     Each program owns BLOCK_N rotary pairs (two row sets, as the ``SWIGLU_OUT`` gate/up halves); its
@@ -689,7 +717,7 @@ def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     ``gated``: ``x2`` is ``[M, 2K]`` (gate | up), and the fused SwiGLU + matmul launch is timed against
     what would run otherwise: the ``silu_mul`` launch, then the faster of this kernel and cuBLAS."""
-    key = ("dense", tuple(weight.shape), 1 if x2.shape[0] == 1 else MAX_M, weight.dtype, bias is not None, gated,
+    key = ("dense", tuple(weight.shape), m_pad(x2.shape[0]), weight.dtype, bias is not None, gated,
            weight.device, launch_mode(weight.device))
     if gated:
         from .fused_norm import silu_mul_triton
@@ -717,7 +745,7 @@ def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch
     see. During another graph's capture an unseen shape takes cuBLAS for both."""
     from .lowrank import shrink_split_triton
 
-    key = ("lowrank", tuple(A.shape), tuple(B.shape), 1 if x2.shape[0] == 1 else MAX_M, A.dtype,
+    key = ("lowrank", tuple(A.shape), tuple(B.shape), m_pad(x2.shape[0]), A.dtype,
            bias is not None, A.device, launch_mode(A.device))
     stages = {"skinny": skinny_linear_triton, "cublas": torch.nn.functional.linear}
     shrinks = {**stages, "split": lambda x, a, _bias: shrink_split_triton(x, a)}

@@ -27,10 +27,12 @@ def seed() -> int:
 
 @pytest.fixture
 def force_triton(monkeypatch):
-    """Strict Triton dispatch (no silent fallback) and NaN-poisoned scratch buffers."""
+    """Strict Triton dispatch (no silent fallback), the skinny kernel up to its 64 rows, and
+    NaN-poisoned scratch buffers."""
     from kernels import _common
 
     monkeypatch.setenv("MODEGPT_KERNELS", "triton")
+    monkeypatch.setenv("MODEGPT_SKINNY_MAX_TOKENS", "64")
     monkeypatch.setattr(_common, "POISON_WORKSPACES", True)
 
 

@@ -494,7 +494,7 @@ def ref_linear(x, w, b):
 
 @needs_triton
 @pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("M", [1, 7, 16, 33])  # 33: the tokens padded to 64
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_skinny_linear(seed, force_triton, shape, M, dtype):
     K, N = shape
@@ -526,7 +526,7 @@ def ref_swiglu_linear(gate_up, w, b):
 
 @needs_triton
 @pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("M", [1, 7, 16, 33])  # 33: the tokens padded to 64
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_swiglu_linear(seed, force_triton, shape, M, dtype):
     """The down projection with the SwiGLU applied while loading its input (gate | up side by side),
@@ -565,7 +565,7 @@ def ref_swiglu_mlp(x, w_gu, b_gu, w_d, b_d):
 
 @needs_triton
 @pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("M", [1, 7, 16, 33])  # 33: the tokens padded to 64
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_skinny_swiglu_epilogue(seed, force_triton, shape, M, dtype):
     """A fused gate/up matmul with the SwiGLU as its epilogue: ``silu(x @ Wg.T + bg) * (x @ Wu.T + bu)``,
@@ -596,7 +596,7 @@ def ref_norm_linear(x, d, nw, eps, w, b):
 
 @needs_triton
 @pytest.mark.parametrize("shape", SKINNY_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("M", [1, 7, 16, 33])  # 33: the tokens padded to 64
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("swiglu_out", [False, True], ids=["plain", "swiglu"])
 def test_triton_norm_skinny_linear(seed, force_triton, shape, M, dtype, swiglu_out):
@@ -804,13 +804,28 @@ def test_swiglu_linear_torch_path_and_errors(seed, monkeypatch):
 
 @pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
 def test_skinny_autotune_prune_reads_constexpr_keywords():
-    """Triton hands the launch's constexpr keywords (M_PAD) to the pruner in kwargs: the dot path
-    (M_PAD 16) keeps only MMA-sized tiles, the M = 1 path keeps every config."""
-    from kernels.skinny_linear import _CONFIGS, _prune
+    """Triton hands the launch's constexpr keywords (M_PAD ...) to the pruner in kwargs: the dot path
+    (M_PAD 16) keeps only MMA-sized tiles, the M = 1 path keeps every config but the wide-token ones;
+    at 32-64 tokens only configs whose pipelined tiles fit in shared memory, fewer when the token
+    tile is doubled (SwiGLU on the input) or the weight tile (two row sets), and fewer in fp32."""
+    from kernels.skinny_linear import _CONFIGS, _SMEM_BUDGET, _WIDE_CONFIGS, _prune
 
-    assert all(c.kwargs["BLOCK_N"] >= 16 for c in _prune(_CONFIGS, {"N": 4096}, M_PAD=16))
-    assert len(_prune(_CONFIGS, {"N": 4096}, M_PAD=1)) == len(_CONFIGS)
+    configs = _CONFIGS + _WIDE_CONFIGS
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert all(c.kwargs["BLOCK_N"] >= 16 for c in _prune(configs, {"N": 4096}, M_PAD=16))
+    assert _prune(configs, {"N": 4096}, M_PAD=1) == _CONFIGS
     assert any(c.kwargs["BLOCK_N"] < 16 for c in _CONFIGS)
+    for m in (32, 64):
+        plain = _prune(configs, {"x_ptr": bf16}, M_PAD=m)
+        gated = _prune(configs, {"x_ptr": bf16}, M_PAD=m, GATED=True)
+        rope = _prune(configs, {"x_ptr": bf16}, M_PAD=m, ROPE_OUT=True)
+        wide = _prune(configs, {"x_ptr": fp32}, M_PAD=m)
+        for kept, x_tiles, w_tiles, esz in ((plain, 1, 1, 2), (gated, 2, 1, 2), (rope, 1, 2, 2), (wide, 1, 1, 4)):
+            assert kept and all(c.kwargs["BLOCK_N"] >= 16 for c in kept)
+            assert all(c.num_stages * c.kwargs["BLOCK_K"] * (x_tiles * m + w_tiles * c.kwargs["BLOCK_N"]) * esz
+                       <= _SMEM_BUDGET for c in kept) or len(kept) == 1
+        assert set(map(id, gated)) < set(map(id, plain)) and set(map(id, wide)) < set(map(id, plain))
+        assert any(id(c) in {id(w) for w in _WIDE_CONFIGS} for c in plain)
 
 
 @pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
@@ -892,7 +907,7 @@ def test_linear_dispatch_rows_threshold(monkeypatch):
     monkeypatch.setenv("MODEGPT_SKINNY_MAX_TOKENS", "4")
     assert dispatch.skinny_max_tokens() == (4 if dispatch.HAVE_TRITON else 0)
     monkeypatch.setenv("MODEGPT_SKINNY_MAX_TOKENS", "99")
-    assert dispatch.skinny_max_tokens() == (16 if dispatch.HAVE_TRITON else 0)
+    assert dispatch.skinny_max_tokens() == (64 if dispatch.HAVE_TRITON else 0)
     dev = "cuda" if CUDA else "cpu"  # CPU: always PyTorch; CUDA: 5 rows > 4 takes cuBLAS
     x, w = torch.randn(5, 64, device=dev), torch.randn(24, 64, device=dev)
     assert torch.equal(kernels.linear(x, w), torch.nn.functional.linear(x, w))

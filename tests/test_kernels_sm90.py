@@ -124,7 +124,7 @@ def test_decode_attention_compiles_for_sm90(sm90, dtype):
 def test_decode_step_kernels_compile_for_sm90(sm90, dtype, prefetch_mib, monkeypatch):
     """The rest of a decode step at the 30 % 7B checkpoint's shapes: skinny linears (plain, SwiGLU in
     the prologue or the epilogue, add + RMSNorm folded in, projection + RoPE + cache write), RoPE + cache
-    write, add + RMSNorm and SwiGLU, at 1 and 16 tokens; with and without the skinny kernels' L2
+    write, add + RMSNorm and SwiGLU, at 1, 16 and 64 tokens; with and without the skinny kernels' L2
     prefetch (its inline PTX goes through ptxas here)."""
     monkeypatch.setenv("MODEGPT_L2_PREFETCH", str(prefetch_mib))
     from kernels.fused_norm import add_rms_norm_triton, silu_mul_triton
@@ -132,7 +132,7 @@ def test_decode_step_kernels_compile_for_sm90(sm90, dtype, prefetch_mib, monkeyp
     from kernels.skinny_linear import norm_skinny_linear_triton, skinny_linear_rope_triton, skinny_linear_triton
 
     hidden, inter, heads, d, dv = 4096, 7288, 32, 88, 80
-    for T in (1, 16):
+    for T in (1, 16, 64):
         x = _t(T, hidden, dtype=dtype)
         skinny_linear_triton(x, _t(hidden, hidden, dtype=dtype))
         skinny_linear_triton(x, _t(2 * inter, hidden, dtype=dtype), swiglu_out=True)

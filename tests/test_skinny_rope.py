@@ -95,7 +95,7 @@ def check_caches(kc, vc, before_k, before_v, slots, ref_k, ref_v, dtype, seed, w
 # ------------------------------------------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("M", [1, 7, 16, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_linear_rope_matches_float64(seed, force_triton, shape, M, dtype):
     """q fully written and rotated, keys rotated and values copied into the NaN-poisoned caches at the
@@ -172,8 +172,10 @@ def test_triton_linear_rope_bitwise_equals_the_chain(seed, force_triton, shape, 
 @needs_triton
 def test_triton_dispatch_takes_the_fused_launch(seed, force_triton, monkeypatch):
     """``MODEGPT_KERNELS=triton`` at decode sizes: ``linear_rope_qkv_`` is the one fused launch, returns
-    ``[T, H, d]`` and writes the flat caches; 17 tokens (above the skinny limit) take the chain."""
+    ``[T, H, d]`` and writes the flat caches; 17 tokens (above the skinny limit, 16 by default) take the chain."""
     from kernels import skinny_linear
+
+    monkeypatch.delenv("MODEGPT_SKINNY_MAX_TOKENS")
 
     calls = []
     real = skinny_linear.skinny_linear_rope_triton
