@@ -25,7 +25,7 @@ Policy (read per call, so tests and operators can flip it at run time):
   with PDL a skinny expand overlaps a Triton shrink): 0.92-1.30x of two cuBLAS calls on the H200 with
   the first four combinations (session 5, docs/BENCHMARKS.md).
 * ``linear`` (dense) in ``auto`` mode uses the skinny Triton kernel (``kernels.skinny_linear``) for
-  at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default 16: decode steps) on the weight shapes where
+  at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default and cap 64: decode steps) on the weight shapes where
   it timed faster than cuBLAS (once per shape, ``skinny_linear.beats_cublas``), cuBLAS otherwise.
 * ``swiglu_linear`` (a gated MLP's SwiGLU + down projection) at decode sizes runs as one skinny
   launch that applies the SwiGLU while loading its input, where that timed faster than
@@ -170,8 +170,9 @@ def lowrank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 
 
 def skinny_max_tokens() -> int:
-    """Rows up to which ``linear`` takes the skinny Triton kernel (env, default 16, capped at 16)."""
-    return min(int(os.environ.get(_SKINNY_MAX_ENV, "16")), _SKINNY_MAX_M if HAVE_TRITON else 0)
+    """Rows up to which ``linear`` takes the skinny Triton kernel (env, default 64, capped at 64; 16 before
+    session 10, whose H200 A/B at batch 64 made the 30 % checkpoint 1.012x faster with 64, the original 0.998x)."""
+    return min(int(os.environ.get(_SKINNY_MAX_ENV, "64")), _SKINNY_MAX_M if HAVE_TRITON else 0)
 
 
 def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> bool:

@@ -21,6 +21,7 @@
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
 #   bash kernels/run_h200.sh s10d      # session 10: random:llama-2-13b vs its 30 % checkpoint, batch 256/64/16/1
 #   bash kernels/run_h200.sh s10e      # session 10: the skinny kernel up to 64 tokens against cuBLAS at batch 64
+#   bash kernels/run_h200.sh s10f      # session 10: the recorded original-vs-30 % A/B with the session's defaults
 #   bash kernels/run_h200.sh s9c       # session 9: async scheduling A/B, attention sweep of KV_PACK at ragged contexts, tests
 #   bash kernels/run_h200.sh s9d       # session 9: the recorded A/B with KV heads packed per attention program, tests
 #   bash kernels/run_h200.sh s9e       # session 9: MLP widths aligned to 128 (head dims to 16) with the new defaults
@@ -63,7 +64,12 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 # to be copied back into .tcache here.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 mkdir -p "$TRITON_CACHE_DIR"
-if ls .tcache/triton-cache.tgz.* > /dev/null 2>&1; then
+# A carried cache may also be xz parts (triton-cache.txz.*: the same files in under half the bytes of gzip,
+# decompressed by Python's lzma, which every image has; session 10).
+if ls .tcache/triton-cache.txz.* > /dev/null 2>&1; then
+  cat .tcache/triton-cache.txz.* | $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
+      | tar xf - -C "$TRITON_CACHE_DIR" && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files carried in"
+elif ls .tcache/triton-cache.tgz.* > /dev/null 2>&1; then
   cat .tcache/triton-cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files carried in"
 fi
 touch /tmp/tcache-start
@@ -371,6 +377,12 @@ s10e)  # session 10, call 5: the skinny kernel up to 64 tokens (tokens padded to
       | tee "$OUT/bench-engine-h200.log"
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-100} 4 tests/test_kernels.py tests/test_skinny_rope.py -k "33 or 20"
   tcache_out ;;
+s10f)  # session 10, last call: the recorded A/B with this session's defaults (the skinny kernel up to 64 tokens),
+  # original against 30 %, batch 256/64/16/1
+  ckpt
+  timeout ${AB_TIMEOUT:-330} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-final.json" 2>&1 | tee "$OUT/bench-engine-h200.log" ;;
 s9c)  # session 9, call 2: async scheduling (decode steps launched ahead of the host) on/off for the original
   # and the 30 % checkpoint (one engine per model, the setting switched per round), the attention sweep
   # of several KV heads per program (KV_PACK) at ragged contexts, then the CUDA tests of async scheduling,

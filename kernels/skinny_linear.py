@@ -29,7 +29,7 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
 
 Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
 compressed model share a handful of tunings; results persist in Triton's cache (``kernels.autotune``).
-``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 16, at most 64) and
+``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 64) and
 cuBLAS above, and in ``auto`` mode only for the shapes where it measured faster than cuBLAS
 (:func:`beats_cublas`); ``MODEGPT_KERNELS=torch`` turns it off with the other kernels.
 """
@@ -51,7 +51,7 @@ from .autotune import autotune, launch
 from .reference import _flat_cache
 from .rope import rope_cos_sin
 
-MAX_M = 64  # rows; dispatch routes at most MODEGPT_SKINNY_MAX_TOKENS (default 16) here
+MAX_M = 64  # rows; dispatch routes at most MODEGPT_SKINNY_MAX_TOKENS (default 64) here
 
 
 def m_pad(M: int) -> int:

@@ -900,10 +900,10 @@ def test_lowrank_configs_fit_shared_memory_in_float32():
 
 
 def test_linear_dispatch_rows_threshold(monkeypatch):
-    """Above MODEGPT_SKINNY_MAX_TOKENS rows (default 16) a dense linear stays on cuBLAS/PyTorch."""
+    """Above MODEGPT_SKINNY_MAX_TOKENS rows (default 64) a dense linear stays on cuBLAS/PyTorch."""
     monkeypatch.delenv("MODEGPT_SKINNY_MAX_TOKENS", raising=False)
     monkeypatch.setenv("MODEGPT_KERNELS", "auto")
-    assert dispatch.skinny_max_tokens() == (16 if dispatch.HAVE_TRITON else 0)
+    assert dispatch.skinny_max_tokens() == (64 if dispatch.HAVE_TRITON else 0)
     monkeypatch.setenv("MODEGPT_SKINNY_MAX_TOKENS", "4")
     assert dispatch.skinny_max_tokens() == (4 if dispatch.HAVE_TRITON else 0)
     monkeypatch.setenv("MODEGPT_SKINNY_MAX_TOKENS", "99")

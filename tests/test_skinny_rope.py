@@ -172,10 +172,10 @@ def test_triton_linear_rope_bitwise_equals_the_chain(seed, force_triton, shape, 
 @needs_triton
 def test_triton_dispatch_takes_the_fused_launch(seed, force_triton, monkeypatch):
     """``MODEGPT_KERNELS=triton`` at decode sizes: ``linear_rope_qkv_`` is the one fused launch, returns
-    ``[T, H, d]`` and writes the flat caches; 17 tokens (above the skinny limit, 16 by default) take the chain."""
+    ``[T, H, d]`` and writes the flat caches; 17 tokens (above a skinny limit of 16) take the chain."""
     from kernels import skinny_linear
 
-    monkeypatch.delenv("MODEGPT_SKINNY_MAX_TOKENS")
+    monkeypatch.setenv("MODEGPT_SKINNY_MAX_TOKENS", "16")
 
     calls = []
     real = skinny_linear.skinny_linear_rope_triton
