@@ -22,8 +22,9 @@ Policy (read per call, so tests and operators can flip it at run time):
   streams of one GPU must not run it concurrently. At decode sizes (rows <= ``skinny_max_tokens()``)
   the two stages are picked as a pair (``skinny_linear.lowrank_pick``: the shrink skinny, split over K
   (``lowrank.shrink_split_triton``) or cuBLAS, the expand skinny or cuBLAS, timed together, because
-  with PDL a skinny expand overlaps a Triton shrink): 0.92-1.30x of two cuBLAS calls on the H200 with
-  the first four combinations (session 5, docs/BENCHMARKS.md).
+  with PDL a skinny expand overlaps a Triton shrink; two cuBLAS calls are preferred unless another
+  pair times 3 % faster): 1.01-1.30x of two cuBLAS calls at one token and rank 25 % on the H200
+  (session 10, docs/BENCHMARKS.md), 1.3x for 7B's down projection with the split shrink.
 * ``linear`` (dense) in ``auto`` mode uses the skinny Triton kernel (``kernels.skinny_linear``) for
   at most ``MODEGPT_SKINNY_MAX_TOKENS`` rows (default and cap 64: decode steps) on the weight shapes where
   it timed faster than cuBLAS (once per shape, ``skinny_linear.beats_cublas``), cuBLAS otherwise.

@@ -76,6 +76,13 @@ program ids:
 * Measured (H200, 2026-11-29, kernels/NOTES.md): 0.72-1.11x of two cuBLAS calls at 1 and 16 tokens
   (best on "up" shapes at one token), about the same as two skinny launches; not the 1.3x target, so
   ``kernels.dispatch`` does not route to it.
+
+Split shrink (``shrink_split_triton``, M <= 64): the fused kernel's shrink tiles alone, one program per
+tile (no tickets, nothing waits), the chunk's last split reducing in order as above, without publishing to
+segments, and with the split's first A tile loaded before the PDL wait. Followed by the skinny expand
+(``skinny_linear``), which streams B while it finishes, it is the low-rank pair's third shrink candidate
+(``skinny_linear.lowrank_pick``). Measured (H200, session 10): 1.29-1.30x of two cuBLAS calls at 7B
+down, rank 25 %, one token (the skinny shrink there: 0.82x), 1.07x at 13B and 16 tokens.
 """
 from __future__ import annotations
 

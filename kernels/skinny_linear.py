@@ -742,7 +742,10 @@ def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch
     K split over ~2 waves of programs, for A's few rows) or "cublas", the expand "skinny" or
     "cublas". Timed as PAIRS (all six combinations, once per shape): with PDL the expand's weight
     stream overlaps the shrink only when both are our kernels, which timing each stage alone cannot
-    see. During another graph's capture an unseen shape takes cuBLAS for both."""
+    see. Two cuBLAS calls are the preferred pair (another must time ``PICK_MARGIN`` faster): the
+    promise is never to be slower than them, and session 10's bench saw a pick that timed faster
+    here run 0.93x of them (7B down, rank 25 %, 16 tokens). During another graph's capture an unseen
+    shape takes cuBLAS for both."""
     from .lowrank import shrink_split_triton
 
     key = ("lowrank", tuple(A.shape), tuple(B.shape), m_pad(x2.shape[0]), A.dtype,
@@ -754,4 +757,4 @@ def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch
         return lambda: second(first(x2, A, None), B, bias)
 
     candidates = {(a, b): pair(shrinks[a], stages[b]) for a in ("skinny", "split", "cublas") for b in stages}
-    return _timed_pick(key, candidates, A.device) or ("cublas", "cublas")
+    return _timed_pick(key, candidates, A.device, prefer=("cublas", "cublas")) or ("cublas", "cublas")
