@@ -280,7 +280,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
         if ROPE_OUT:
             bias_u = tl.load(b_ptr + n_second, mask=n_mask_u, other=0.0).to(tl.float32)
     if M_PAD == 1:
-        w0 = tl.load(w_ptr + rows[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0, eviction_policy=W_EVICT)
+        w0 = tl.load(w_ptr + rows[:, None] + offs_b[None, :], mask=n_mask[:, None] & first[None, :], other=0.0,
+                     eviction_policy=W_EVICT)
         if SWIGLU_OUT or ROPE_OUT:
             w0u = tl.load(w_ptr + rows_u[:, None] + offs_b[None, :], mask=n_mask_u[:, None] & first[None, :],
                           other=0.0, eviction_policy=W_EVICT)
@@ -301,10 +302,12 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          (k0 // BLOCK_K) % nprog == pid, GATED, NORM, HAS_DELTA, False)
             if NORM:
                 ssq += tl.sum(sq, axis=0)
-            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0, eviction_policy=W_EVICT)
+            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0,
+                        eviction_policy=W_EVICT)
             acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
             if SWIGLU_OUT or ROPE_OUT:
-                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None], other=0.0, eviction_policy=W_EVICT)
+                wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None], other=0.0,
+                             eviction_policy=W_EVICT)
                 acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
         if k_main < K:
             offs_k = k_main + offs_b
@@ -313,7 +316,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          tail_writer, GATED, NORM, HAS_DELTA, True)
             if NORM:
                 ssq += tl.sum(sq, axis=0)
-            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy=W_EVICT)
+            w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                        eviction_policy=W_EVICT)
             acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
             if SWIGLU_OUT or ROPE_OUT:
                 wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None] & k_mask[None, :],
@@ -346,7 +350,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
         xm = offs_m[:, None] * stride_xm
         dm = offs_m[:, None] * stride_dm
         sm = offs_m[:, None] * stride_sm
-        w0 = tl.load(w_ptr + rows[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0, eviction_policy=W_EVICT)
+        w0 = tl.load(w_ptr + rows[None, :] + offs_b[:, None], mask=n_mask[None, :] & first[:, None], other=0.0,
+                     eviction_policy=W_EVICT)
         if SWIGLU_OUT or ROPE_OUT:
             w0u = tl.load(w_ptr + rows_u[None, :] + offs_b[:, None], mask=n_mask_u[None, :] & first[:, None],
                           other=0.0, eviction_policy=W_EVICT)
@@ -369,10 +374,12 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          (k0 // BLOCK_K) % nprog == pid, GATED, NORM, HAS_DELTA, True)
             if NORM:
                 ssq2 += tl.sum(sq, axis=1)
-            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0, eviction_policy=W_EVICT)
+            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0,
+                        eviction_policy=W_EVICT)
             acc2 = _mma(a.to(dt), w, acc2, PRECISION)
             if SWIGLU_OUT or ROPE_OUT:
-                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask_u[None, :], other=0.0, eviction_policy=W_EVICT)
+                wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask_u[None, :], other=0.0,
+                             eviction_policy=W_EVICT)
                 acc2_u = _mma(a.to(dt), wu, acc2_u, PRECISION)
         if k_main < K:
             offs_k = k_main + offs_b
@@ -382,7 +389,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          tail_writer, GATED, NORM, HAS_DELTA, True)
             if NORM:
                 ssq2 += tl.sum(sq, axis=1)
-            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0, eviction_policy=W_EVICT)
+            w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0,
+                        eviction_policy=W_EVICT)
             acc2 = _mma(a.to(dt), w, acc2, PRECISION)
             if SWIGLU_OUT or ROPE_OUT:
                 wu = tl.load(w_ptr + rows_u[None, :] + offs_k[:, None], mask=n_mask_u[None, :] & k_mask[:, None],
@@ -413,7 +421,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                      mask=m_mask[:, None] & n_mask[None, :])
 
 
-_skinny = autotune(_CONFIGS + _WIDE_CONFIGS, key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES"],
+_skinny = autotune(_CONFIGS + _WIDE_CONFIGS,
+                   key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES"],
                    prune=_prune)(_skinny_kernel)
 
 
