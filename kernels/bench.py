@@ -164,11 +164,10 @@ def _lowrank_decode_timings(x: torch.Tensor, As: list, Bs: list, y_ref: torch.Te
             out.update(skinny_pair_nopdl_us=us, skinny_pair_nopdl=_rates(us, nbytes, flops),
                        speedup_skinny_pair_nopdl_vs_baseline=base / us)
             # the shrink split over K, then the skinny expand
-            shrink_split_triton = lowrank.shrink_split_triton
-            y = skinny_linear_triton(shrink_split_triton(x, As[0]), Bs[0])  # tunes outside the capture
+            y = skinny_linear_triton(lowrank.shrink_split_triton(x, As[0]), Bs[0])  # tunes outside the capture
             out["rel_diff_split_pair_vs_baseline"] = _rel(y, y_ref)
-            us = _time([lambda i=i: skinny_linear_triton(shrink_split_triton(x, As[i]), Bs[i]) for i in range(n)],
-                       True)
+            us = _time([lambda i=i: skinny_linear_triton(lowrank.shrink_split_triton(x, As[i]), Bs[i])
+                        for i in range(n)], True)
             out.update(split_pair_us=us, split_pair=_rates(us, nbytes, flops),
                        speedup_split_pair_vs_baseline=base / us)
             # the same pair with each launch prefetching part of its weight into the L2 before its wait

@@ -619,29 +619,36 @@ def fused_splits(R: int, K: int, rb: int, device: torch.device) -> int:
     return ks
 
 
-def _fused_prune(configs, named_args, **kwargs):
-    """The family of the call's M (GEMV for one token, MMA otherwise), tiles no wider than tiny
-    dims, a shared-memory budget, and each config's K splits (``KS_REQ`` > 0 forces them)."""
+def _prune_decode(configs, named_args, kwargs, gemv_ids, dims, smem_of):
+    """What the one-launch kernel and the split shrink prune alike: the family of the call's M (GEMV
+    configs ``gemv_ids`` for one token, MMA otherwise), tiles no wider than tiny dims (``dims``: tile
+    name -> argument name), the shared-memory budget (``smem_of(config, m_pad, esz)``: pipelined operand
+    bytes), and each config's K splits (``fused_splits``; ``KS_REQ`` > 0 forces them)."""
     m_pad = kwargs.get("M_PAD", named_args.get("M_PAD", 1))
-    N, K, R = named_args["N"], named_args["K"], named_args["R"]
+    K, R = named_args["K"], named_args["R"]
     x = named_args["x_ptr"]
-    keep = [c for c in configs if (id(c) in _GEMV_IDS) == (m_pad == 1)] or list(configs[:1])
-    for name, dim in (("BK", K), ("BR", R), ("RB", R), ("BN", N)):
-        cap = max(16, next_pow2(dim), min(c.kwargs[name] for c in keep))  # else the narrowest ones
+    keep = [c for c in configs if (id(c) in gemv_ids) == (m_pad == 1)] or list(configs[:1])
+    for name, arg in dims:
+        cap = max(16, next_pow2(named_args[arg]), min(c.kwargs[name] for c in keep))  # else the narrowest ones
         keep = [c for c in keep if c.kwargs[name] <= cap]
     esz = x.element_size()
-
-    def smem(c):  # pipelined operand buffers of the larger of the two loops (what Triton allocates)
-        kw = c.kwargs
-        return c.num_stages * esz * max(m_pad * kw["BK"] + kw["BK"] * kw["RB"], m_pad * kw["BR"] + kw["BR"] * kw["BN"])
-
-    keep = [c for c in keep if smem(c) <= _FUSED_SMEM_BUDGET] or [min(keep, key=smem)]
+    keep = ([c for c in keep if smem_of(c, m_pad, esz) <= _FUSED_SMEM_BUDGET]
+            or [min(keep, key=lambda c: smem_of(c, m_pad, esz))])
     ks_req = int(named_args["KS_REQ"])
-    out = []
-    for c in keep:
-        ks = min(MAX_KS, ks_req) if ks_req > 0 else fused_splits(R, K, c.kwargs["RB"], x.device)
-        out.append(triton.Config({**c.kwargs, "KS": ks}, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out
+    return [triton.Config({**c.kwargs, "KS": min(MAX_KS, ks_req) if ks_req > 0 else
+                           fused_splits(R, K, c.kwargs["RB"], x.device)}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in keep]
+
+
+def _fused_smem(c, m_pad, esz):
+    """Pipelined operand buffers of the larger of the fused kernel's two loops (what Triton allocates)."""
+    kw = c.kwargs
+    return c.num_stages * esz * max(m_pad * kw["BK"] + kw["BK"] * kw["RB"], m_pad * kw["BR"] + kw["BR"] * kw["BN"])
+
+
+def _fused_prune(configs, named_args, **kwargs):
+    return _prune_decode(configs, named_args, kwargs, _GEMV_IDS, (("BK", "K"), ("BR", "R"), ("RB", "R"), ("BN", "N")),
+                         _fused_smem)
 
 
 _fused_decode = autotune(_FUSED_GEMV_CONFIGS + _FUSED_MMA_CONFIGS, key=["M_KEY", "N", "K", "R", "KS_REQ"],
@@ -677,25 +684,8 @@ _SPLIT_GEMV_IDS = {id(c) for c in _SPLIT_GEMV_CONFIGS}
 
 
 def _split_prune(configs, named_args, **kwargs):
-    """The call's family (GEMV for one token, MMA otherwise), tiles no wider than tiny dims, a
-    shared-memory budget, and each config's K splits (``fused_splits``, or ``KS_REQ`` > 0)."""
-    m_pad = kwargs.get("M_PAD", named_args.get("M_PAD", 1))
-    K, R = named_args["K"], named_args["R"]
-    x = named_args["x_ptr"]
-    keep = [c for c in configs if (id(c) in _SPLIT_GEMV_IDS) == (m_pad == 1)] or list(configs[:1])
-    for name, dim in (("BK", K), ("RB", R)):
-        cap = max(16, next_pow2(dim), min(c.kwargs[name] for c in keep))
-        keep = [c for c in keep if c.kwargs[name] <= cap]
-    esz = x.element_size()
-
-    def smem(c):
-        return c.num_stages * esz * c.kwargs["BK"] * (m_pad + c.kwargs["RB"])
-
-    keep = [c for c in keep if smem(c) <= _FUSED_SMEM_BUDGET] or [min(keep, key=smem)]
-    ks_req = int(named_args["KS_REQ"])
-    return [triton.Config({**c.kwargs, "KS": min(MAX_KS, ks_req) if ks_req > 0 else
-                           fused_splits(R, K, c.kwargs["RB"], x.device)}, num_warps=c.num_warps,
-                          num_stages=c.num_stages) for c in keep]
+    return _prune_decode(configs, named_args, kwargs, _SPLIT_GEMV_IDS, (("BK", "K"), ("RB", "R")),
+                         lambda c, m_pad, esz: c.num_stages * esz * c.kwargs["BK"] * (m_pad + c.kwargs["RB"]))
 
 
 _split_shrink = autotune(_SPLIT_GEMV_CONFIGS + _SPLIT_MMA_CONFIGS, key=["M_KEY", "K", "R", "KS_REQ"],
