@@ -403,10 +403,11 @@ def _rope_qkv_case(dims: tuple[int, int], T: int, dtype: torch.dtype) -> dict:
 def _linear_rope_case(heads: tuple[int, int, int, int], K: int, M: int, dtype: torch.dtype) -> dict:
     """The q/k/v projection with RoPE and the cache write as its epilogue (``skinny_linear_rope_triton``, one
     launch) against the chain it replaces: the better of the skinny kernel and cuBLAS for the projection,
-    then ``rope_qkv_triton_``. Timed as the engine's picks time them (``skinny_linear._graph_us``: CUDA graph,
+    then ``rope_qkv_triton_``. Timed as the engine's picks time them (``graph_timing.graph_us``: CUDA graph,
     L2 flushed, after a small PDL kernel)."""
     from .dispatch import _linear_rope_chain
-    from .skinny_linear import _FLUSH_BYTES, _graph_us, _predecessor, skinny_linear_rope_triton
+    from .graph_timing import FLUSH_BYTES, graph_us, predecessor
+    from .skinny_linear import skinny_linear_rope_triton
 
     H, hkv, d, dv = heads
     dev = torch.device("cuda")
@@ -421,15 +422,15 @@ def _linear_rope_case(heads: tuple[int, int, int, int], K: int, M: int, dtype: t
     args = (H, pos, f, kc, vc, slots)
     fused = skinny_linear_rope_triton(x, w, None, *args)
     chain = _linear_rope_chain(x, w, None, *args).reshape(M, -1)
-    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev)
-    before = _predecessor(flush)
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=dev)
+    before = predecessor(flush)
     flush.zero_()
     before()
     torch.cuda.synchronize()
     esz = torch.finfo(dtype).bits // 8
     nbytes = (n_out * K + M * K + M * n_out) * esz
-    tri = _graph_us(lambda: skinny_linear_rope_triton(x, w, None, *args), flush, before)
-    base = _graph_us(lambda: _linear_rope_chain(x, w, None, *args), flush, before)
+    tri = graph_us(lambda: skinny_linear_rope_triton(x, w, None, *args), flush, before)
+    base = graph_us(lambda: _linear_rope_chain(x, w, None, *args), flush, before)
     return {"kernel": "linear_rope_qkv", "heads": H, "kv_heads": hkv, "d_qk": d, "d_v": dv, "in": K, "tokens": M,
             "dtype": str(dtype), "timing": "cuda_graph_flushed", "bytes": nbytes, "flops": 2.0 * M * n_out * K,
             "rel_diff_vs_baseline": _rel(fused, chain), "triton_us": tri, "baseline_us": base,

@@ -112,7 +112,7 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     blocks = block_tables[:, pos // block_size].long()  # [B, cap]
     k = kc[blocks, pos % block_size].float()  # [B, cap, hkv, dqk]
     v = vc[blocks, pos % block_size].float()  # [B, cap, hkv, dv]
-    qg = q.float().view(B, hkv, group, dqk)
+    qg = q.float().reshape(B, hkv, group, dqk)  # q may be a row-strided view (of a fused q/k/v output)
     s = torch.einsum("bgqd,bngd->bgqn", qg, k) * scale  # [B, hkv, group, cap]
     valid = pos[None, :] < context_lens.long()[:, None]  # [B, cap]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))

@@ -19,6 +19,8 @@
 #   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
+#   bash kernels/run_h200.sh s11b      # session 11: configs tuned in graphs, strided q: A/B, timelines, CUDA tests
+#   bash kernels/run_h200.sh s11a      # session 11: cold-cache A/B, then critical-path shares of engine steps (b1, b16)
 #   bash kernels/run_h200.sh s10d      # session 10: random:llama-2-13b vs its 30 % checkpoint, batch 256/64/16/1
 #   bash kernels/run_h200.sh s10e      # session 10: the skinny kernel up to 64 tokens against cuBLAS at batch 64
 #   bash kernels/run_h200.sh s10f      # session 10: the recorded original-vs-30 % A/B with the session's defaults
@@ -47,9 +49,9 @@ mkdir -p "$OUT"
 pack() {
   # tar exits 1 when a file changes while it reads it (a process still writing after a timeout): the
   # archive is still good, so pack on regardless (2026-11-29, session 5: that lost a run's JSON)
-  (cd "$OUT" && { tar czf /tmp/results.tgz --exclude='./triton-cache.tgz.*' . || true; } && mv /tmp/results.tgz results.tgz \
+  (cd "$OUT" && { tar czf /tmp/results.tgz --exclude='./triton-cache.t?z.*' . || true; } && mv /tmp/results.tgz results.tgz \
       && find . -type f ! -name results.tgz ! -name run.log ! -name 'triton-cache.tgz.*' \
-      ! -name cuda-tests.log ! -name bench-engine-h200.log -delete) || true
+      ! -name 'triton-cache.txz.*' ! -name cuda-tests.log ! -name bench-engine-h200.log -delete) || true
 }
 [ "${PACK:-1}" = 1 ] && trap pack EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -73,10 +75,16 @@ elif ls .tcache/triton-cache.tgz.* > /dev/null 2>&1; then
   cat .tcache/triton-cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files carried in"
 fi
 touch /tmp/tcache-start
-tcache_out() {  # only what this call added (the carried part is already here)
+tcache_out() {  # only what this call added (the carried part is already here), as xz parts of <= 15 MiB:
+  # the compiled binaries (.cubin), the metadata, tuning results and picks (.json), not the intermediate
+  # IR (.ttir/.ttgir/.llir/.ptx/.source: Triton loads a cached kernel from its group's files that exist,
+  # triton/compiler/compiler.py CompiledKernel, and needs only the binary), which is most of the bytes
   (cd "$TRITON_CACHE_DIR" && find . -mindepth 1 -maxdepth 1 -type d -newer /tmp/tcache-start -print0 \
-      | tar czf - --null -T -) | split -b 15M -d - "$OUT/triton-cache.tgz."
-  ls -la "$OUT"/triton-cache.tgz.* | tee -a "$OUT/run.log"
+      | xargs -0 -r -I{} find {} -type f ! -name '*.ttir' ! -name '*.ttgir' ! -name '*.llir' ! -name '*.ptx' \
+          ! -name '*.source' -print0 \
+      | tar cf - --null -T - | $PY -c "import lzma, shutil, sys; shutil.copyfileobj(sys.stdin.buffer, lzma.open(sys.stdout.buffer, 'w', preset=6))") \
+      | split -b 15M -d - "$OUT/triton-cache.txz."
+  ls -la "$OUT"/triton-cache.txz.* | tee -a "$OUT/run.log"
 }
 
 tests() {  # [timeout] [shards] [pytest selection...]: the CUDA suite in parallel shards (Triton compiles
@@ -152,6 +160,12 @@ profile1() {  # model batch tag [env...]: one step profile with per-kernel trace
   env "$@" timeout ${PROFILE_TIMEOUT:-150} $PY -m server.engine.profile_step "$m" --device cuda --batch $b --trace --steps 30 \
       --kv-cache-gb ${PROFILE_KV_GB:-4} \
       --json "$OUT/profile-$tag-b$b.json" > "$OUT/profile-$tag-b$b.log" 2>&1 || echo "profile $tag b=$b failed"
+}
+timeline1() {  # model batch tag: critical-path shares of whole engine steps (Chrome trace kept in results.tgz)
+  local m=$1 b=$2 tag=$3
+  timeout ${PROFILE_TIMEOUT:-150} $PY -m server.engine.profile_step "$m" --device cuda --batch $b --steps 30 \
+      --kv-cache-gb ${PROFILE_KV_GB:-4} --timeline "$OUT/trace-$tag-b$b.json" \
+      --json "$OUT/timeline-$tag-b$b.json" > "$OUT/timeline-$tag-b$b.log" 2>&1 || echo "timeline $tag b=$b failed"
 }
 profile() {  # where a decode step goes: per-kernel device time inside the graph, host, sampler (batch 1 and 64)
   ckpt
@@ -357,6 +371,26 @@ s10c)  # session 10, call 3: the low-rank pair with the shrink split over K (low
   kernel_bench ${BENCH_TIMEOUT:-330} ${BENCH_BUDGET:-300} \
       '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b down r=0.5 M=1")'
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py -k "shrink_split or split_pair or lowrank_decode or pdl"
+  tcache_out ;;
+s11b)  # session 11, call 2: the skinny kernel's tile configs timed in CUDA graphs behind a PDL predecessor
+  # (graph_timing.chain_bench) instead of do_bench alone, and attention reading q through its strides (no
+  # copy per layer from batch 2): the recorded A/B, the step timelines at batch 1 and 16, the CUDA tests
+  ckpt
+  timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-graph-tuned.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  for b in ${TIMELINE_BATCHES:-1 16}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done
+  tcache_out
+  TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-130} 4 tests/test_kernels.py tests/test_engine_cuda.py \
+      -k "precompile or chain_bench or strided or tuned_as_a_graph or decode_equals_eager or async_scheduling_through" ;;
+s11a)  # session 11, call 1 (cold Triton cache: this checkout carried none): the recorded A/B, original against
+  # 30 %, batch 256/64/16/1, then where a whole engine step's time goes at batch 1 and 16 (critical-path
+  # shares of every GPU operation: server.engine.timeline), then the Triton cache back
+  ckpt
+  timeout ${AB_TIMEOUT:-330} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-cold.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  for b in ${TIMELINE_BATCHES:-1 16}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done
   tcache_out ;;
 s10d)  # session 10, call 4: the product's target size. random:llama-2-13b compressed for real at 30 % (the
   # default rounding: 128 / 16; 64 x 1024 calibration ids, since the allocation of a random model does not

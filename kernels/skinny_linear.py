@@ -28,7 +28,9 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
   embedding at the kept frequencies and the KV-cache write as the epilogue, :func:`skinny_linear_rope_triton`).
 
 Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
-compressed model share a handful of tunings; results persist in Triton's cache (``kernels.autotune``).
+compressed model share a handful of tunings; configs are timed inside CUDA graphs behind a PDL
+predecessor (``kernels.graph_timing.chain_bench``), as a decode step runs them; results persist in
+Triton's cache (``kernels.autotune``).
 ``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 64) and
 cuBLAS above, and in ``auto`` mode only for the shapes where it measured faster than cuBLAS
 (:func:`beats_cublas`); ``MODEGPT_KERNELS=torch`` turns it off with the other kernels.
@@ -48,6 +50,7 @@ from ._common import (SUPPORTED_DTYPES, cdiv, dot_precision, l2_prefetch_bytes, 
 from ._tl import mma as _mma
 from ._tl import l2_prefetch, pdl_wait
 from .autotune import autotune, launch
+from .graph_timing import FLUSH_BYTES, chain_bench, graph_us, predecessor
 from .reference import _flat_cache
 from .rope import rope_cos_sin
 
@@ -234,7 +237,10 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
     ``PF_LINES`` (PDL only, ``kernels._common.l2_prefetch_bytes``): before the wait, each program also
     asks the L2 for the next ``PF_LINES`` 128-byte lines of each of its rows (``_prefetch_rows``);
     ``W_EVICT`` is the weight loads' L2 eviction policy ("evict_first" with the prefetch, so a streamed
-    weight does not evict prefetched lines)."""
+    weight does not evict prefetched lines).
+
+    Tile configs are timed as a decode graph runs them (``graph_timing.chain_bench``: in a CUDA graph,
+    behind a PDL predecessor), not alone after an L2 flush, which ranked them differently (session 11)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -423,7 +429,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
 
 _skinny = autotune(_CONFIGS + _WIDE_CONFIGS,
                    key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES"],
-                   prune=_prune)(_skinny_kernel)
+                   prune=_prune, bench=chain_bench)(_skinny_kernel)
 
 
 def _align(*ints: int) -> int:
@@ -618,55 +624,6 @@ def skinny_linear_rope_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 
 _PICKS: dict[tuple, object] = {}
-_FLUSH_BYTES = 128 << 20  # > 2x the H200's 60 MB L2: each timed call streams its weight from HBM
-
-
-def _predecessor(flush: torch.Tensor):
-    """A small PDL kernel to precede each timed call (an RMSNorm of 16 rows of 4096 bf16 from the
-    flush buffer): in the engine every matmul follows one of our kernels, and under PDL
-    (``kernels._common``) our kernels start streaming their weights while it finishes, cuBLAS does not."""
-    from .fused_norm import add_rms_norm_triton
-
-    rows = flush[: 4096 * 16 * 2].view(torch.bfloat16).view(16, 4096)
-    norm_w = flush[-4096 * 2:].view(torch.bfloat16)
-    return lambda: add_rms_norm_triton(rows, None, norm_w, 1e-5)
-
-
-def _graph_us(fn, flush: torch.Tensor, before, reps: int = 20) -> float:
-    """Microseconds of `fn` as a CUDA graph replays it (what the engine's decode graphs see: no
-    host launch cost, which dominates eager timing of a 10-60 us kernel), each call after an L2
-    flush and the predecessor ``before``; the flush and the predecessor alone are timed the same
-    way and subtracted. Everything launched here must have run once outside a capture (a first
-    launch loads the kernel's module, which invalidates a capture)."""
-    def timed(calls) -> float:
-        g = torch.cuda.CUDAGraph()
-        # relaxed: a throwaway timing graph; in a float32 test engine (H200, session 6) a capture here
-        # was still invalidated after every candidate had run once outside it
-        with torch.cuda.graph(g, capture_error_mode="relaxed"):
-            for _ in range(reps):
-                calls()
-        g.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        best = float("inf")
-        for _ in range(5):
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) * 1e3 / reps)
-        return best
-
-    def prologue():
-        flush.zero_()
-        before()
-
-    def both():
-        prologue()
-        fn()
-
-    return timed(both) - timed(prologue)
-
-
 # A candidate other than the preferred one (our kernel, the fewer launches) must be this much faster
 # to be picked: the timing repeats to a few percent, and in the engine our kernels also overlap the
 # tail of whatever precedes them, which one predecessor here only approximates (2026-11-29, session 5:
@@ -677,7 +634,7 @@ PICK_MARGIN = 0.97
 
 
 def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None):
-    """The fastest of ``candidates`` (name -> zero-argument callable) by :func:`_graph_us`, measured
+    """The fastest of ``candidates`` (name -> zero-argument callable) by ``graph_timing.graph_us``, measured
     once per ``key`` (and stored on disk by ``kernels.pick_store``, so a restarted process reuses it),
     where ``prefer`` wins unless another is faster than ``PICK_MARGIN`` x its time; None during another
     graph's capture (nothing can be timed then)."""
@@ -688,8 +645,8 @@ def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None)
             return stored
         if torch.cuda.is_current_stream_capturing():
             return None
-        flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
-        before = _predecessor(flush)
+        flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+        before = predecessor(flush)
         flush.zero_()  # its fill kernel too: a test process had launched none before (H200, session 6)
         before()
         for fn in candidates.values():
@@ -697,7 +654,7 @@ def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None)
         torch.cuda.synchronize()
         timed = True
         try:
-            times = {name: _graph_us(fn, flush, before) for name, fn in candidates.items()}
+            times = {name: graph_us(fn, flush, before) for name, fn in candidates.items()}
         except RuntimeError as exc:  # a heuristic must never take the engine down: keep the preferred one
             timed = False
             torch.cuda.synchronize()

@@ -876,7 +876,34 @@ def test_precompile_builds_every_config_and_keys_like_the_autotuner(seed, monkey
     # every pruned config compiled (one may have been compiled already by an untuned test of this specialization)
     assert len(pruned) > 1 and len(binaries) - before >= len(pruned) - 1
     assert not autotune.precompile(kernel, captured["grid"], args, kwargs)  # tuned: nothing to do
+    # timed by graph_timing.chain_bench: every config that ran has a positive time, the pick is the fastest
+    times = {c: t[0] for c, t in kernel.configs_timings.items()}
+    assert all(t > 0 for t in times.values()) and kernel.cache[key] == min(times, key=times.get)
     assert_close(out, x.double() @ w.double().t(), torch.bfloat16, seed, "tuned skinny")
+
+
+@pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
+def test_the_decode_matmul_is_tuned_as_a_graph_runs_it():
+    from kernels import skinny_linear
+    from kernels.graph_timing import chain_bench
+
+    if hasattr(skinny_linear._skinny, "do_bench"):  # Triton >= 3.2 takes a do_bench
+        assert skinny_linear._skinny.do_bench is chain_bench
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA graphs")
+def test_chain_bench_ranks_calls_by_their_weight_stream():
+    """``chain_bench`` (in a CUDA graph, behind a PDL predecessor, the L2 flushed) returns what
+    ``do_bench`` returns, and a call streaming 8x the bytes takes clearly longer."""
+    from kernels.graph_timing import chain_bench
+
+    x = randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    big = randn(16384, 4096, dtype=torch.bfloat16, device="cuda")
+    small = randn(2048, 4096, dtype=torch.bfloat16, device="cuda")
+    t_big = chain_bench(lambda: torch.nn.functional.linear(x, big), quantiles=(0.5, 0.2, 0.8))
+    t_small = chain_bench(lambda: torch.nn.functional.linear(x, small))
+    assert len(t_big) == 3 and len(set(t_big)) == 1
+    assert t_big[0] > 2 * t_small > 0
 
 
 @pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
@@ -1034,6 +1061,29 @@ def test_triton_decode_attention(seed, force_triton, heads, B, dtype):
     kernels.decode_attention(q, kc, vc, tables, lens, scale, out=out)
     ref = ref_decode_attention(q, kc, vc, tables, lens, scale)
     assert_close(out, ref, dtype, seed, f"decode attention B={B} {heads}")
+
+
+@needs_triton
+@pytest.mark.parametrize("B", [2, 7])
+def test_triton_decode_attention_reads_a_row_strided_query(seed, force_triton, B):
+    """The engine hands attention q as a view of the fused q/k/v projection output (rows H * d_qk of
+    H * d_qk + Hkv * (d_qk + d_v) elements apart) with no copy: same values as a contiguous q, on the
+    kernel and on the PyTorch path."""
+    H, hkv, dqk, dv = ATTN_SMALL[0]
+    dtype = torch.float32
+    q, kc, vc, tables, lens = attention_inputs(B, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 90)
+    fused = randn(B, H * dqk + hkv * (dqk + dv), dtype=dtype, device=TRITON_DEVICE)
+    fused[:, :H * dqk] = q.reshape(B, H * dqk)
+    strided = fused[:, :H * dqk].view(B, H, dqk)
+    assert not strided.is_contiguous()
+    scale = 128 ** -0.5
+    ref = ref_decode_attention(q, kc, vc, tables, lens, scale)
+    out = nan_like((B, H, dv), dtype, TRITON_DEVICE)
+    kernels.decode_attention(strided, kc, vc, tables, lens, scale, out=out)
+    assert_close(out, ref, dtype, seed, "strided q, kernel")
+    from kernels.reference import decode_attention_torch
+
+    assert_close(decode_attention_torch(strided, kc, vc, tables, lens, scale), ref, dtype, seed, "strided q, torch")
 
 
 @needs_triton

@@ -10,7 +10,9 @@ fraction of the bandwidth roofline a decode step can reach (docs/BENCHMARKS.md).
 ``--trace`` adds the forward's kernels (torch.profiler over the graph replays): per kernel name its
 launches and device microseconds per step, the kernel count per step, and the idle time between
 kernels (forward minus the sum of kernel times), which is the launch overhead left inside the graph.
-``--compile`` builds the engine with ``torch.compile`` on the decode forward.
+``--compile`` builds the engine with ``torch.compile`` on the decode forward. ``--timeline PATH`` profiles
+whole engine steps (graph replay, the copies around it, the sampler) and adds each GPU operation's share of
+the step's critical path (``server.engine.timeline``), writing the Chrome trace to PATH.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 from compressor.loading import load_modegpt
 from server.engine.engine import LLMEngine
+from server.engine.timeline import profile_timeline
 from server.engine.types import GenerationRequest, SamplingParams
 
 
@@ -58,7 +61,8 @@ def kernel_breakdown(fn, steps: int, top: int = 30) -> dict:
 
 
 def profile_step(spec: str, device: str, steps: int = 50, dtype: torch.dtype | None = None,
-                 trace: bool = False, compile: bool = False, batch: int = 1, kv_cache_gb: float = 4.0) -> dict:
+                 trace: bool = False, compile: bool = False, batch: int = 1, kv_cache_gb: float = 4.0,
+                 timeline: str | None = None) -> dict:
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     loaded = load_modegpt(spec, device, dtype)
@@ -77,6 +81,8 @@ def profile_step(spec: str, device: str, steps: int = 50, dtype: torch.dtype | N
          "kernels": bool(eng.runner.kernels), "compile": compile, "batch": batch,
          "async_scheduling": eng.async_scheduling}
     r["step_ms"] = _timed(eng.step, steps, sync)
+    if timeline:
+        r["timeline"] = profile_timeline(eng.step, steps, sync, timeline)
     eng.flush()  # the parts below run on the host's current state
     if eng.runner.use_graphs:
         tables = [eng.runner.kv.allocator.table(s.request_id) for s in eng.scheduler.running]
@@ -114,9 +120,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     p.add_argument("--kv-cache-gb", type=float, default=4.0,
                    help="KV cache budget; each sequence holds 64 + 4 x steps tokens (batch 256 of LLaMA-2-7B: ~26 GB)")
+    p.add_argument("--timeline", default=None, metavar="TRACE_JSON",
+                   help="critical-path shares of whole engine steps; the Chrome trace is written here")
     a = p.parse_args(argv)
     r = profile_step(a.model, a.device, a.steps, trace=a.trace, compile=a.compile, batch=a.batch,
-                     kv_cache_gb=a.kv_cache_gb)
+                     kv_cache_gb=a.kv_cache_gb, timeline=a.timeline)
     print(json.dumps(r, indent=1))
     if a.json:
         with open(a.json, "w") as f:

@@ -1,0 +1,113 @@
+"""Which GPU operations a decode step waits on: the critical path of a profiled stretch of engine steps.
+
+A kernel's own duration says little once launches overlap (programmatic dependent launch starts a kernel
+while its predecessor still runs) or leave gaps (host-launched copies, the graph launch). What sets the
+step time is how far each operation moves the *frontier*, the latest end time of anything on the GPU so
+far. Walking the operations in start order:
+- ``gap``: idle time before the operation, when it starts after the frontier (nothing was running);
+- ``advance``: how far its end moves the frontier past ``max(frontier, start)``.
+Their sum over a stretch is the stretch's span, so each operation's ``gap + advance`` is its share of the
+step time. :func:`critical_path` computes it from (name, start, duration) triples; :func:`gpu_ops` reads
+those from a Chrome trace written by ``torch.profiler``; :func:`summarise` groups the shares by operation
+name (and, for matmuls, by launch grid, which tells the projections apart). ``profile_step --timeline``
+runs it over whole engine steps (the CUDA-graph replay, the copies around it and the sampler).
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
+
+_GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    start: float  # microseconds
+    dur: float
+    grid: tuple = ()
+
+
+@dataclass(frozen=True)
+class Share:
+    op: Op
+    gap: float  # idle before it
+    advance: float  # how far it moved the frontier
+
+
+def critical_path(ops: Iterable[Op]) -> list[Share]:
+    """Each operation's idle gap and frontier advance, in start order (ties: the longer first)."""
+    out: list[Share] = []
+    frontier = None
+    for op in sorted(ops, key=lambda o: (o.start, -o.dur)):
+        end = op.start + op.dur
+        if frontier is None:
+            out.append(Share(op, 0.0, op.dur))
+            frontier = end
+            continue
+        gap = max(0.0, op.start - frontier)
+        advance = max(0.0, end - max(frontier, op.start))
+        out.append(Share(op, gap, advance))
+        frontier = max(frontier, end)
+    return out
+
+
+def short_name(name: str) -> str:
+    """A kernel name without template arguments and signatures (cuBLAS and ATen names run to hundreds of
+    characters); Triton kernel names are already short."""
+    for cut in ("<", "("):
+        if cut in name and not name.startswith(("Memcpy", "Memset")):
+            name = name.split(cut, 1)[0]
+    return name.replace("void ", "").strip()[:80]
+
+
+def gpu_ops(trace_path: str) -> list[Op]:
+    """The GPU operations (kernels, copies, memsets) of a ``torch.profiler`` Chrome trace."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    ops = []
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in _GPU_CATEGORIES:
+            grid = tuple((e.get("args") or {}).get("grid", ()))
+            ops.append(Op(short_name(e["name"]), float(e["ts"]), float(e.get("dur", 0.0)), grid))
+    return ops
+
+
+def summarise(shares: list[Share], steps: int, by_grid: tuple[str, ...] = ("_skinny_kernel",)) -> dict:
+    """Per step: the span, the idle total, and per operation name (names in ``by_grid`` split by grid) the
+    count, summed duration, gap and advance, largest share first."""
+    rows: dict[str, dict] = defaultdict(lambda: {"count": 0, "dur_us": 0.0, "gap_us": 0.0, "advance_us": 0.0})
+    for s in shares:
+        key = s.op.name + (f" grid={list(s.op.grid)}" if s.op.name in by_grid and s.op.grid else "")
+        r = rows[key]
+        r["count"] += 1
+        r["dur_us"] += s.op.dur
+        r["gap_us"] += s.gap
+        r["advance_us"] += s.advance
+    table = []
+    for k, r in rows.items():
+        table.append({"op": k, "per_step": r["count"] / steps, "dur_us": r["dur_us"] / steps,
+                      "gap_us": r["gap_us"] / steps, "advance_us": r["advance_us"] / steps,
+                      "share_us": (r["gap_us"] + r["advance_us"]) / steps})
+    table.sort(key=lambda r: -r["share_us"])
+    span = sum(s.gap + s.advance for s in shares)
+    return {"steps": steps, "span_us_per_step": span / steps,
+            "idle_us_per_step": sum(s.gap for s in shares) / steps,
+            "ops_per_step": len(shares) / steps, "ops": table}
+
+
+def profile_timeline(fn, steps: int, sync, trace_path: str) -> dict:
+    """Run ``fn`` ``steps`` times under ``torch.profiler`` (CUDA activity only, so the host is not slowed by
+    CPU-op recording), write the Chrome trace to ``trace_path`` and summarise its critical path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    prof.export_chrome_trace(trace_path)
+    return summarise(critical_path(gpu_ops(trace_path)), steps)
