@@ -24,8 +24,7 @@ GPU machine spent minutes there (2026-11-29, session 5: two engine A/Bs produced
 and 170 s). Before a key is tuned for the first time, :func:`launch` therefore compiles all its pruned
 configs at once on a thread pool (Triton's ``AsyncCompileMode``, Triton >= 3.4; its compiler
 releases the GIL: measured 1.8x on this project's 2-core CPU machine for 4 sm_90 compiles on 2
-threads), so the autotuner finds them compiled. Timing uses short windows (``_quick_bench``), or for
-the decode matmul the way a decode graph runs it (``kernels.graph_timing.chain_bench``, session 11).
+threads), so the autotuner finds them compiled. Timing uses short windows (``_quick_bench``).
 
 ``MODEGPT_AUTOTUNE=off`` skips tuning (the first config that passes pruning and fits in shared
 memory); the test suite sets it.
@@ -57,10 +56,8 @@ def _quick_bench(fn, quantiles=None, **_):
 
 
 def autotune(configs: Sequence[triton.Config], key: list[str],
-             prune: Callable | None = None, bench: Callable | None = None) -> Callable:
-    """``triton.autotune`` with disk-cached results (where the installed Triton supports it), timing
-    configs with ``bench`` (a ``do_bench``; default :func:`_quick_bench`; the decode matmul passes
-    ``graph_timing.chain_bench``, which times them inside CUDA graphs behind a PDL predecessor)."""
+             prune: Callable | None = None) -> Callable:
+    """``triton.autotune`` with disk-cached results (where the installed Triton supports it)."""
     params = inspect.signature(triton.autotune).parameters
     kwargs: dict = {"configs": list(configs), "key": key}
     if prune is not None:
@@ -68,7 +65,7 @@ def autotune(configs: Sequence[triton.Config], key: list[str],
     if "cache_results" in params:
         kwargs["cache_results"] = True
     if "do_bench" in params:
-        kwargs["do_bench"] = bench or _quick_bench
+        kwargs["do_bench"] = _quick_bench
     else:  # pragma: no cover - Triton < 3.2
         kwargs["warmup"], kwargs["rep"] = 5, 25
     return triton.autotune(**kwargs)

@@ -388,12 +388,18 @@ def swiglu_mlp(x: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torc
     (``mlp_pick``): the gate/up skinny launch with the SwiGLU in its epilogue (it writes ``[M, I]``)
     followed by :func:`linear`; or :func:`linear` for gate/up followed by :func:`swiglu_linear`
     (which itself picks the fused-input launch or ``silu_mul`` + :func:`linear`). The first saves a
-    launch per layer and recomputes nothing. Elsewhere: the second, i.e. the PyTorch sequence."""
+    launch per layer and recomputes nothing. Elsewhere: the second, i.e. the PyTorch sequence.
+    ``MODEGPT_SWIGLU_EPILOGUE=0`` / ``1`` (read per call) takes the second / the first wherever the kernels
+    run, without timing (A/B runs: session 11 saw the pick flip between calls that tuned the same shapes)."""
     rows = x.numel() // max(1, x.shape[-1])
     two_i = gate_up_weight.shape[0] if gate_up_weight.dim() == 2 else -1
     ok = (_skinny_ok(x, gate_up_weight, gate_up_bias, rows) and two_i % 2 == 0 and weight.dim() == 2
           and weight.shape[-1] == two_i // 2 and (gate_up_bias is None or gate_up_bias.stride(0) == 1))
-    if ok and kernels_mode() == "auto" and backend_for(x, gate_up_weight, gate_up_bias, weight, bias, out) == "triton":
+    forced = os.environ.get("MODEGPT_SWIGLU_EPILOGUE", "auto").strip().lower()
+    if forced in ("0", "off", "no"):
+        ok = False
+    elif ok and forced not in ("1", "on", "yes") and kernels_mode() == "auto" and \
+            backend_for(x, gate_up_weight, gate_up_bias, weight, bias, out) == "triton":
         ok = mlp_pick(x.reshape(rows, x.shape[-1]), gate_up_weight, gate_up_bias, weight, bias) == "epilogue"
 
     def tri():

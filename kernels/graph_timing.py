@@ -8,14 +8,16 @@ differently: in the H200 step trace of session 11 (docs/BENCHMARKS.md) the tile 
 half of a 30 % checkpoint's gate/up projections (64-row tiles, 216 programs) ran at 78 % of the bandwidth
 ceiling in the step, where 8-row tiles ran at 90-96 %, although ``do_bench`` had timed the two within 1 %.
 
-:func:`graph_us` times a call as the step sees it: in a graph, each call after an L2 flush and a small
-PDL predecessor, with the flush and the predecessor timed alone and subtracted. The engine's per-shape
-picks (our kernel or cuBLAS, ``skinny_linear._timed_pick``) use it, and :func:`chain_bench` hands it to
-Triton's autotuner as ``do_bench``, so tile configs are chosen by the same measure.
+:func:`graph_us` times a call in a graph, each call after an L2 flush and a small PDL predecessor, with
+the flush and the predecessor timed alone and subtracted: the engine's per-shape picks between different
+kernels (our kernel or cuBLAS, ``skinny_linear._timed_pick``) use it. :func:`stream_us` times a launch in
+the steady state of a step, back to back with itself on rotating copies of its weight (:func:`weight_copies`):
+the skinny kernel's tile configs are chosen by it (``skinny_linear.tune_config``). The flush of
+:func:`graph_us` leaves 128 MB of dirty lines in the L2 that are written back while the timed call reads,
+and it ranked those configs no better than ``do_bench`` (H200, session 11: a 4096 x 4096 GEMV took 13 us
+there and 8.4 us inside a step; the SwiGLU gate/up tiles of 8 and 32 rows timed within 2 %).
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -68,30 +70,32 @@ def graph_us(fn, flush: torch.Tensor, before, reps: int = 20) -> float:
     return timed(both) - timed(prologue)
 
 
-_WARNED: list = []  # one warning per process
+def weight_copies(weight: torch.Tensor, min_bytes: int, most: int = 16) -> list[torch.Tensor]:
+    """``weight`` and enough clones of it that cycling through them streams at least ``min_bytes``
+    (at most ``most`` tensors): back-to-back calls on one small weight would read it from the L2."""
+    nbytes = max(1, weight.numel() * weight.element_size())
+    n = max(1, min(most, -(-int(min_bytes) // nbytes)))
+    # same strides as the original (a row-strided view must stay one: the launch's stride argument is shared)
+    return [weight] + [torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype,
+                                           device=weight.device).copy_(weight) for _ in range(n - 1)]
 
 
-def chain_bench(kernel_call, quantiles=None, **_):
-    """``do_bench`` for ``triton.autotune`` (``kernels.autotune.autotune(..., bench=chain_bench)``):
-    milliseconds of one ``kernel_call`` by :func:`graph_us`, in the shape ``do_bench`` returns (a list per
-    quantile when asked). The call runs once eagerly first (module load; Triton's autotuner lets
-    ``OutOfResources`` from it through to mark the config unusable). A capture that fails falls back to
-    ``do_bench`` for that config, with one warning per process."""
-    import triton.testing
-
-    kernel_call()
-    torch.cuda.synchronize()
-    try:
-        flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-        before = predecessor(flush)
-        flush.zero_()
-        before()
-        ms = max(graph_us(kernel_call, flush, before), 0.0) / 1e3
-    except RuntimeError as exc:
-        torch.cuda.synchronize()
-        if not _WARNED:
-            _WARNED.append(exc)
-            warnings.warn(f"kernels: timing a config in a CUDA graph failed ({exc!r}); falling back to "
-                          "triton.testing.do_bench", RuntimeWarning)
-        return triton.testing.do_bench(kernel_call, warmup=2, rep=8, quantiles=quantiles)
-    return [ms] * len(quantiles) if quantiles else ms
+def stream_us(call, weights: list[torch.Tensor], reps: int = 24) -> float:
+    """Microseconds per ``call(w)`` when ``reps`` of them run back to back in one CUDA graph, cycling
+    through ``weights``: the steady state of a decode step, where one weight-streaming launch follows
+    another (under PDL each starts while the one before it finishes) and no weight is in the L2. Best of
+    5 replays. ``call`` must have run once outside a capture."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, capture_error_mode="relaxed"):
+        for i in range(reps):
+            call(weights[i % len(weights)])
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / reps)
+    return best

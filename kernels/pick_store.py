@@ -26,8 +26,8 @@ import torch
 
 _ENV = "MODEGPT_PICK_CACHE"
 # the sources whose change can change which candidate is faster
-_SOURCES = ("_common.py", "_tl.py", "autotune.py", "dispatch.py", "fused_norm.py", "lowrank.py", "rope.py",
-            "skinny_linear.py", "pick_store.py")
+_SOURCES = ("_common.py", "_tl.py", "autotune.py", "dispatch.py", "fused_norm.py", "graph_timing.py", "lowrank.py",
+            "rope.py", "skinny_linear.py", "pick_store.py")
 _loaded: dict[Path, dict[str, str]] = {}
 _warned = False
 

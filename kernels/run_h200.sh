@@ -19,6 +19,7 @@
 #   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
+#   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
 #   bash kernels/run_h200.sh s11b      # session 11: configs tuned in graphs, strided q: A/B, timelines, CUDA tests
 #   bash kernels/run_h200.sh s11a      # session 11: cold-cache A/B, then critical-path shares of engine steps (b1, b16)
 #   bash kernels/run_h200.sh s10d      # session 10: random:llama-2-13b vs its 30 % checkpoint, batch 256/64/16/1
@@ -67,10 +68,11 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 mkdir -p "$TRITON_CACHE_DIR"
 # A carried cache may also be xz parts (triton-cache.txz.*: the same files in under half the bytes of gzip,
-# decompressed by Python's lzma, which every image has; session 10).
+# decompressed by Python's lzma, which every image has; session 10). Parts of several calls are several
+# concatenated xz streams of tar archives: lzma reads them all, tar -i reads past each end-of-archive.
 if ls .tcache/triton-cache.txz.* > /dev/null 2>&1; then
   cat .tcache/triton-cache.txz.* | $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
-      | tar xf - -C "$TRITON_CACHE_DIR" && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files carried in"
+      | tar xif - -C "$TRITON_CACHE_DIR" && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files carried in"
 elif ls .tcache/triton-cache.tgz.* > /dev/null 2>&1; then
   cat .tcache/triton-cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" && echo "triton cache: $(find "$TRITON_CACHE_DIR" -type f | wc -l) files carried in"
 fi
@@ -372,6 +374,19 @@ s10c)  # session 10, call 3: the low-rank pair with the shrink split over K (low
       '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b down r=0.5 M=1")'
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py -k "shrink_split or split_pair or lowrank_decode or pdl"
   tcache_out ;;
+s11c)  # session 11, call 3: the skinny kernel's configs timed back to back in a CUDA graph on rotating weight
+  # copies (skinny_linear.tune_config; 4-row GEMV tiles added), and the MLP's SwiGLU epilogue against the
+  # chain (MODEGPT_SWIGLU_EPILOGUE=0): original and 30 %, batch 256/64/16/1, one process; batch-1 timelines;
+  # the kernel CUDA tests of this session's code
+  ckpt
+  timeout ${AB_TIMEOUT:-320} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_SWIGLU_EPILOGUE=0 \
+      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_SWIGLU_EPILOGUE=0 --device cuda --dtype bfloat16 --batch 256 64 16 1 \
+      --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-stream-tuned.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
+  for b in ${TIMELINE_BATCHES:-1}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done
+  tcache_out
+  TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-110} 4 tests/test_kernels.py \
+      -k "precompile or stream_us or weight_copies or strided or every_m1_tile or epilogue_switch or skinny_linear" ;;
 s11b)  # session 11, call 2: the skinny kernel's tile configs timed in CUDA graphs behind a PDL predecessor
   # (graph_timing.chain_bench) instead of do_bench alone, and attention reading q through its strides (no
   # copy per layer from batch 2): the recorded A/B, the step timelines at batch 1 and 16, the CUDA tests

@@ -28,9 +28,9 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
   embedding at the kept frequencies and the KV-cache write as the epilogue, :func:`skinny_linear_rope_triton`).
 
 Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
-compressed model share a handful of tunings; configs are timed inside CUDA graphs behind a PDL
-predecessor (``kernels.graph_timing.chain_bench``), as a decode step runs them; results persist in
-Triton's cache (``kernels.autotune``).
+compressed model share a handful of tunings. The configs of a key are timed as a decode step runs
+them (:func:`tune_config`: launched back to back in a CUDA graph on rotating copies of the weight) and
+the pick is stored with the engine's other picks (``kernels.pick_store``), so a restart does not tune again.
 ``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 64) and
 cuBLAS above, and in ``auto`` mode only for the shapes where it measured faster than cuBLAS
 (:func:`beats_cublas`); ``MODEGPT_KERNELS=torch`` turns it off with the other kernels.
@@ -45,12 +45,12 @@ import triton
 import triton.language as tl
 
 from . import pick_store
-from ._common import (SUPPORTED_DTYPES, cdiv, dot_precision, l2_prefetch_bytes, launch_mode, pdl_meta,
+from ._common import (SUPPORTED_DTYPES, cdiv, dot_precision, interpret_mode, l2_prefetch_bytes, launch_mode, pdl_meta,
                       prefetch_lines)
 from ._tl import mma as _mma
 from ._tl import l2_prefetch, pdl_wait
-from .autotune import autotune, launch
-from .graph_timing import FLUSH_BYTES, chain_bench, graph_us, predecessor
+from .autotune import autotune, autotuning_enabled, launch, precompile, pruned_configs, tuning_key
+from .graph_timing import FLUSH_BYTES, graph_us, predecessor, stream_us, weight_copies
 from .reference import _flat_cache
 from .rope import rope_cos_sin
 
@@ -69,7 +69,8 @@ def _cfg(bn, bk, warps, stages):
 
 _CONFIGS = [_cfg(*c) for c in (
     (8, 1024, 4, 3), (16, 512, 4, 4), (16, 1024, 8, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3),
-    (64, 128, 4, 4))]
+    (64, 128, 4, 4), (4, 1024, 4, 4))]  # 4 rows: M = 1 only (the dot path prunes BLOCK_N < 16); twice the
+# programs of 8 rows, so a compressed model's narrower GEMVs (960-1344 programs of 8 rows) end in a shorter last wave
 # shallower tiles that only 32-64 token rows take (their token tiles fill the shared memory first)
 _WIDE_CONFIGS = [_cfg(*c) for c in ((16, 256, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4))]
 _WIDE_IDS = {id(c) for c in _WIDE_CONFIGS}
@@ -239,8 +240,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
     ``W_EVICT`` is the weight loads' L2 eviction policy ("evict_first" with the prefetch, so a streamed
     weight does not evict prefetched lines).
 
-    Tile configs are timed as a decode graph runs them (``graph_timing.chain_bench``: in a CUDA graph,
-    behind a PDL predecessor), not alone after an L2 flush, which ranked them differently (session 11)."""
+    Tile configs are timed as a decode step runs them (:func:`tune_config`: back to back in a CUDA graph),
+    not alone after an L2 flush, which ranked them differently (session 11)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -429,7 +430,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
 
 _skinny = autotune(_CONFIGS + _WIDE_CONFIGS,
                    key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES"],
-                   prune=_prune, bench=chain_bench)(_skinny_kernel)
+                   prune=_prune)(_skinny_kernel)
 
 
 def _align(*ints: int) -> int:
@@ -496,16 +497,72 @@ def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, ro
             return (cdiv(N, meta["BLOCK_N"]),)
 
         rope_args = (weight, weight, weight, weight, weight, 1, 1, 1, 1, 0, 0, 0, 0, 0)
-    launch(_skinny, grid,
-           (x2, weight, bias if bias is not None else weight, y, d2_, nw, s2, M, N, K, x2.stride(0), weight.stride(0),
+    args = (x2, weight, bias if bias is not None else weight, y, d2_, nw, s2, M, N, K, x2.stride(0), weight.stride(0),
             y.stride(0), d2_.stride(0), s2.stride(0), float(eps), cdiv(N, 256), cdiv(K, 256), K if gated else 0,
-            *rope_args),
-           dict(M_PAD=m_pad(M), HAS_BIAS=bias is not None,
-                ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
-                PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
-                NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, PF_LINES=pf,
-                W_EVICT="evict_first" if pf else "", **pdl_meta(x2.device)),
-           _INTERPRET)
+            *rope_args)
+    kwargs = dict(M_PAD=m_pad(M), HAS_BIAS=bias is not None,
+                  ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
+                  PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
+                  NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, PF_LINES=pf,
+                  W_EVICT="evict_first" if pf else "", **pdl_meta(x2.device))
+    if norm is None and x2.is_cuda:  # NORM writes the residual stream in place: not launched repeatedly
+        tune_config(grid, args, kwargs)
+    launch(_skinny, grid, args, kwargs, _INTERPRET)
+
+
+def config_name(cfg: triton.Config) -> str:
+    return f"{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']}/{cfg.num_warps}w/{cfg.num_stages}s"
+
+
+TUNED: dict[tuple, dict[str, float]] = {}  # tuning key -> microseconds per config, as this process timed them
+
+
+def tune_config(grid, args: tuple, kwargs: dict) -> None:
+    """Choose this launch's tile config, once per tuning key, by timing every config the pruner keeps
+    as a decode step runs it: launched back to back in a CUDA graph on rotating copies of the weight
+    (``graph_timing.stream_us``: at least twice the L2 streamed, each launch overlapping the one
+    before it under PDL). The choice goes into the autotuner's cache, so Triton's own timing (alone,
+    after an L2 flush: it ranked these configs differently from a step, session 11) never runs for the
+    key, and into ``kernels.pick_store``, so a restarted process reuses it. Nothing happens under the
+    interpreter, with autotuning off, for a key already tuned, or during another graph's capture."""
+    if interpret_mode() or not autotuning_enabled():
+        return
+    key = tuning_key(_skinny, args, kwargs)
+    if key in _skinny.cache:
+        return
+    configs = {config_name(c): c for c in pruned_configs(_skinny, args, kwargs)}
+    if len(configs) < 2:
+        return
+    weight = args[1]
+    store_key = ("skinny-config",) + key
+    stored = pick_store.lookup(store_key, configs, weight.device, PICK_MARGIN)
+    if stored is not None:
+        _skinny.cache[key] = configs[stored]
+        return
+    if torch.cuda.is_current_stream_capturing():
+        return
+    precompile(_skinny, grid, args, kwargs)
+    weights = weight_copies(weight, 2 * torch.cuda.get_device_properties(weight.device).L2_cache_size)
+    times: dict[str, float] = {}
+    for name, cfg in configs.items():
+        def call(w, cfg=cfg):
+            _skinny.fn[grid](args[0], w, *args[2:], **kwargs, **cfg.all_kwargs())
+        try:
+            call(weight)
+            torch.cuda.synchronize()
+            times[name] = stream_us(call, weights)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        except RuntimeError as exc:  # a failed capture: leave the key to Triton's autotuner
+            torch.cuda.synchronize()
+            warnings.warn(f"kernels: timing skinny configs in a CUDA graph failed ({exc!r})", RuntimeWarning)
+            return
+    if not times:
+        return
+    best = min(times, key=times.get)
+    TUNED[key] = times
+    _skinny.cache[key] = configs[best]
+    pick_store.record(store_key, best, weight.device, PICK_MARGIN)
 
 
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -507,6 +507,29 @@ def test_triton_skinny_linear(seed, force_triton, shape, M, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("swiglu_out", [False, True], ids=["plain", "swiglu"])
+def test_triton_skinny_gemv_every_m1_tile(seed, force_triton, swiglu_out, monkeypatch):
+    """The one-token path with each M = 1 tile config of the tuner (4-64 rows), poisoned output, ragged N
+    and K. An untuned launch takes the first config the pruner keeps, so the kernel's config list is set to
+    each config in turn; under the interpreter the launch takes ``_INTERPRET``'s tile, set to its rows."""
+    from kernels import skinny_linear
+
+    K, N = 70, 45
+    x = randn(1, K, dtype=torch.float32, device=TRITON_DEVICE)
+    w = randn(2 * N if swiglu_out else N, K, dtype=torch.float32, device=TRITON_DEVICE, scale=K ** -0.5)
+    y = ref_linear(x, w, None)
+    ref = torch.nn.functional.silu(y[:, :N]) * y[:, N:] if swiglu_out else y
+    cfgs = [c for c in skinny_linear._CONFIGS if c in skinny_linear._prune(skinny_linear._CONFIGS, {}, M_PAD=1)]
+    assert {c.kwargs["BLOCK_N"] for c in cfgs} >= {4, 8, 16, 32, 64}
+    for cfg in cfgs:
+        monkeypatch.setattr(skinny_linear._skinny, "configs", [cfg])
+        monkeypatch.setattr(skinny_linear, "_INTERPRET", {"BLOCK_N": cfg.kwargs["BLOCK_N"], "BLOCK_K": 32})
+        out = nan_like((1, N), torch.float32, TRITON_DEVICE)
+        skinny_linear.skinny_linear_triton(x, w, out=out, swiglu_out=swiglu_out)
+        assert_close(out, ref, torch.float32, seed, f"GEMV {skinny_linear.config_name(cfg)}")
+
+
+@needs_triton
 def test_triton_skinny_linear_strided_rows_and_lead_dims(seed, force_triton):
     """x a column slice of a wider buffer, with leading dims; weight rows of an odd-but-8-aligned
     width (the alignment hint must not be claimed beyond what the stride gives)."""
@@ -584,6 +607,23 @@ def test_triton_skinny_swiglu_epilogue(seed, force_triton, shape, M, dtype):
                  tol=INTERP_BF16_CHAIN_TOL if INTERPRET and dtype == torch.bfloat16 else None)
     plain = skinny_linear_triton(x, w, b)
     assert torch.equal(out, silu_mul_triton(plain[:, :N], plain[:, N:])), "epilogue must round like silu_mul"
+
+
+@needs_triton
+@pytest.mark.parametrize("forced", ["0", "1", "auto"])
+def test_swiglu_mlp_epilogue_switch(seed, force_triton, monkeypatch, forced):
+    """``MODEGPT_SWIGLU_EPILOGUE`` picks the MLP's launch sequence (epilogue / chain / timed), never its result:
+    the same values as the float64 MLP, and with 0 the exact chain of ``linear`` then ``swiglu_linear``."""
+    monkeypatch.setenv("MODEGPT_SWIGLU_EPILOGUE", forced)
+    K, inter = 64, 40
+    x = randn(1, K, dtype=torch.float32, device=TRITON_DEVICE)
+    gu = randn(2 * inter, K, dtype=torch.float32, device=TRITON_DEVICE, scale=K ** -0.5)
+    down = randn(K, inter, dtype=torch.float32, device=TRITON_DEVICE, scale=inter ** -0.5)
+    out = kernels.swiglu_mlp(x, gu, None, down)
+    g, u = ref_linear(x, gu, None).chunk(2, dim=-1)
+    assert_close(out, ref_linear(torch.nn.functional.silu(g) * u, down, None), torch.float32, seed, f"mlp {forced}")
+    if forced == "0":
+        assert torch.equal(out, kernels.swiglu_linear(kernels.linear(x, gu), down))
 
 
 def ref_norm_linear(x, d, nw, eps, w, b):
@@ -852,7 +892,7 @@ def test_precompile_builds_every_config_and_keys_like_the_autotuner(seed, monkey
     (kernels.autotune.precompile): afterwards the kernel's binary cache holds one entry per pruned
     config, the autotuner stores its pick under our ``tuning_key`` (so a tuned key is never
     precompiled again), and the tuned launch is correct."""
-    from kernels import autotune, skinny_linear
+    from kernels import autotune, pick_store, skinny_linear
 
     monkeypatch.setenv("MODEGPT_AUTOTUNE", "on")
     N, K, M = 4096 + 48 + 16 * (seed % 7), 1000 + 8 * (seed % 5), 5  # a key no other test tunes
@@ -876,34 +916,48 @@ def test_precompile_builds_every_config_and_keys_like_the_autotuner(seed, monkey
     # every pruned config compiled (one may have been compiled already by an untuned test of this specialization)
     assert len(pruned) > 1 and len(binaries) - before >= len(pruned) - 1
     assert not autotune.precompile(kernel, captured["grid"], args, kwargs)  # tuned: nothing to do
-    # timed by graph_timing.chain_bench: every config that ran has a positive time, the pick is the fastest
-    times = {c: t[0] for c, t in kernel.configs_timings.items()}
-    assert all(t > 0 for t in times.values()) and kernel.cache[key] == min(times, key=times.get)
+    # tuned by skinny_linear.tune_config: every config that ran has a positive time, the pick is the fastest
+    times = skinny_linear.TUNED[key]
+    assert len(times) > 1 and all(t > 0 for t in times.values())
+    assert skinny_linear.config_name(kernel.cache[key]) == min(times, key=times.get)
     assert_close(out, x.double() @ w.double().t(), torch.bfloat16, seed, "tuned skinny")
+    # a restarted process (an empty autotuner cache) takes the stored pick without timing
+    if pick_store.enabled():
+        del kernel.cache[key], skinny_linear.TUNED[key]
+        skinny_linear.skinny_linear_triton(x, w)
+        assert key in kernel.cache and key not in skinny_linear.TUNED
 
 
-@pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
-def test_the_decode_matmul_is_tuned_as_a_graph_runs_it():
-    from kernels import skinny_linear
-    from kernels.graph_timing import chain_bench
+def test_weight_copies_stream_enough_bytes_with_the_same_strides():
+    from kernels.graph_timing import weight_copies
 
-    if hasattr(skinny_linear._skinny, "do_bench"):  # Triton >= 3.2 takes a do_bench
-        assert skinny_linear._skinny.do_bench is chain_bench
+    w = torch.randn(64, 48)[:, :40]  # a row-strided view: stride 48
+    copies = weight_copies(w, min_bytes=5 * w.numel() * 4 - 1)
+    assert len(copies) == 5 and copies[0] is w
+    assert all(c.stride() == w.stride() and torch.equal(c, w) and c.data_ptr() != w.data_ptr() for c in copies[1:])
+    assert len(weight_copies(w, 1)) == 1 and len(weight_copies(w, 10 ** 12, most=3)) == 3
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA graphs")
-def test_chain_bench_ranks_calls_by_their_weight_stream():
-    """``chain_bench`` (in a CUDA graph, behind a PDL predecessor, the L2 flushed) returns what
-    ``do_bench`` returns, and a call streaming 8x the bytes takes clearly longer."""
-    from kernels.graph_timing import chain_bench
+def test_stream_us_ranks_launches_by_their_weight_stream():
+    """``stream_us`` (back to back in a CUDA graph, on rotating weight copies) gives a weight of 8x the bytes
+    clearly more time, and a small weight is not timed from the L2 (its copies stream 2x the L2)."""
+    from kernels.graph_timing import stream_us, weight_copies
 
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     x = randn(1, 4096, dtype=torch.bfloat16, device="cuda")
-    big = randn(16384, 4096, dtype=torch.bfloat16, device="cuda")
-    small = randn(2048, 4096, dtype=torch.bfloat16, device="cuda")
-    t_big = chain_bench(lambda: torch.nn.functional.linear(x, big), quantiles=(0.5, 0.2, 0.8))
-    t_small = chain_bench(lambda: torch.nn.functional.linear(x, small))
-    assert len(t_big) == 3 and len(set(t_big)) == 1
-    assert t_big[0] > 2 * t_small > 0
+    big = weight_copies(randn(16384, 4096, dtype=torch.bfloat16, device="cuda"), 2 * l2)
+    small = weight_copies(randn(2048, 4096, dtype=torch.bfloat16, device="cuda"), 2 * l2)
+    assert len(small) > 1 and sum(w.numel() * 2 for w in small) >= 2 * l2
+
+    def linear(w):
+        return torch.nn.functional.linear(x, w)
+
+    linear(big[0]), linear(small[0])
+    t_big, t_small = stream_us(linear, big), stream_us(linear, small)
+    assert t_big > 2 * t_small > 0
+    # slower than 16 MB at 10 TB/s (more than twice the H200's HBM bandwidth): not read from the L2
+    assert t_small > 2048 * 4096 * 2 / 10e6
 
 
 @pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
