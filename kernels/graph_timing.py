@@ -11,8 +11,10 @@ ceiling in the step, where 8-row tiles ran at 90-96 %, although ``do_bench`` had
 :func:`graph_us` times a call in a graph, each call after an L2 flush and a small PDL predecessor, with
 the flush and the predecessor timed alone and subtracted: the engine's per-shape picks between different
 kernels (our kernel or cuBLAS, ``skinny_linear._timed_pick``) use it. :func:`stream_us` times a launch in
-the steady state of a step, back to back with itself on rotating copies of its weight (:func:`weight_copies`):
-the skinny kernel's tile configs are chosen by it (``skinny_linear.tune_config``). The flush of
+the steady state of a step: repeated in one graph on rotating copies of its weight (:func:`weight_copies`),
+each launch behind the same small PDL kernel: the skinny kernel's tile configs are chosen by it
+(``skinny_linear.tune_config``). Without the small kernel between them (session 11, call 3) the launches
+overlapped each other, which favoured 64-row tiles of few programs at 16 tokens: batch 16 got 3 % slower. The flush of
 :func:`graph_us` leaves 128 MB of dirty lines in the L2 that are written back while the timed call reads,
 and it ranked those configs no better than ``do_bench`` (H200, session 11: a 4096 x 4096 GEMV took 13 us
 there and 8.4 us inside a step; the SwiGLU gate/up tiles of 8 and 32 rows timed within 2 %).
@@ -80,22 +82,31 @@ def weight_copies(weight: torch.Tensor, min_bytes: int, most: int = 16) -> list[
                                            device=weight.device).copy_(weight) for _ in range(n - 1)]
 
 
-def stream_us(call, weights: list[torch.Tensor], reps: int = 24) -> float:
-    """Microseconds per ``call(w)`` when ``reps`` of them run back to back in one CUDA graph, cycling
-    through ``weights``: the steady state of a decode step, where one weight-streaming launch follows
-    another (under PDL each starts while the one before it finishes) and no weight is in the L2. Best of
-    5 replays. ``call`` must have run once outside a capture."""
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, capture_error_mode="relaxed"):
-        for i in range(reps):
-            call(weights[i % len(weights)])
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
+def stream_us(call, weights: list[torch.Tensor], reps: int = 24, between=None) -> float:
+    """Microseconds per ``call(w)`` when ``reps`` of them run in one CUDA graph, cycling through
+    ``weights``, each after ``between()`` (a small kernel; its chain alone is timed the same way and
+    subtracted): the steady state of a decode step, where every weight-streaming launch follows a small
+    kernel that consumes the previous one's output, under PDL it starts loading its weight while that
+    kernel runs, and no weight is in the L2. Without ``between`` the launches follow each other directly,
+    which lets a launch of few programs overlap the next one more than a step does. Best of 5 replays.
+    ``call`` and ``between`` must have run once outside a capture."""
+    def timed(with_call: bool) -> float:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, capture_error_mode="relaxed"):
+            for i in range(reps):
+                if between is not None:
+                    between()
+                if with_call:
+                    call(weights[i % len(weights)])
         g.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / reps)
-    return best
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(5):
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) * 1e3 / reps)
+        return best
+
+    return timed(True) - (timed(False) if between is not None else 0.0)

@@ -19,6 +19,7 @@
 #   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
+#   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
 #   bash kernels/run_h200.sh s11b      # session 11: configs tuned in graphs, strided q: A/B, timelines, CUDA tests
 #   bash kernels/run_h200.sh s11a      # session 11: cold-cache A/B, then critical-path shares of engine steps (b1, b16)
@@ -374,6 +375,16 @@ s10c)  # session 10, call 3: the low-rank pair with the shrink split over K (low
       '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b down r=0.5 M=1")'
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py -k "shrink_split or split_pair or lowrank_decode or pdl"
   tcache_out ;;
+s11d)  # session 11, last call (~7 device minutes left): the skinny configs timed with a small PDL kernel between
+  # the repeated launches (call 3's back-to-back timing favoured few-program tiles at 16 tokens), the recorded
+  # A/B, original against 30 %, batch 256/64/16/1; then graphs against eager for the llama family
+  ckpt
+  timeout ${AB_TIMEOUT:-230} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-final.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out
+  TEST_TIMEOUT=110 tests ${TESTS_TIMEOUT:-115} 2 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "decode_equals_eager and llama or stream_us" ;;
 s11c)  # session 11, call 3: the skinny kernel's configs timed back to back in a CUDA graph on rotating weight
   # copies (skinny_linear.tune_config; 4-row GEMV tiles added), and the MLP's SwiGLU epilogue against the
   # chain (MODEGPT_SWIGLU_EPILOGUE=0): original and 30 %, batch 256/64/16/1, one process; batch-1 timelines;

@@ -29,7 +29,8 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
 
 Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
 compressed model share a handful of tunings. The configs of a key are timed as a decode step runs
-them (:func:`tune_config`: launched back to back in a CUDA graph on rotating copies of the weight) and
+them (:func:`tune_config`: repeated in a CUDA graph on rotating copies of the weight, each launch behind a
+small PDL kernel) and
 the pick is stored with the engine's other picks (``kernels.pick_store``), so a restart does not tune again.
 ``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 64) and
 cuBLAS above, and in ``auto`` mode only for the shapes where it measured faster than cuBLAS
@@ -240,8 +241,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
     ``W_EVICT`` is the weight loads' L2 eviction policy ("evict_first" with the prefetch, so a streamed
     weight does not evict prefetched lines).
 
-    Tile configs are timed as a decode step runs them (:func:`tune_config`: back to back in a CUDA graph),
-    not alone after an L2 flush, which ranked them differently (session 11)."""
+    Tile configs are timed as a decode step runs them (:func:`tune_config`: in a CUDA graph, each launch
+    behind a small PDL kernel), not alone after an L2 flush, which ranked them differently (session 11)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -519,9 +520,9 @@ TUNED: dict[tuple, dict[str, float]] = {}  # tuning key -> microseconds per conf
 
 def tune_config(grid, args: tuple, kwargs: dict) -> None:
     """Choose this launch's tile config, once per tuning key, by timing every config the pruner keeps
-    as a decode step runs it: launched back to back in a CUDA graph on rotating copies of the weight
-    (``graph_timing.stream_us``: at least twice the L2 streamed, each launch overlapping the one
-    before it under PDL). The choice goes into the autotuner's cache, so Triton's own timing (alone,
+    as a decode step runs it: repeated in a CUDA graph on rotating copies of the weight, each launch
+    behind a small PDL kernel (``graph_timing.stream_us``: at least twice the L2 streamed, each weight
+    stream starting while the small kernel runs). The choice goes into the autotuner's cache, so Triton's own timing (alone,
     after an L2 flush: it ranked these configs differently from a step, session 11) never runs for the
     key, and into ``kernels.pick_store``, so a restarted process reuses it. Nothing happens under the
     interpreter, with autotuning off, for a key already tuned, or during another graph's capture."""
@@ -543,6 +544,8 @@ def tune_config(grid, args: tuple, kwargs: dict) -> None:
         return
     precompile(_skinny, grid, args, kwargs)
     weights = weight_copies(weight, 2 * torch.cuda.get_device_properties(weight.device).L2_cache_size)
+    before = predecessor(torch.zeros(1 << 18, dtype=torch.uint8, device=weight.device))  # a 16 x 4096 RMSNorm
+    before()
     times: dict[str, float] = {}
     for name, cfg in configs.items():
         def call(w, cfg=cfg):
@@ -550,7 +553,7 @@ def tune_config(grid, args: tuple, kwargs: dict) -> None:
         try:
             call(weight)
             torch.cuda.synchronize()
-            times[name] = stream_us(call, weights)
+            times[name] = stream_us(call, weights, between=before)
         except triton.runtime.errors.OutOfResources:
             continue
         except RuntimeError as exc:  # a failed capture: leave the key to Triton's autotuner
