@@ -55,3 +55,51 @@ def test_reads_a_chrome_trace_and_groups_matmuls_by_grid(tmp_path):
     assert rows["_skinny_kernel grid=[128, 1, 1]"]["advance_us"] == pytest.approx(8.0)
     assert rows["Memcpy HtoD (Pinned -> Device)"]["gap_us"] == pytest.approx(2.0)
     assert short_name("Memcpy DtoH (Device -> Pinned)") == "Memcpy DtoH (Device -> Pinned)"
+
+
+def _step_ops(durations, t0=0.0):
+    """One engine step as the trace shows it: token copy to the device, matmuls (a cuBLAS split-K reduce after
+    the second), a norm between them, the token copy to the host; no overlap, so each share is its duration."""
+    ops, t = [Op("Memcpy HtoD (Pinned -> Device)", t0, 1.0)], t0 + 1.0
+    for i, d in enumerate(durations):
+        ops.append(Op("_skinny_kernel" if i != 1 else "nvjet_sm90_tst_64x8", t, d))
+        t += d
+        if i == 1:
+            ops.append(Op("cublasLt::splitKreduce_kernel", t, 0.5))
+            t += 0.5
+        ops.append(Op("_add_rms_norm_kernel", t, 2.0))
+        t += 2.0
+    ops.append(Op("Memcpy DtoH (Device -> Pinned)", t, 1.0))
+    return ops, t + 1.0
+
+
+def test_projection_efficiency_sums_each_kind_over_the_layers():
+    from compressor.families import modegpt_config
+    from compressor.schema import all_weights
+    from compressor.sources import PRESETS
+    from server.engine.timeline import one_step, projection_efficiency
+
+    cfg = modegpt_config(dict(PRESETS["tiny-llama-gqa"]))
+    layers = int(cfg["num_hidden_layers"])
+    durations = [float(10 + i) for i in range(4 * layers + 1)]
+    ops, t = _step_ops(durations)
+    more, t = _step_ops(durations, t)
+    last, _ = _step_ops(durations, t)
+    step = one_step(critical_path(ops + more + last))
+    assert step[0].op.name.startswith("Memcpy HtoD") and step[-1].op.name.startswith("Memcpy DtoH")
+    got = projection_efficiency(step, cfg, bandwidth=1e9, itemsize=2)
+    w = all_weights(cfg)
+
+    def us(names):
+        return sum(w[n][0] * w[n][1] for n in names) * 2 / 1e9 * 1e6
+
+    qkv = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(layers) for p in "qkv"]
+    assert got["qkv"]["us"] == pytest.approx(sum(durations[4 * i] for i in range(layers)))
+    assert got["o"]["us"] == pytest.approx(sum(durations[4 * i + 1] for i in range(layers)) + 0.5)  # + the reduce
+    assert got["qkv"]["ideal_us"] == pytest.approx(us(qkv))
+    assert got["lm_head"]["us"] == durations[-1] and got["lm_head"]["ideal_us"] == pytest.approx(us(["lm_head.weight"]))
+    assert got["down"]["efficiency"] == pytest.approx(got["down"]["ideal_us"] / got["down"]["us"])
+    with pytest.raises(ValueError, match="matmul launches"):
+        projection_efficiency(step[:-3], cfg)
+    with pytest.raises(ValueError, match="whole engine steps"):
+        one_step(critical_path(ops[:-1]))

@@ -11,10 +11,14 @@ step time. :func:`critical_path` computes it from (name, start, duration) triple
 those from a Chrome trace written by ``torch.profiler``; :func:`summarise` groups the shares by operation
 name (and, for matmuls, by launch grid, which tells the projections apart). ``profile_step --timeline``
 runs it over whole engine steps (the CUDA-graph replay, the copies around it and the sampler).
+:func:`projection_efficiency` puts each projection kind's share of one step next to the time its weights
+take to stream at the bandwidth ceiling; ``python -m server.engine.timeline TRACE --config CONFIG``
+prints both for a saved trace.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
@@ -111,3 +115,90 @@ def profile_timeline(fn, steps: int, sync, trace_path: str) -> dict:
         sync()
     prof.export_chrome_trace(trace_path)
     return summarise(critical_path(gpu_ops(trace_path)), steps)
+
+
+# --------------------------------------------------------------------------------------- projections
+
+_PROJECTIONS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("o", ("self_attn.o_proj",)),
+                ("gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("down", ("mlp.down_proj",)))
+
+
+def _is_matmul(name: str) -> bool:
+    return name.startswith(("_skinny_kernel", "nvjet")) or "gemm" in name.lower() or "gemv" in name.lower()
+
+
+def one_step(shares: list[Share], index: int | None = None) -> list[Share]:
+    """The shares of one whole engine step: steps end with the copy of the sampled tokens to the host
+    (``Memcpy DtoH``); by default the middle one of those between two such copies."""
+    ends = [i for i, s in enumerate(shares) if s.op.name.startswith("Memcpy DtoH")]
+    if len(ends) < 2:
+        raise ValueError("fewer than two token copies to the host in the trace: not whole engine steps")
+    k = len(ends) // 2 if index is None else index
+    return shares[ends[k - 1] + 1:ends[k] + 1]
+
+
+def projection_efficiency(step: list[Share], config: dict, bandwidth: float = 4.3e12, itemsize: int = 2) -> dict:
+    """Per projection kind of a dense decoder (q/k/v fused, o, gate/up fused, down, then the LM head),
+    summed over the layers of one decode step: its share of the step (us), the time its weight takes to
+    stream at ``bandwidth`` bytes/s, and their ratio. Matmul launches are taken in step order, four per
+    layer and the LM head last (a cuBLAS split-K reduce counts with its matmul); a step of another shape
+    (factorized linears, a prefill) is a ValueError."""
+    from compressor.schema import all_weights
+
+    weights = all_weights(config)
+    layers = int(config["num_hidden_layers"])
+    launches: list[list] = []
+    for s in step:
+        if "splitKreduce" in s.op.name and launches:
+            launches[-1][1] += s.gap + s.advance
+        elif _is_matmul(s.op.name):
+            launches.append([s.op.name, s.gap + s.advance])
+    if len(launches) != 4 * layers + 1:
+        raise ValueError(f"{len(launches)} matmul launches in the step, expected {4 * layers + 1} "
+                         f"(4 per layer for {layers} layers, then the LM head)")
+
+    def ideal_us(names: list[str]) -> float:
+        return sum(math.prod(weights[n]) for n in names) * itemsize / bandwidth * 1e6
+
+    out = {kind: {"us": 0.0, "ideal_us": 0.0} for kind, _ in _PROJECTIONS}
+    for layer in range(layers):
+        for j, (kind, parts) in enumerate(_PROJECTIONS):
+            out[kind]["us"] += launches[4 * layer + j][1]
+            out[kind]["ideal_us"] += ideal_us([f"model.layers.{layer}.{p}.weight" for p in parts])
+    head = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"  # tied embeddings
+    out["lm_head"] = {"us": launches[-1][1], "ideal_us": ideal_us([head])}
+    for r in out.values():
+        r["efficiency"] = r["ideal_us"] / r["us"] if r["us"] else 0.0
+    return out
+
+
+def _config(spec: str) -> dict:
+    if spec.startswith("random:"):
+        from compressor.families import modegpt_config
+        from compressor.sources import PRESETS
+
+        return modegpt_config(dict(PRESETS[spec.split(":", 1)[1]]))
+    with open(spec) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Critical-path shares of a profiled engine run (profile_step --timeline), "
+                                            "and per projection the share of a decode step against its weight stream.")
+    p.add_argument("trace", help="Chrome trace written by `python -m server.engine.profile_step ... --timeline`")
+    p.add_argument("--config", help="the model's config.json, or random:<preset>: adds the projection table")
+    p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the weight stream (H200: ~4.3e12)")
+    a = p.parse_args(argv)
+    shares = critical_path(gpu_ops(a.trace))
+    step = one_step(shares)
+    r = {"step_us": sum(s.gap + s.advance for s in step), "ops": summarise(step, 1)["ops"]}
+    if a.config:
+        r["projections"] = projection_efficiency(step, _config(a.config), a.bandwidth)
+    print(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
