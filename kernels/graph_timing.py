@@ -37,39 +37,41 @@ def predecessor(flush: torch.Tensor):
     return lambda: add_rms_norm_triton(rows, None, norm_w, 1e-5)
 
 
+def _graph_us(body, reps: int) -> float:
+    """Microseconds per repetition of a CUDA graph of ``body(i)`` for ``i < reps``: best of 5 replays."""
+    g = torch.cuda.CUDAGraph()
+    # relaxed: a throwaway timing graph; in a float32 test engine (H200, session 6) a capture here
+    # was still invalidated after every candidate had run once outside it
+    with torch.cuda.graph(g, capture_error_mode="relaxed"):
+        for i in range(reps):
+            body(i)
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / reps)
+    return best
+
+
 def graph_us(fn, flush: torch.Tensor, before, reps: int = 20) -> float:
     """Microseconds of `fn` as a CUDA graph replays it (what the engine's decode graphs see: no
     host launch cost, which dominates eager timing of a 10-60 us kernel), each call after an L2
     flush and the predecessor ``before``; the flush and the predecessor alone are timed the same
     way and subtracted. Everything launched here must have run once outside a capture (a first
     launch loads the kernel's module, which invalidates a capture)."""
-    def timed(calls) -> float:
-        g = torch.cuda.CUDAGraph()
-        # relaxed: a throwaway timing graph; in a float32 test engine (H200, session 6) a capture here
-        # was still invalidated after every candidate had run once outside it
-        with torch.cuda.graph(g, capture_error_mode="relaxed"):
-            for _ in range(reps):
-                calls()
-        g.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        best = float("inf")
-        for _ in range(5):
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) * 1e3 / reps)
-        return best
-
-    def prologue():
+    def prologue(_=None):
         flush.zero_()
         before()
 
-    def both():
+    def both(_):
         prologue()
         fn()
 
-    return timed(both) - timed(prologue)
+    return _graph_us(both, reps) - _graph_us(prologue, reps)
 
 
 def weight_copies(weight: torch.Tensor, min_bytes: int, most: int = 16) -> list[torch.Tensor]:
@@ -90,23 +92,12 @@ def stream_us(call, weights: list[torch.Tensor], reps: int = 24, between=None) -
     kernel runs, and no weight is in the L2. Without ``between`` the launches follow each other directly,
     which lets a launch of few programs overlap the next one more than a step does. Best of 5 replays.
     ``call`` and ``between`` must have run once outside a capture."""
-    def timed(with_call: bool) -> float:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, capture_error_mode="relaxed"):
-            for i in range(reps):
-                if between is not None:
-                    between()
-                if with_call:
-                    call(weights[i % len(weights)])
-        g.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        best = float("inf")
-        for _ in range(5):
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) * 1e3 / reps)
-        return best
+    def body(i: int, with_call: bool = True) -> None:
+        if between is not None:
+            between()
+        if with_call:
+            call(weights[i % len(weights)])
 
-    return timed(True) - (timed(False) if between is not None else 0.0)
+    if between is None:
+        return _graph_us(body, reps)
+    return _graph_us(body, reps) - _graph_us(lambda i: body(i, False), reps)
