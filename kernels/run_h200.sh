@@ -19,6 +19,7 @@
 #   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
+#   bash kernels/run_h200.sh s12a      # prepared for session 12: engine CUDA tests, b16/b64 timelines, 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
 #   bash kernels/run_h200.sh s11b      # session 11: configs tuned in graphs, strided q: A/B, timelines, CUDA tests
@@ -126,12 +127,13 @@ ab_dim_chunks() {  # timeout batches...: original, 30 % (auto: chunked head dims
 # this size since session 9 (widths to 128, head dims to 16); sessions 2-9 ran llama-2-7b-30.config.json
 # (widths to 8), the compression itself: SHAPES=kernels/shapes/llama-2-7b-30.config.json repeats them as run
 SHAPES=${SHAPES:-kernels/shapes/llama-2-7b-30-a128.config.json}
-ckpt() {  # /tmp/l7b-30: compress for real (~100 s), or, once its config is in the repo, a random-weight twin
-  [ -d /tmp/l7b-30 ] && return 0
+ckpt() {  # ${CKPT:-/tmp/l7b-30}: compress for real (~100 s), or, once its config is in the repo, a random-weight twin
+  local dir=${CKPT:-/tmp/l7b-30}
+  [ -d "$dir" ] && return 0
   if [ -f "$SHAPES" ]; then  # same shapes, random weights: identical timing (the source weights are random too)
     $PY -c "import json, torch; from compressor.checkpoint import write_checkpoint; from server.engine.testing import random_state_dict
 cfg = json.load(open('$SHAPES')); sd = {k: v.cpu() for k, v in random_state_dict(cfg, device='cuda', dtype=torch.bfloat16).items()}
-write_checkpoint('/tmp/l7b-30', cfg, sd, None, {'note': 'random weights with the shapes of $SHAPES'}, overwrite=True)"
+write_checkpoint('$dir', cfg, sd, None, {'note': 'random weights with the shapes of $SHAPES'}, overwrite=True)"
   else
     $PY -c "from compressor.pipeline import CompressOptions, compress
 compress('random:llama-2-7b', '/tmp/l7b-30', CompressOptions(ratio=0.3, device='cuda', progress=False), overwrite=True)"
@@ -375,6 +377,17 @@ s10c)  # session 10, call 3: the low-rank pair with the shrink split over K (low
       '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b down r=0.5 M=1")'
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py -k "shrink_split or split_pair or lowrank_decode or pdl"
   tcache_out ;;
+s12a)  # prepared in session 11 for the next: every engine CUDA test with room to compile (session 11's were cut
+  # at 100-115 s while compiling, so graphs against eager have not run since its changes), then where batch 16
+  # and 64 steps go now, then the 13B A/B with the current defaults (a random-weight twin of the 13B shapes)
+  TEST_TIMEOUT=240 tests ${TESTS_TIMEOUT:-260} 4 tests/test_engine_cuda.py
+  ckpt
+  for b in ${TIMELINE_BATCHES:-16 64}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done
+  SHAPES=kernels/shapes/llama-2-13b-30.config.json CKPT=/tmp/l13b-30 ckpt
+  timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-13b /tmp/l13b-30 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 32 --rounds 3 --kv-cache-gb 30 --max-model-len 4096 \
+      --json "$OUT/bench-ab-13b.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
 s11d)  # session 11, last call (~7 device minutes left): the skinny configs timed with a small PDL kernel between
   # the repeated launches (call 3's back-to-back timing favoured few-program tiles at 16 tokens), the recorded
   # A/B, original against 30 %, batch 256/64/16/1; then graphs against eager for the llama family
@@ -398,9 +411,10 @@ s11c)  # session 11, call 3: the skinny kernel's configs timed back to back in a
   tcache_out
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-110} 4 tests/test_kernels.py \
       -k "precompile or stream_us or weight_copies or strided or every_m1_tile or epilogue_switch or skinny_linear" ;;
-s11b)  # session 11, call 2: the skinny kernel's tile configs timed in CUDA graphs behind a PDL predecessor
-  # (graph_timing.chain_bench) instead of do_bench alone, and attention reading q through its strides (no
-  # copy per layer from batch 2): the recorded A/B, the step timelines at batch 1 and 16, the CUDA tests
+s11b)  # session 11, call 2: the skinny kernel's tile configs timed in CUDA graphs after an L2 flush and a PDL
+  # predecessor (graph_us as Triton's do_bench then; replaced by skinny_linear.tune_config in call 3), and
+  # attention reading q through its strides (no copy per layer from batch 2): the recorded A/B, the step
+  # timelines at batch 1 and 16, the CUDA tests
   ckpt
   timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
       --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
@@ -408,7 +422,7 @@ s11b)  # session 11, call 2: the skinny kernel's tile configs timed in CUDA grap
   for b in ${TIMELINE_BATCHES:-1 16}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done
   tcache_out
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-130} 4 tests/test_kernels.py tests/test_engine_cuda.py \
-      -k "precompile or chain_bench or strided or tuned_as_a_graph or decode_equals_eager or async_scheduling_through" ;;
+      -k "precompile or stream_us or strided or decode_equals_eager or async_scheduling_through" ;;
 s11a)  # session 11, call 1 (cold Triton cache: this checkout carried none): the recorded A/B, original against
   # 30 %, batch 256/64/16/1, then where a whole engine step's time goes at batch 1 and 16 (critical-path
   # shares of every GPU operation: server.engine.timeline), then the Triton cache back
