@@ -697,20 +697,28 @@ _INTERPRET_SPLIT = {"RB": 16, "BK": 32}
 # before it ends. Allocated (and zeroed) once; if that first call happens during CUDA-graph capture
 # the zero-fill is captured instead of run, so until a call outside capture zeroes it eagerly,
 # every call (captured ones too) zero-fills it first.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
+_COUNTERS: dict[tuple, torch.Tensor] = {}  # (device type, index, factor A's address) -> counter block
 _COUNTERS_UNZEROED: set[tuple] = set()
 _COUNTERS_RETIRED: list[torch.Tensor] = []  # outgrown blocks: captured graphs may still point at them
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
+def _device_key(device: torch.device) -> tuple:
     index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
-    key = (device.type, index)
+    return device.type, index
+
+
+def _counters(device: torch.device, n: int, owner: torch.Tensor) -> torch.Tensor:
+    """The counter block of the launches over the factor ``owner`` (A): one per weight, not one per device.
+    Two engines in one process each run on their own CUDA stream (``server.engine.async_engine``), and two
+    factorized models decoding at once must not count into one block; one weight belongs to one model,
+    whose launches are sequential on its stream. Blocks are never freed: captured graphs point at them."""
+    key = _device_key(device) + (owner.data_ptr(),)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         if buf is not None:
             _COUNTERS_RETIRED.append(buf)
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
         if capturing:
             _COUNTERS_UNZEROED.add(key)
@@ -723,13 +731,16 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def counter_blocks(device: torch.device | str) -> list[torch.Tensor]:
+    """Every counter block of ``device`` (tests check that the kernels left them all zero)."""
+    key = _device_key(torch.device(device))
+    return [buf for k, buf in _COUNTERS.items() if k[:2] == key]
+
+
 def fused_stuck_count(device: torch.device | str) -> int:
     """Waits of the fused decode kernel on ``device`` that gave up (0 unless something is broken;
     synchronises with the device)."""
-    device = torch.device(device)
-    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
-    buf = _COUNTERS.get((device.type, index))
-    return 0 if buf is None else int(buf[_STUCK_INDEX])
+    return sum(int(buf[_STUCK_INDEX]) for buf in counter_blocks(device))
 
 
 def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -753,8 +764,8 @@ def lowrank_decode_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bia
     (no pre-transposed copy: each output tile streams whole contiguous rows of B). Fastest with unit
     inner strides on A and B. ``splits`` forces the K splits of each rank chunk (tests; <= ``MAX_KS``).
 
-    Launches on one device share a counter block, so calls must not run concurrently on two
-    streams of one device (sequential calls, graph replays included, are fine).
+    Launches over one factor A share a counter block (:func:`_counters`), so calls with the same A must
+    not run concurrently on two streams (sequential calls, graph replays included, are fine).
     """
     K, R, N = _check_factors(x, A, B, bias)
     if bias is not None and bias.dtype != x.dtype:
@@ -783,7 +794,7 @@ def lowrank_decode_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bia
     t = _scratch((M, r_pad), x.dtype, dev)
     # fp32 partials of the K splits: room for the most splits any config may pick (fused_splits)
     partials = _scratch((ks_req or _splits_limit(K), M, r_pad), torch.float32, dev)
-    cnt = _counters(dev, _CHUNK_BASE + cdiv(R, _MIN_RB))
+    cnt = _counters(dev, _CHUNK_BASE + cdiv(R, _MIN_RB), A)
     align_a = _align(A.stride(0), A.storage_offset()) if A.stride(1) == 1 else 1
     align_b = _align(B.stride(0), B.storage_offset()) if B.stride(1) == 1 else 1
     interp = dict(_INTERPRET_FUSED)
@@ -803,8 +814,8 @@ def shrink_split_triton(x: torch.Tensor, A: torch.Tensor, out: torch.Tensor | No
     """``x @ A.T`` for a few tokens (at most ``FUSED_MAX_M`` rows) with A ``[r, in]`` of few rows and a
     long ``in``: the first stage of a factorized linear, split over K (``_split_shrink_kernel``).
     Fp32 accumulation, one rounding to x's dtype, deterministic (partials summed in split order).
-    ``splits`` forces the K splits (tests; at most ``MAX_KS``). Launches on one device share the
-    counter block of :func:`lowrank_decode_triton`: not concurrently on two streams of one device."""
+    ``splits`` forces the K splits (tests; at most ``MAX_KS``). Launches over one A share a counter
+    block with :func:`lowrank_decode_triton` (:func:`_counters`): not concurrently on two streams."""
     K = x.shape[-1]
     if A.dim() != 2 or A.shape[1] != K:
         raise ValueError(f"shape mismatch: x[..., {K}] and A {tuple(A.shape)}")
@@ -833,7 +844,7 @@ def shrink_split_triton(x: torch.Tensor, A: torch.Tensor, out: torch.Tensor | No
     dev = x.device
     ks_req = 0 if splits is None else max(1, min(MAX_KS, int(splits)))
     partials = _scratch((ks_req or _splits_limit(K), M, R), torch.float32, dev)
-    cnt = _counters(dev, _CHUNK_BASE + cdiv(R, _MIN_RB))
+    cnt = _counters(dev, _CHUNK_BASE + cdiv(R, _MIN_RB), A)
     m_pad = 1 if M == 1 else max(16, next_pow2(M))
     interp = dict(_INTERPRET_SPLIT)
     interp["KS"] = ks_req or fused_splits(R, K, interp["RB"], dev)

@@ -280,13 +280,30 @@ LOWRANK_DECODE_SHAPES = [(96, 80, 37), (46, 38, 19)] + (LOWRANK_REAL if CUDA els
 
 
 def fused_counters_are_zero(device) -> bool:
-    """The fused kernel's counter block is all zero (reset by the kernel itself; no wait gave up)."""
+    """The fused kernel's counter blocks are all zero (reset by the kernel itself; no wait gave up)."""
     from kernels import lowrank
 
-    dev = torch.device(device)
-    index = dev.index if dev.index is not None or dev.type != "cuda" else torch.cuda.current_device()
-    assert lowrank.fused_stuck_count(dev) == 0, "a wait of the fused kernel gave up"
-    return int(lowrank._COUNTERS[(dev.type, index)].abs().sum()) == 0
+    assert lowrank.fused_stuck_count(device) == 0, "a wait of the fused kernel gave up"
+    blocks = lowrank.counter_blocks(device)
+    return bool(blocks) and all(int(b.abs().sum()) == 0 for b in blocks)
+
+
+@needs_triton
+def test_lowrank_counter_blocks_are_per_weight(seed, force_triton):
+    """Two factorized weights never share a counter block (two engines decode concurrently on their own
+    streams), one weight always gets its own block back, and both are zero after their launches."""
+    from kernels import lowrank
+
+    K, N, R = LOWRANK_DECODE_SHAPES[0]
+    x, A, B, b = lowrank_inputs(3, K, N, R, torch.float32, TRITON_DEVICE)
+    _, A2, B2, _ = lowrank_inputs(3, K, N, R, torch.float32, TRITON_DEVICE)
+    dev = torch.device(TRITON_DEVICE)
+    n = lowrank._CHUNK_BASE + 1
+    assert lowrank._counters(dev, n, A) is lowrank._counters(dev, n, A)
+    assert lowrank._counters(dev, n, A).data_ptr() != lowrank._counters(dev, n, A2).data_ptr()
+    lowrank.lowrank_decode_triton(x, A, B, b, splits=3)
+    lowrank.shrink_split_triton(x, A2, splits=3)
+    assert fused_counters_are_zero(TRITON_DEVICE)
 
 
 def check_lowrank_decode(seed, M, shape, dtype, bias, splits=None, what=""):
