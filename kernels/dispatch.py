@@ -77,7 +77,8 @@ if HAVE_TRITON:
     from .rope import rope_gather_triton_, rope_qkv_triton_
     from .skinny_linear import MAX_M as _SKINNY_MAX_M
     from .skinny_linear import m_pad as _skinny_m_pad
-    from .skinny_linear import _timed_pick, beats_cublas, lowrank_pick, norm_skinny_linear_triton, skinny_linear_triton
+    from .skinny_linear import (_timed_pick, beats_cublas, dense_pick, lowrank_pick, norm_skinny_linear_triton,
+                                skinny_linear_triton, split_k_applies, split_k_mode)
 
 _ENV = "MODEGPT_KERNELS"
 _LOWRANK_MAX_ENV = "MODEGPT_LOWRANK_TRITON_MAX_TOKENS"
@@ -185,13 +186,25 @@ def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense ``x @ W.T + bias`` (W ``[out, in]``): the skinny Triton kernel for decode-sized x (at
-    most :func:`skinny_max_tokens` rows), cuBLAS otherwise."""
+    most :func:`skinny_max_tokens` rows) where it timed faster than cuBLAS, cuBLAS otherwise; with
+    ``MODEGPT_SKINNY_SPLIT_K`` (opt-in) also a K-split kernel for 16-64 tokens (``skinny_linear.dense_pick``)."""
     rows = x.numel() // max(1, x.shape[-1])
     ok = _skinny_ok(x, weight, bias, rows)
-    if ok and kernels_mode() == "auto" and backend_for(x, weight, bias, out) == "triton":
-        ok = beats_cublas(x.reshape(rows, x.shape[-1]), weight, bias)  # per shape, measured once
+    choice = "ours"
+    if ok and backend_for(x, weight, bias, out) == "triton":
+        x2 = x.reshape(rows, x.shape[-1])
+        split_ok = (out is None or out.is_contiguous()) and split_k_applies(x2, weight, bias)
+        if split_ok and split_k_mode() == "force":
+            choice = "split"
+        elif kernels_mode() == "auto":
+            choice = dense_pick(x2, weight, bias)  # per shape, measured once
+            if choice == "split" and not split_ok:
+                choice = "ours"
+            ok = choice != "theirs"
 
     def tri():
+        if choice == "split":  # MODEGPT_SKINNY_SPLIT_K: K split over ~2 waves of programs, no bias
+            return shrink_split_triton(x, weight, out)
         return skinny_linear_triton(x, weight, bias, out)
 
     return _run("linear", tri, lambda: reference.linear_torch(x, weight, bias, out), (x, weight, bias, out), ok)

@@ -19,7 +19,8 @@
 #   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
-#   bash kernels/run_h200.sh s12a      # prepared for session 12: engine CUDA tests, b16/b64 timelines, 13B A/B
+#   bash kernels/run_h200.sh s12a      # prepared for session 12: engine CUDA tests, the K-split dense matmul A/B
+#   bash kernels/run_h200.sh s12b      # prepared for session 12: b16/b64 timelines, the 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
 #   bash kernels/run_h200.sh s11b      # session 11: configs tuned in graphs, strided q: A/B, timelines, CUDA tests
@@ -378,15 +379,25 @@ s10c)  # session 10, call 3: the low-rank pair with the shrink split over K (low
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py -k "shrink_split or split_pair or lowrank_decode or pdl"
   tcache_out ;;
 s12a)  # prepared in session 11 for the next: every engine CUDA test with room to compile (session 11's were cut
-  # at 100-115 s while compiling, so graphs against eager have not run since its changes), then where batch 16
-  # and 64 steps go now, then the 13B A/B with the current defaults (a random-weight twin of the 13B shapes)
-  TEST_TIMEOUT=240 tests ${TESTS_TIMEOUT:-260} 4 tests/test_engine_cuda.py
+  # at 100-115 s while compiling, so graphs against eager have not run since its changes) and the K-split
+  # dense matmul's tests; then the K-split candidate for 2-64 tokens (MODEGPT_SKINNY_SPLIT_K=auto) against
+  # the default, batch 64 and 16, one process
+  TEST_TIMEOUT=240 tests ${TESTS_TIMEOUT:-260} 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "not test_kernels or split_over_k or counter_blocks"
+  ckpt
+  timeout ${AB_TIMEOUT:-240} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_SKINNY_SPLIT_K=auto \
+      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_SKINNY_SPLIT_K=auto --device cuda --dtype bfloat16 --batch 64 16 \
+      --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-split-k.json" 2>&1 \
+      | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
+s12b)  # prepared in session 11 for the next (a second call): where batch 16 and 64 steps go now, then the 13B
+  # A/B with the current defaults (a random-weight twin of kernels/shapes/llama-2-13b-30.config.json)
   ckpt
   for b in ${TIMELINE_BATCHES:-16 64}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done
   SHAPES=kernels/shapes/llama-2-13b-30.config.json CKPT=/tmp/l13b-30 ckpt
   timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-13b /tmp/l13b-30 \
       --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 32 --rounds 3 --kv-cache-gb 30 --max-model-len 4096 \
-      --json "$OUT/bench-ab-13b.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+      --json "$OUT/bench-ab-13b.json" 2>&1 | tee -a "$OUT/bench-engine-h200.log"
   tcache_out ;;
 s11d)  # session 11, last call (~7 device minutes left): the skinny configs timed with a small PDL kernel between
   # the repeated launches (call 3's back-to-back timing favoured few-program tiles at 16 tokens), the recorded
@@ -440,7 +451,7 @@ compress('random:llama-2-13b', '/tmp/l13b-30', CompressOptions(ratio=0.3, device
   cp /tmp/l13b-30/config.json "$OUT/llama-2-13b-30.config.json"
   timeout ${AB_TIMEOUT:-360} $PY -m server.engine.bench_ab random:llama-2-13b /tmp/l13b-30 \
       --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 32 --rounds 3 --kv-cache-gb 30 --max-model-len 4096 \
-      --json "$OUT/bench-ab-13b.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+      --json "$OUT/bench-ab-13b.json" 2>&1 | tee -a "$OUT/bench-engine-h200.log"
   tcache_out ;;
 s10e)  # session 10, call 5: the skinny kernel up to 64 tokens (tokens padded to 32/64, shallower tiles; picked per
   # shape against cuBLAS as at 1-16) against cuBLAS at batch 64, original and 30 %, one process

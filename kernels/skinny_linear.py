@@ -39,6 +39,7 @@ cuBLAS above, and in ``auto`` mode only for the shapes where it measured faster 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -760,6 +761,39 @@ def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         candidates = {"ours": lambda: skinny_linear_triton(x2, weight, bias),
                       "theirs": lambda: torch.nn.functional.linear(x2, weight, bias)}
     return _timed_pick(key, candidates, weight.device, prefer="ours") == "ours"
+
+
+def split_k_mode() -> str:
+    """``MODEGPT_SKINNY_SPLIT_K`` (read per call): "off" (the default), "auto" or "force". A dense matmul of
+    2-64 tokens (padded to 16-64) gets only N / 16 programs from this kernel, too few for an o or down projection (N = 4096:
+    256 programs; they streamed at 47-72 % of the H200's bandwidth in session 11). "auto" adds a K-split
+    candidate, ``lowrank.shrink_split_triton`` (partials summed in order by the last split, deterministic),
+    to the per-shape pick (:func:`dense_pick`); "force" takes it wherever it applies, without timing (tests,
+    A/B runs). Off until an A/B on the GPU shows it faster end to end."""
+    mode = os.environ.get("MODEGPT_SKINNY_SPLIT_K", "off").strip().lower()
+    return {"1": "auto", "on": "auto", "yes": "auto", "auto": "auto", "force": "force"}.get(mode, "off")
+
+
+def split_k_applies(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The K-split candidate's reach: no bias (the split shrink has none), 2-64 tokens."""
+    from .lowrank import FUSED_MAX_M
+
+    return split_k_mode() != "off" and bias is None and 2 <= x2.shape[0] <= FUSED_MAX_M
+
+
+def dense_pick(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """How a dense decode matmul runs: "ours" (this kernel), "theirs" (cuBLAS) or, under
+    :func:`split_k_mode`, "split" (``lowrank.shrink_split_triton``), timed once per shape in CUDA graphs
+    like :func:`beats_cublas` (which decides when the K split is off or does not apply)."""
+    if not split_k_applies(x2, weight, bias):
+        return "ours" if beats_cublas(x2, weight, bias) else "theirs"
+    from .lowrank import shrink_split_triton
+
+    key = ("dense-split", tuple(weight.shape), m_pad(x2.shape[0]), weight.dtype, weight.device,
+           launch_mode(weight.device))
+    return _timed_pick(key, {"ours": lambda: skinny_linear_triton(x2, weight),
+                             "theirs": lambda: torch.nn.functional.linear(x2, weight),
+                             "split": lambda: shrink_split_triton(x2, weight)}, weight.device, prefer="ours") or "theirs"
 
 
 def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, str]:

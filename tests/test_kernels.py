@@ -546,6 +546,48 @@ def test_triton_skinny_gemv_every_m1_tile(seed, force_triton, swiglu_out, monkey
         assert_close(out, ref, torch.float32, seed, f"GEMV {skinny_linear.config_name(cfg)}")
 
 
+def test_split_k_mode_reads_the_env(monkeypatch):
+    from kernels.skinny_linear import split_k_mode
+
+    for value, mode in (("", "off"), ("0", "off"), ("off", "off"), ("1", "auto"), ("auto", "auto"),
+                        ("FORCE", "force"), ("maybe", "off")):
+        monkeypatch.setenv("MODEGPT_SKINNY_SPLIT_K", value)
+        assert split_k_mode() == mode
+
+
+@needs_triton
+@pytest.mark.parametrize("M", [7, 20])
+@pytest.mark.parametrize("shape", [(70, 300)] + ([(4096, 4096), (11008, 4096)] if CUDA else []),
+                         ids=lambda s: "x".join(map(str, s)))
+def test_dense_linear_split_over_k(seed, force_triton, monkeypatch, M, shape):
+    """``MODEGPT_SKINNY_SPLIT_K=force``: a dense decode matmul without bias runs as the K-split kernel
+    (a spy around the real ``shrink_split_triton`` counts the calls; its counters are zero afterwards),
+    poisoned output, close to float64; with a bias, or one token, it stays on the skinny kernel."""
+    from kernels import dispatch, lowrank
+
+    calls = []
+    real = dispatch.shrink_split_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "shrink_split_triton", spy)
+    monkeypatch.setenv("MODEGPT_SKINNY_SPLIT_K", "force")
+    K, N = shape
+    x = randn(1, M, K, dtype=torch.float32, device=TRITON_DEVICE)
+    w = randn(N, K, dtype=torch.float32, device=TRITON_DEVICE, scale=K ** -0.5)
+    b = randn(N, dtype=torch.float32, device=TRITON_DEVICE)
+    out = nan_like((1, M, N), torch.float32, TRITON_DEVICE)
+    assert kernels.linear(x, w, out=out) is out
+    assert calls == [(N, K)]
+    assert_close(out, ref_linear(x, w, None), torch.float32, seed, f"split-K linear M={M}")
+    assert all(int(c.abs().sum()) == 0 for c in lowrank.counter_blocks(TRITON_DEVICE))
+    assert_close(kernels.linear(x, w, b), ref_linear(x, w, b), torch.float32, seed, "with bias: skinny")
+    assert_close(kernels.linear(x[:, :1], w), ref_linear(x[:, :1], w, None), torch.float32, seed, "one token")
+    assert len(calls) == 1
+
+
 @needs_triton
 def test_triton_skinny_linear_strided_rows_and_lead_dims(seed, force_triton):
     """x a column slice of a wider buffer, with leading dims; weight rows of an odd-but-8-aligned
