@@ -29,9 +29,9 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
 
 Autotuning is keyed on (M bucket, N and K rounded up to 256) so the per-layer widths of a
 compressed model share a handful of tunings. The configs of a key are timed as a decode step runs
-them (:func:`tune_config`: repeated in a CUDA graph on rotating copies of the weight, each launch behind a
-small PDL kernel) and
-the pick is stored with the engine's other picks (``kernels.pick_store``), so a restart does not tune again.
+them (:func:`tune_config`: repeated in a CUDA graph on rotating copies of the weight, each launch behind
+a small PDL kernel), and the pick is stored with the engine's other picks (``kernels.pick_store``), so a
+restart does not tune again.
 ``kernels.dispatch.linear`` uses it on CUDA for M <= ``MODEGPT_SKINNY_MAX_TOKENS`` (default 64) and
 cuBLAS above, and in ``auto`` mode only for the shapes where it measured faster than cuBLAS
 (:func:`beats_cublas`); ``MODEGPT_KERNELS=torch`` turns it off with the other kernels.
@@ -523,9 +523,9 @@ def tune_config(grid, args: tuple, kwargs: dict) -> None:
     """Choose this launch's tile config, once per tuning key, by timing every config the pruner keeps
     as a decode step runs it: repeated in a CUDA graph on rotating copies of the weight, each launch
     behind a small PDL kernel (``graph_timing.stream_us``: at least twice the L2 streamed, each weight
-    stream starting while the small kernel runs). The choice goes into the autotuner's cache, so Triton's own timing (alone,
-    after an L2 flush: it ranked these configs differently from a step, session 11) never runs for the
-    key, and into ``kernels.pick_store``, so a restarted process reuses it. Nothing happens under the
+    stream starting while the small kernel runs). The choice goes into the autotuner's cache, so
+    Triton's own timing (alone, after an L2 flush: it ranked these configs differently from a step,
+    session 11) never runs for the key, and into ``kernels.pick_store``, so a restarted process reuses it. Nothing happens under the
     interpreter, with autotuning off, for a key already tuned, or during another graph's capture."""
     if interpret_mode() or not autotuning_enabled():
         return
@@ -764,9 +764,9 @@ def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def split_k_mode() -> str:
-    """``MODEGPT_SKINNY_SPLIT_K`` (read per call): "off" (the default), "auto" or "force". A dense matmul of
-    2-64 tokens (padded to 16-64) gets only N / 16 programs from this kernel, too few for an o or down projection (N = 4096:
-    256 programs; they streamed at 47-72 % of the H200's bandwidth in session 11). "auto" adds a K-split
+    """``MODEGPT_SKINNY_SPLIT_K`` (read per call): "off" (the default), "auto" or "force". A dense matmul
+    of 2-64 tokens (padded to 16-64) gets only N / 16 programs from this kernel, too few for an o or down
+    projection (N = 4096: 256 programs; they streamed at 47-72 % of the H200's bandwidth in session 11). "auto" adds a K-split
     candidate, ``lowrank.shrink_split_triton`` (partials summed in order by the last split, deterministic),
     to the per-shape pick (:func:`dense_pick`); "force" takes it wherever it applies, without timing (tests,
     A/B runs). Off until an A/B on the GPU shows it faster end to end."""
@@ -791,9 +791,10 @@ def dense_pick(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     key = ("dense-split", tuple(weight.shape), m_pad(x2.shape[0]), weight.dtype, weight.device,
            launch_mode(weight.device))
-    return _timed_pick(key, {"ours": lambda: skinny_linear_triton(x2, weight),
-                             "theirs": lambda: torch.nn.functional.linear(x2, weight),
-                             "split": lambda: shrink_split_triton(x2, weight)}, weight.device, prefer="ours") or "theirs"
+    candidates = {"ours": lambda: skinny_linear_triton(x2, weight),
+                  "theirs": lambda: torch.nn.functional.linear(x2, weight),
+                  "split": lambda: shrink_split_triton(x2, weight)}
+    return _timed_pick(key, candidates, weight.device, prefer="ours") or "theirs"
 
 
 def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, str]:

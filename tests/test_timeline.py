@@ -18,7 +18,8 @@ def _brute(ops):
 @pytest.mark.parametrize("seed", range(20))
 def test_shares_add_up_to_the_busy_and_idle_time(seed):
     rng = random.Random(seed)
-    ops = [Op(f"k{i % 3}", float(rng.randrange(0, 200)), float(rng.randrange(0, 30))) for i in range(rng.randrange(1, 40))]
+    ops = [Op(f"k{i % 3}", float(rng.randrange(0, 200)), float(rng.randrange(0, 30)))
+           for i in range(rng.randrange(1, 40))]
     shares = critical_path(ops)
     busy, idle = _brute(ops)
     assert sum(s.advance for s in shares) == pytest.approx(busy)
