@@ -507,8 +507,12 @@ def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, ro
                   PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
                   NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, PF_LINES=pf,
                   W_EVICT="evict_first" if pf else "", **pdl_meta(x2.device))
-    if norm is None and x2.is_cuda:  # NORM writes the residual stream in place: not launched repeatedly
-        tune_config(grid, args, kwargs)
+    # NORM writes the residual stream in place: not launched repeatedly. The cheap key skips the generic
+    # tuning key (~20 us of host time per launch here) for shapes already seen, e.g. in eager mixed steps
+    seen = (N, K, m_pad(M), gated, swiglu_out, rope is not None, pf, x2.dtype, weight.dtype, y.dtype,
+            None if bias is None else bias.dtype, x2.device)
+    if norm is None and x2.is_cuda and seen not in _TUNE_SEEN and tune_config(grid, args, kwargs):
+        _TUNE_SEEN.add(seen)
     launch(_skinny, grid, args, kwargs, _INTERPRET)
 
 
@@ -517,32 +521,34 @@ def config_name(cfg: triton.Config) -> str:
 
 
 TUNED: dict[tuple, dict[str, float]] = {}  # tuning key -> microseconds per config, as this process timed them
+_TUNE_SEEN: set[tuple] = set()  # launch shapes whose config is settled (tuned, stored, or not ours to tune)
 
 
-def tune_config(grid, args: tuple, kwargs: dict) -> None:
+def tune_config(grid, args: tuple, kwargs: dict) -> bool:
     """Choose this launch's tile config, once per tuning key, by timing every config the pruner keeps
     as a decode step runs it: repeated in a CUDA graph on rotating copies of the weight, each launch
     behind a small PDL kernel (``graph_timing.stream_us``: at least twice the L2 streamed, each weight
     stream starting while the small kernel runs). The choice goes into the autotuner's cache, so
     Triton's own timing (alone, after an L2 flush: it ranked these configs differently from a step,
     session 11) never runs for the key, and into ``kernels.pick_store``, so a restarted process reuses it. Nothing happens under the
-    interpreter, with autotuning off, for a key already tuned, or during another graph's capture."""
+    interpreter, with autotuning off, for a key already tuned, or during another graph's capture.
+    Returns whether the key's config is settled (False: try again at a later launch)."""
     if interpret_mode() or not autotuning_enabled():
-        return
+        return False
     key = tuning_key(_skinny, args, kwargs)
     if key in _skinny.cache:
-        return
+        return True
     configs = {config_name(c): c for c in pruned_configs(_skinny, args, kwargs)}
     if len(configs) < 2:
-        return
+        return True
     weight = args[1]
     store_key = ("skinny-config",) + key
     stored = pick_store.lookup(store_key, configs, weight.device, PICK_MARGIN)
     if stored is not None:
         _skinny.cache[key] = configs[stored]
-        return
+        return True
     if torch.cuda.is_current_stream_capturing():
-        return
+        return False
     precompile(_skinny, grid, args, kwargs)
     weights = weight_copies(weight, 2 * torch.cuda.get_device_properties(weight.device).L2_cache_size)
     before = predecessor(torch.zeros(1 << 18, dtype=torch.uint8, device=weight.device))  # a 16 x 4096 RMSNorm
@@ -560,13 +566,14 @@ def tune_config(grid, args: tuple, kwargs: dict) -> None:
         except RuntimeError as exc:  # a failed capture: leave the key to Triton's autotuner
             torch.cuda.synchronize()
             warnings.warn(f"kernels: timing skinny configs in a CUDA graph failed ({exc!r})", RuntimeWarning)
-            return
+            return True
     if not times:
-        return
+        return True
     best = min(times, key=times.get)
     TUNED[key] = times
     _skinny.cache[key] = configs[best]
     pick_store.record(store_key, best, weight.device, PICK_MARGIN)
+    return True
 
 
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -983,8 +983,10 @@ def test_precompile_builds_every_config_and_keys_like_the_autotuner(seed, monkey
     # a restarted process (an empty autotuner cache) takes the stored pick without timing
     if pick_store.enabled():
         del kernel.cache[key], skinny_linear.TUNED[key]
+        skinny_linear._TUNE_SEEN.clear()
         skinny_linear.skinny_linear_triton(x, w)
         assert key in kernel.cache and key not in skinny_linear.TUNED
+        assert skinny_linear.config_name(kernel.cache[key]) == min(times, key=times.get)
 
 
 def test_weight_copies_stream_enough_bytes_with_the_same_strides():
