@@ -187,7 +187,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense ``x @ W.T + bias`` (W ``[out, in]``): the skinny Triton kernel for decode-sized x (at
     most :func:`skinny_max_tokens` rows) where it timed faster than cuBLAS, cuBLAS otherwise; with
-    ``MODEGPT_SKINNY_SPLIT_K`` (opt-in) also a K-split kernel for 16-64 tokens (``skinny_linear.dense_pick``)."""
+    ``MODEGPT_SKINNY_SPLIT_K`` (opt-in) also a K-split kernel for 2-64 tokens (``skinny_linear.dense_pick``)."""
     rows = x.numel() // max(1, x.shape[-1])
     ok = _skinny_ok(x, weight, bias, rows)
     choice = "ours"
