@@ -10,14 +10,16 @@ ceiling in the step, where 8-row tiles ran at 90-96 %, although ``do_bench`` had
 
 :func:`graph_us` times a call in a graph, each call after an L2 flush and a small PDL predecessor, with
 the flush and the predecessor timed alone and subtracted: the engine's per-shape picks between different
-kernels (our kernel or cuBLAS, ``skinny_linear._timed_pick``) use it. :func:`stream_us` times a launch in
-the steady state of a step: repeated in one graph on rotating copies of its weight (:func:`weight_copies`),
-each launch behind the same small PDL kernel: the skinny kernel's tile configs are chosen by it
-(``skinny_linear.tune_config``). Without the small kernel between them (session 11, call 3) the launches
-overlapped each other, which favoured 64-row tiles of few programs at 16 tokens: batch 16 got 3 % slower. The flush of
-:func:`graph_us` ranked those configs no better than ``do_bench`` (likely, not measured: its memset leaves
-128 MB of dirty lines in the L2, written back while the timed call reads) (H200, session 11: a 4096 x 4096 GEMV took 13 us
-there and 8.4 us inside a step; the SwiGLU gate/up tiles of 8 and 32 rows timed within 2 %).
+kernels (our kernel or cuBLAS, ``skinny_linear._timed_pick``) use it. It ranked the skinny kernel's tile
+configs no better than ``do_bench`` (H200, session 11: a 4096 x 4096 GEMV took 13 us there and 8.4 us inside
+a step; the SwiGLU gate/up tiles of 8 and 32 rows timed within 2 %). A likely cause, not measured: its
+memset leaves 128 MB of dirty lines in the L2, written back while the timed call reads.
+
+:func:`stream_us` times a launch in the steady state of a step: repeated in one graph on rotating copies of
+its weight (:func:`weight_copies`), each launch behind the same small PDL kernel. The skinny kernel's tile
+configs are chosen by it (``skinny_linear.tune_config``). Without the small kernel between them (session
+11, call 3) the launches overlapped each other, which favoured 64-row tiles of few programs at 16 tokens:
+batch 16 got 3 % slower.
 """
 from __future__ import annotations
 
