@@ -5,8 +5,9 @@ under programmatic dependent launch (``kernels._common``), starts loading it whi
 finishes. Timed alone (``triton.testing.do_bench``: eager, after an L2 flush, nothing before it), the same
 launch pays its ramp from an idle GPU, which is most of a 10-40 us kernel's time. The two rank configs
 differently: in the H200 step trace of session 11 (docs/BENCHMARKS.md) the tile picked by ``do_bench`` for
-half of a 30 % checkpoint's gate/up projections (64-row tiles, 216 programs) ran at 78 % of the bandwidth
-ceiling in the step, where 8-row tiles ran at 90-96 %, although ``do_bench`` had timed the two within 1 %.
+19 of a 30 % checkpoint's 32 gate/up projections (32-row tiles, 216-312 programs) ran at 78-88 % of the
+bandwidth ceiling in the step, where smaller tiles ran at 87-96 %, although ``do_bench`` had timed the two
+within 1 %.
 
 :func:`graph_us` times a call in a graph, each call after an L2 flush and a small PDL predecessor, with
 the flush and the predecessor timed alone and subtracted: the engine's per-shape picks between different
