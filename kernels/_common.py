@@ -109,6 +109,12 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def m_pad(M: int) -> int:
+    """The token rows a decode launch computes (and its tuning / pick bucket): 1 (a CUDA-core GEMV), else
+    16, 32 or 64 (``tl.dot`` paths, tokens padded to a power of two)."""
+    return 1 if M == 1 else max(16, next_pow2(M))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

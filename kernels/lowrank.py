@@ -93,7 +93,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import SUPPORTED_DTYPES, cdiv, dot_precision, next_pow2, sm_count, workspace
+from ._common import SUPPORTED_DTYPES, cdiv, dot_precision, m_pad, next_pow2, sm_count, workspace
 from ._tl import mma, pdl_wait
 from .autotune import autotune, launch
 
@@ -693,7 +693,7 @@ _split_shrink = autotune(_SPLIT_GEMV_CONFIGS + _SPLIT_MMA_CONFIGS, key=["M_KEY",
 _INTERPRET_SPLIT = {"RB": 16, "BK": 32}
 
 
-# The counter block of each device. All zero between launches: each launch zeroes what it used
+# The counter blocks, one per factor A (``_counters``). All zero between launches: each launch zeroes what it used
 # before it ends. Allocated (and zeroed) once; if that first call happens during CUDA-graph capture
 # the zero-fill is captured instead of run, so until a call outside capture zeroes it eagerly,
 # every call (captured ones too) zero-fills it first.
@@ -788,7 +788,7 @@ def lowrank_decode_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bia
     if y.stride(1) != 1:
         raise ValueError("out needs unit stride along its last dim")
     dev = x.device
-    m_pad = 1 if M == 1 else max(16, next_pow2(M))
+    mp = m_pad(M)
     r_pad = cdiv(R, 16) * 16  # 16-element rows of t and of the partials: aligned vector loads
     ks_req = 0 if splits is None else max(1, min(MAX_KS, int(splits)))
     t = _scratch((M, r_pad), x.dtype, dev)
@@ -803,8 +803,8 @@ def lowrank_decode_triton(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bia
            lambda meta: (cdiv(R, meta["RB"]) * meta["KS"] + cdiv(N, meta["BN"]),),
            (x2, A, B, bias if bias is not None else y, y, partials, t, cnt, M, N, K, R,
             x2.stride(0), x2.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), y.stride(0),
-            r_pad, M * r_pad, m_pad, ks_req),
-           {"M_PAD": m_pad, "HAS_BIAS": bias is not None, "ALIGN_A": align_a, "ALIGN_B": align_b,
+            r_pad, M * r_pad, mp, ks_req),
+           {"M_PAD": mp, "HAS_BIAS": bias is not None, "ALIGN_A": align_a, "ALIGN_B": align_b,
             "PRECISION": dot_precision(x.dtype)}, interp)
     return out
 
@@ -845,11 +845,11 @@ def shrink_split_triton(x: torch.Tensor, A: torch.Tensor, out: torch.Tensor | No
     ks_req = 0 if splits is None else max(1, min(MAX_KS, int(splits)))
     partials = _scratch((ks_req or _splits_limit(K), M, R), torch.float32, dev)
     cnt = _counters(dev, _CHUNK_BASE + cdiv(R, _MIN_RB), A)
-    m_pad = 1 if M == 1 else max(16, next_pow2(M))
+    mp = m_pad(M)
     interp = dict(_INTERPRET_SPLIT)
     interp["KS"] = ks_req or fused_splits(R, K, interp["RB"], dev)
     launch(_split_shrink, lambda meta: (cdiv(R, meta["RB"]) * meta["KS"],),
-           (x2, A, partials, t, cnt, M, K, R, x2.stride(0), A.stride(0), R, M * R, m_pad, ks_req),
-           {"M_PAD": m_pad, "ALIGN_A": _align(A.stride(0), A.storage_offset()), "PRECISION": dot_precision(x.dtype),
+           (x2, A, partials, t, cnt, M, K, R, x2.stride(0), A.stride(0), R, M * R, mp, ks_req),
+           {"M_PAD": mp, "ALIGN_A": _align(A.stride(0), A.storage_offset()), "PRECISION": dot_precision(x.dtype),
             **_common.pdl_meta(dev)}, interp)
     return out

@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from . import pick_store
-from ._common import (SUPPORTED_DTYPES, cdiv, dot_precision, interpret_mode, l2_prefetch_bytes, launch_mode, pdl_meta,
-                      prefetch_lines)
+from ._common import (SUPPORTED_DTYPES, cdiv, dot_precision, interpret_mode, l2_prefetch_bytes, launch_mode, m_pad,
+                      pdl_meta, prefetch_lines)
 from ._tl import mma as _mma
 from ._tl import l2_prefetch, pdl_wait
 from .autotune import autotune, autotuning_enabled, launch, precompile, pruned_configs, tuning_key
@@ -57,12 +57,6 @@ from .reference import _flat_cache
 from .rope import rope_cos_sin
 
 MAX_M = 64  # rows; dispatch routes at most MODEGPT_SKINNY_MAX_TOKENS (default 64) here
-
-
-def m_pad(M: int) -> int:
-    """The token rows a launch computes (and its tuning / pick bucket): 1 (the CUDA-core GEMV), else
-    16, 32 or 64 (the ``tl.dot`` path, tokens padded to a power of two)."""
-    return 1 if M == 1 else max(16, 1 << (int(M) - 1).bit_length())
 
 
 def _cfg(bn, bk, warps, stages):
@@ -530,9 +524,9 @@ def tune_config(grid, args: tuple, kwargs: dict) -> bool:
     behind a small PDL kernel (``graph_timing.stream_us``: at least twice the L2 streamed, each weight
     stream starting while the small kernel runs). The choice goes into the autotuner's cache, so
     Triton's own timing (alone, after an L2 flush: it ranked these configs differently from a step,
-    session 11) never runs for the key, and into ``kernels.pick_store``, so a restarted process reuses it. Nothing happens under the
-    interpreter, with autotuning off, for a key already tuned, or during another graph's capture.
-    Returns whether the key's config is settled (False: try again at a later launch)."""
+    session 11) never runs for the key, and into ``kernels.pick_store``, so a restarted process reuses
+    it. Nothing happens under the interpreter, with autotuning off, for a key already tuned, or during
+    another graph's capture. Returns whether the key's config is settled (False: try again later)."""
     if interpret_mode() or not autotuning_enabled():
         return False
     key = tuning_key(_skinny, args, kwargs)
@@ -773,10 +767,10 @@ def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def split_k_mode() -> str:
     """``MODEGPT_SKINNY_SPLIT_K`` (read per call): "off" (the default), "auto" or "force". A dense matmul
     of 2-64 tokens (padded to 16-64) gets only N / 16 programs from this kernel, too few for an o or down
-    projection (N = 4096: 256 programs; they streamed at 47-72 % of the H200's bandwidth in session 11). "auto" adds a K-split
-    candidate, ``lowrank.shrink_split_triton`` (partials summed in order by the last split, deterministic),
-    to the per-shape pick (:func:`dense_pick`); "force" takes it wherever it applies, without timing (tests,
-    A/B runs). Off until an A/B on the GPU shows it faster end to end."""
+    projection (N = 4096: 256 programs; they streamed at 47-72 % of the H200's bandwidth in session 11).
+    "auto" adds a K-split candidate, ``lowrank.shrink_split_triton`` (partials summed in order by the last
+    split, deterministic), to the per-shape pick (:func:`dense_pick`); "force" takes it wherever it
+    applies, without timing (tests, A/B runs). Off until an A/B on the GPU shows it faster end to end."""
     mode = os.environ.get("MODEGPT_SKINNY_SPLIT_K", "off").strip().lower()
     return {"1": "auto", "on": "auto", "yes": "auto", "auto": "auto", "force": "force"}.get(mode, "off")
 
