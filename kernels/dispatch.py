@@ -487,9 +487,9 @@ def mlp_pick(x2: torch.Tensor, gate_up_weight: torch.Tensor, gate_up_bias: torch
     key = ("swiglu_mlp", tuple(gate_up_weight.shape), tuple(weight.shape), _skinny_m_pad(x2.shape[0]),
            x2.dtype, gate_up_bias is not None, bias is not None, x2.device, _common.launch_mode(x2.device))
     return _timed_pick(key, {
-        "epilogue": lambda: linear(skinny_linear_triton(x2, gate_up_weight, gate_up_bias, swiglu_out=True), weight, bias),
-        "chain": lambda: swiglu_linear(linear(x2, gate_up_weight, gate_up_bias), weight, bias)}, x2.device,
-        prefer="epilogue")
+        "epilogue": lambda gu, w: linear(skinny_linear_triton(x2, gu, gate_up_bias, swiglu_out=True), w, bias),
+        "chain": lambda gu, w: swiglu_linear(linear(x2, gu, gate_up_bias), w, bias)}, x2.device,
+        prefer="epilogue", weights=(gate_up_weight, weight))
 
 
 def _linear_rope_dims(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
@@ -582,5 +582,5 @@ def rope_qkv_pick(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
            _common.launch_mode(x2.device))
     args = (num_heads, positions, inv_freq, k_cache, v_cache, slot_mapping)
     return _timed_pick(key, {
-        "fused": lambda: skinny_linear_rope_triton(x2, weight, bias, *args),
-        "chain": lambda: _linear_rope_chain(x2, weight, bias, *args)}, x2.device, prefer="fused")
+        "fused": lambda w: skinny_linear_rope_triton(x2, w, bias, *args),
+        "chain": lambda w: _linear_rope_chain(x2, w, bias, *args)}, x2.device, prefer="fused", weights=(weight,))

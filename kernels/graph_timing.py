@@ -10,17 +10,18 @@ bandwidth ceiling in the step, where smaller tiles ran at 87-96 %, although ``do
 within 1 %.
 
 :func:`graph_us` times a call in a graph, each call after an L2 flush and a small PDL predecessor, with
-the flush and the predecessor timed alone and subtracted: the engine's per-shape picks between different
-kernels (our kernel or cuBLAS, ``skinny_linear._timed_pick``) use it. It ranked the skinny kernel's tile
-configs no better than ``do_bench`` (H200, session 11: a 4096 x 4096 GEMV took 13 us there and 8.4 us inside
-a step; the SwiGLU gate/up tiles of 8 and 32 rows timed within 2 %). A likely cause, not measured: its
-memset leaves 128 MB of dirty lines in the L2, written back while the timed call reads.
+the flush and the predecessor timed alone and subtracted. The engine's per-shape picks between different
+kernels (our kernel or cuBLAS, ``skinny_linear._timed_pick``) used it up to session 11, and still do under
+``MODEGPT_PICK_TIMING=flush``. It ranked the skinny kernel's tile configs no better than ``do_bench`` (H200,
+session 11: a 4096 x 4096 GEMV took 13 us there and 8.4 us inside a step; the SwiGLU gate/up tiles of 8 and
+32 rows timed within 2 %). A likely cause, not measured: its memset leaves 128 MB of dirty lines in the L2,
+written back while the timed call reads.
 
 :func:`stream_us` times a launch in the steady state of a step: repeated in one graph on rotating copies of
-its weight (:func:`weight_copies`), each launch behind the same small PDL kernel. The skinny kernel's tile
-configs are chosen by it (``skinny_linear.tune_config``). Without the small kernel between them (session
-11, call 3) the launches overlapped each other, which favoured 64-row tiles of few programs at 16 tokens:
-batch 16 got 3 % slower.
+its weights (:func:`weight_copies`), each launch behind the same small PDL kernel. The skinny kernel's tile
+configs are chosen by it (``skinny_linear.tune_config``), and from session 12 on the engine's per-shape
+picks too. Without the small kernel between them (session 11, call 3) the launches overlapped each other,
+which favoured 64-row tiles of few programs at 16 tokens: batch 16 got 3 % slower.
 """
 from __future__ import annotations
 
@@ -77,14 +78,19 @@ def graph_us(fn, flush: torch.Tensor, before, reps: int = 20) -> float:
     return _graph_us(both, reps) - _graph_us(prologue, reps)
 
 
-def weight_copies(weight: torch.Tensor, min_bytes: int, most: int = 16) -> list[torch.Tensor]:
-    """``weight`` and enough clones of it that cycling through them streams at least ``min_bytes``
-    (at most ``most`` tensors): back-to-back calls on one small weight would read it from the L2."""
-    nbytes = max(1, weight.numel() * weight.element_size())
+def weight_copies(weights, min_bytes: int, most: int = 16) -> list:
+    """``weights`` and enough clones of it that cycling through them streams at least ``min_bytes``
+    (at most ``most`` sets): back-to-back calls on one small weight would read it from the L2.
+    ``weights`` is one tensor (returns tensors) or a tuple of the tensors one call streams together,
+    e.g. a low-rank pair's two factors (returns tuples, each cloned as a whole)."""
+    single = isinstance(weights, torch.Tensor)
+    group = (weights,) if single else tuple(weights)
+    nbytes = max(1, sum(w.numel() * w.element_size() for w in group))
     n = max(1, min(most, -(-int(min_bytes) // nbytes)))
     # same strides as the original (a row-strided view must stay one: the launch's stride argument is shared)
-    return [weight] + [torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype,
-                                           device=weight.device).copy_(weight) for _ in range(n - 1)]
+    sets = [group] + [tuple(torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device).copy_(w)
+                            for w in group) for _ in range(n - 1)]
+    return [g[0] for g in sets] if single else sets
 
 
 def stream_us(call, weights: list[torch.Tensor], reps: int = 24, between=None) -> float:

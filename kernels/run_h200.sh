@@ -19,7 +19,7 @@
 #   bash kernels/run_h200.sh s10a      # session 10: skinny matmuls prefetching weights into the L2 before their PDL wait, A/B
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
-#   bash kernels/run_h200.sh s12a      # prepared for session 12: engine CUDA tests, the K-split dense matmul A/B
+#   bash kernels/run_h200.sh s12a      # session 12: picks timed as a step runs them, q/k/v + RoPE epilogue: A/B b1/16
 #   bash kernels/run_h200.sh s12b      # prepared for session 12: b16/b64 timelines, the 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
@@ -378,17 +378,14 @@ s10c)  # session 10, call 3: the low-rank pair with the shrink split over K (low
       '("lowrank llama2-7b up r=0.25 M=1", "lowrank llama2-7b down r=0.25 M=1", "lowrank llama2-13b up r=0.25 M=1", "lowrank llama2-13b down r=0.25 M=1", "lowrank llama2-7b up r=0.5 M=1", "lowrank llama2-7b down r=0.5 M=1")'
   TEST_TIMEOUT=100 tests ${TESTS_TIMEOUT:-150} 4 tests/test_kernels.py -k "shrink_split or split_pair or lowrank_decode or pdl"
   tcache_out ;;
-s12a)  # prepared in session 11 for the next: every engine CUDA test with room to compile (session 11's were cut
-  # at 100-115 s while compiling, so graphs against eager have not run since its changes) and the K-split
-  # dense matmul's tests; then the K-split candidate for 2-64 tokens (MODEGPT_SKINNY_SPLIT_K=auto) against
-  # the default, batch 64 and 16, one process
-  TEST_TIMEOUT=240 tests ${TESTS_TIMEOUT:-260} 4 tests/test_engine_cuda.py tests/test_kernels.py \
-      -k "not test_kernels or split_over_k or counter_blocks"
+s12a)  # session 12, call 1: the engine's per-shape picks timed as a step runs them (MODEGPT_PICK_TIMING=stream,
+  # the new default) against the flush-based timing of sessions 5-11, and the q/k/v projection with RoPE and
+  # the cache write as its epilogue (MODEGPT_QKV_ROPE=1, last measured in session 7), batch 1 and 16, one process
   ckpt
-  timeout ${AB_TIMEOUT:-240} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_SKINNY_SPLIT_K=auto \
-      /tmp/l7b-30 /tmp/l7b-30@MODEGPT_SKINNY_SPLIT_K=auto --device cuda --dtype bfloat16 --batch 64 16 \
-      --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 --json "$OUT/bench-ab-split-k.json" 2>&1 \
-      | tee "$OUT/bench-engine-h200.log"
+  timeout ${AB_TIMEOUT:-420} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_PICK_TIMING=flush \
+      random:llama-2-7b@MODEGPT_QKV_ROPE=1 /tmp/l7b-30 /tmp/l7b-30@MODEGPT_PICK_TIMING=flush /tmp/l7b-30@MODEGPT_QKV_ROPE=1 \
+      --device cuda --dtype bfloat16 --batch 1 16 --steps 48 --rounds 3 --kv-cache-gb 4 --max-model-len 4096 \
+      --json "$OUT/bench-ab-picks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
 s12b)  # prepared in session 11 for the next (a second call): where batch 16 and 64 steps go now, then the 13B
   # A/B with the current defaults (a random-weight twin of kernels/shapes/llama-2-13b-30.config.json)

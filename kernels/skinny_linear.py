@@ -695,11 +695,41 @@ _PICKS: dict[tuple, object] = {}
 PICK_MARGIN = 0.97
 
 
-def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None):
-    """The fastest of ``candidates`` (name -> zero-argument callable) by ``graph_timing.graph_us``, measured
-    once per ``key`` (and stored on disk by ``kernels.pick_store``, so a restarted process reuses it),
-    where ``prefer`` wins unless another is faster than ``PICK_MARGIN`` x its time; None during another
-    graph's capture (nothing can be timed then)."""
+def pick_timing() -> str:
+    """``MODEGPT_PICK_TIMING`` (read per pick): "stream" (the default) times the candidates of
+    :func:`_timed_pick` as a decode step runs them (``graph_timing.stream_us``: repeated in a CUDA graph on
+    rotating copies of their weights, each behind a small PDL kernel, as :func:`tune_config` times tile
+    configs); "flush" times each after a 128 MB memset flush (``graph_timing.graph_us``, sessions 5-11),
+    kept for A/B runs. The mode is part of the pick's key."""
+    return "flush" if os.environ.get("MODEGPT_PICK_TIMING", "stream").strip().lower() == "flush" else "stream"
+
+
+def _time_candidates(candidates: dict, weights: tuple, device: torch.device, mode: str) -> dict:
+    """Microseconds per call of each candidate (name -> callable taking ``*weights``), timed by ``mode``."""
+    if mode == "flush":
+        flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+        before = predecessor(flush)
+        flush.zero_()  # its fill kernel too: a test process had launched none before (H200, session 6)
+    else:
+        before = predecessor(torch.zeros(1 << 18, dtype=torch.uint8, device=device))  # a 16 x 4096 RMSNorm
+    before()
+    for fn in candidates.values():
+        fn(*weights)  # autotune / cuBLAS heuristics / module loads outside the capture
+    torch.cuda.synchronize()
+    if mode == "flush":
+        return {name: graph_us(lambda fn=fn: fn(*weights), flush, before) for name, fn in candidates.items()}
+    sets = weight_copies(weights, 2 * torch.cuda.get_device_properties(device).L2_cache_size) if weights else [()]
+    return {name: stream_us(lambda ws, fn=fn: fn(*ws), sets, between=before) for name, fn in candidates.items()}
+
+
+def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None, weights: tuple = ()):
+    """The fastest of ``candidates`` (name -> callable taking ``*weights``: the tensors the call streams,
+    cycled through copies while it is timed), timed once per ``key`` by :func:`pick_timing` and stored on
+    disk by ``kernels.pick_store``, so a restarted process reuses it. ``prefer`` wins unless another is
+    faster than ``PICK_MARGIN`` x its time. None during another graph's capture (nothing can be timed then)."""
+    mode = pick_timing()
+    if mode == "flush":
+        key = key + ("flush",)
     if key not in _PICKS:
         stored = pick_store.lookup(key, candidates, device, PICK_MARGIN)  # timed by an earlier process
         if stored is not None:
@@ -707,23 +737,15 @@ def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None)
             return stored
         if torch.cuda.is_current_stream_capturing():
             return None
-        flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
-        before = predecessor(flush)
-        flush.zero_()  # its fill kernel too: a test process had launched none before (H200, session 6)
-        before()
-        for fn in candidates.values():
-            fn()  # autotune / cuBLAS heuristics / module loads outside the capture
-        torch.cuda.synchronize()
         timed = True
         try:
-            times = {name: graph_us(fn, flush, before) for name, fn in candidates.items()}
+            times = _time_candidates(candidates, weights, device, mode)
         except RuntimeError as exc:  # a heuristic must never take the engine down: keep the preferred one
             timed = False
             torch.cuda.synchronize()
             warnings.warn(f"kernels: timing {key[0]} candidates failed ({exc!r}); keeping "
                           f"{prefer if prefer in candidates else next(iter(candidates))!r}", RuntimeWarning)
             times = {name: (0.0 if name == prefer else 1.0) for name in candidates}
-        del flush
         best = min(times, key=times.get)
         if prefer in times and times[best] >= PICK_MARGIN * times[prefer]:
             best = prefer
@@ -756,12 +778,12 @@ def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             plain = skinny_linear_triton if beats_cublas(h, weight, bias) else torch.nn.functional.linear
         else:
             plain = None
-        candidates = {"ours": lambda: skinny_linear_triton(x2, weight, bias, gated=True),
-                      "theirs": lambda: plain(silu_mul_triton(x2[:, :K], x2[:, K:]), weight, bias)}
+        candidates = {"ours": lambda w: skinny_linear_triton(x2, w, bias, gated=True),
+                      "theirs": lambda w: plain(silu_mul_triton(x2[:, :K], x2[:, K:]), w, bias)}
     else:
-        candidates = {"ours": lambda: skinny_linear_triton(x2, weight, bias),
-                      "theirs": lambda: torch.nn.functional.linear(x2, weight, bias)}
-    return _timed_pick(key, candidates, weight.device, prefer="ours") == "ours"
+        candidates = {"ours": lambda w: skinny_linear_triton(x2, w, bias),
+                      "theirs": lambda w: torch.nn.functional.linear(x2, w, bias)}
+    return _timed_pick(key, candidates, weight.device, prefer="ours", weights=(weight,)) == "ours"
 
 
 def split_k_mode() -> str:
@@ -792,10 +814,10 @@ def dense_pick(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     key = ("dense-split", tuple(weight.shape), m_pad(x2.shape[0]), weight.dtype, weight.device,
            launch_mode(weight.device))
-    candidates = {"ours": lambda: skinny_linear_triton(x2, weight),
-                  "theirs": lambda: torch.nn.functional.linear(x2, weight),
-                  "split": lambda: shrink_split_triton(x2, weight)}
-    return _timed_pick(key, candidates, weight.device, prefer="ours") or "theirs"
+    candidates = {"ours": lambda w: skinny_linear_triton(x2, w),
+                  "theirs": lambda w: torch.nn.functional.linear(x2, w),
+                  "split": lambda w: shrink_split_triton(x2, w)}
+    return _timed_pick(key, candidates, weight.device, prefer="ours", weights=(weight,)) or "theirs"
 
 
 def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, str]:
@@ -816,7 +838,7 @@ def lowrank_pick(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch
     shrinks = {**stages, "split": lambda x, a, _bias: shrink_split_triton(x, a)}
 
     def pair(first, second):
-        return lambda: second(first(x2, A, None), B, bias)
+        return lambda a, b: second(first(x2, a, None), b, bias)
 
     candidates = {(a, b): pair(shrinks[a], stages[b]) for a in ("skinny", "split", "cublas") for b in stages}
-    return _timed_pick(key, candidates, A.device, prefer=("cublas", "cublas")) or ("cublas", "cublas")
+    return _timed_pick(key, candidates, A.device, prefer=("cublas", "cublas"), weights=(A, B)) or ("cublas", "cublas")

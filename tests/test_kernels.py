@@ -1025,6 +1025,44 @@ def test_stream_us_ranks_launches_by_their_weight_stream():
     assert t_small > 2048 * 4096 * 2 / 10e6
 
 
+def test_weight_copies_clone_a_group_of_weights_together():
+    """A call that streams two weights (a low-rank pair, gate/up and down) cycles through copies of both."""
+    from kernels.graph_timing import weight_copies
+
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    sets = weight_copies((a, b), min_bytes=3 * (a.numel() + b.numel()) * 4)
+    assert len(sets) == 3 and sets[0][0] is a and sets[0][1] is b
+    assert all(torch.equal(c, a) and torch.equal(d, b) and c.data_ptr() != a.data_ptr() and d.data_ptr() != b.data_ptr()
+               for c, d in sets[1:])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA graphs")
+@pytest.mark.parametrize("mode", ["stream", "flush"])
+def test_timed_pick_takes_the_faster_candidate(mode, monkeypatch):
+    """The engine's per-shape pick, timed either way, takes a candidate that streams its weight once over
+    one that streams it three times although the slower one is preferred; streamed, it runs on copies."""
+    from kernels import skinny_linear
+
+    monkeypatch.setenv("MODEGPT_PICK_TIMING", mode)
+    monkeypatch.setenv("MODEGPT_PICK_CACHE", "0")
+    monkeypatch.setattr(skinny_linear, "_PICKS", {})
+    x = randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    w = randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    seen = set()
+
+    def once(w_):
+        seen.add(w_.data_ptr())
+        return torch.nn.functional.linear(x, w_)
+
+    def thrice(w_):
+        return [torch.nn.functional.linear(x, w_) for _ in range(3)]
+
+    key = ("test-timed-pick", tuple(w.shape))
+    assert skinny_linear._timed_pick(key, {"thrice": thrice, "once": once}, w.device, prefer="thrice",
+                                     weights=(w,)) == "once"
+    assert len(seen) > 1 if mode == "stream" else seen == {w.data_ptr()}
+
+
 @pytest.mark.skipif(not dispatch.HAVE_TRITON, reason="needs triton")
 def test_lowrank_configs_fit_shared_memory_in_float32():
     """fp32 doubles every tile: the pruner keeps each low-rank config with as many pipeline stages as
