@@ -758,8 +758,8 @@ def _timed_pick(key: tuple, candidates: dict, device: torch.device, prefer=None,
 def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> bool:
     """Whether this kernel is faster than cuBLAS for ``x2`` ``[M, K]`` against ``weight``, decided
     once per (N, K, M bucket, dtype, bias, gated, device, PDL) by timing both inside CUDA graphs
-    with the L2 flushed before each call (~10 ms per new shape, in the engine's warm-up before its
-    own graph capture). Eager timing would be wrong here: Triton's host launch path (~40 us)
+    (:func:`_timed_pick`; ~10-20 ms per new shape, in the engine's warm-up before its own graph
+    capture). Eager timing would be wrong here: Triton's host launch path (~40 us)
     exceeds the kernel, and an eager measurement on the H200 picked cuBLAS for every LLaMA-2-7B
     shape although the kernel is 1.04-1.26x faster on most of them in graphs (and 0.96x on a
     4096 -> 10752 q/k/v, 0.5x at 4-16 tokens with a K that is not a multiple of 16). During
@@ -773,13 +773,13 @@ def beats_cublas(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         from .fused_norm import silu_mul_triton
 
         K = weight.shape[1]
-        if key not in _PICKS and not torch.cuda.is_current_stream_capturing():
+
+        def theirs(w):  # the SwiGLU launch, then the faster of this kernel and cuBLAS (its own pick, made
+            # by the first, uncaptured call of this candidate)
             h = silu_mul_triton(x2[:, :K], x2[:, K:])
-            plain = skinny_linear_triton if beats_cublas(h, weight, bias) else torch.nn.functional.linear
-        else:
-            plain = None
-        candidates = {"ours": lambda w: skinny_linear_triton(x2, w, bias, gated=True),
-                      "theirs": lambda w: plain(silu_mul_triton(x2[:, :K], x2[:, K:]), w, bias)}
+            return (skinny_linear_triton if beats_cublas(h, w, bias) else torch.nn.functional.linear)(h, w, bias)
+
+        candidates = {"ours": lambda w: skinny_linear_triton(x2, w, bias, gated=True), "theirs": theirs}
     else:
         candidates = {"ours": lambda w: skinny_linear_triton(x2, w, bias),
                       "theirs": lambda w: torch.nn.functional.linear(x2, w, bias)}
