@@ -20,7 +20,8 @@
 #   bash kernels/run_h200.sh s10b      # session 10: the low-rank skinny pair with the L2 prefetch vs 2 x cuBLAS, tests
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
 #   bash kernels/run_h200.sh s12a      # session 12: picks timed as a step runs them, q/k/v + RoPE epilogue: A/B b1/16
-#   bash kernels/run_h200.sh s12b      # prepared for session 12: b16/b64 timelines, the 13B A/B
+#   bash kernels/run_h200.sh s12b      # session 12: one-token partial sums reduced after the K loop, K-split: A/B, tests
+#   bash kernels/run_h200.sh s12c      # prepared: b16/b64 timelines, the 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
 #   bash kernels/run_h200.sh s11b      # session 11: configs tuned in graphs, strided q: A/B, timelines, CUDA tests
@@ -387,8 +388,19 @@ s12a)  # session 12, call 1: the engine's per-shape picks timed as a step runs t
       --device cuda --dtype bfloat16 --batch 1 16 --steps 48 --rounds 3 --kv-cache-gb 4 --max-model-len 4096 \
       --json "$OUT/bench-ab-picks.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
-s12b)  # prepared in session 11 for the next (a second call): where batch 16 and 64 steps go now, then the 13B
-  # A/B with the current defaults (a random-weight twin of kernels/shapes/llama-2-13b-30.config.json)
+s12b)  # session 12, call 2: the one-token skinny path reducing its partial products once after the K loop
+  # (MODEGPT_SKINNY_VEC_ACC, the new default) against a reduction in every iteration, and the K-split candidate
+  # for 2-64 tokens (MODEGPT_SKINNY_SPLIT_K=auto), batch 1 and 16, one process; then the engine's CUDA tests
+  ckpt
+  timeout ${AB_TIMEOUT:-330} $PY -m server.engine.bench_ab random:llama-2-7b random:llama-2-7b@MODEGPT_SKINNY_VEC_ACC=0 \
+      random:llama-2-7b@MODEGPT_SKINNY_SPLIT_K=auto /tmp/l7b-30 /tmp/l7b-30@MODEGPT_SKINNY_VEC_ACC=0 \
+      /tmp/l7b-30@MODEGPT_SKINNY_SPLIT_K=auto --device cuda --dtype bfloat16 --batch 1 16 --steps 48 --rounds 3 \
+      --kv-cache-gb 4 --max-model-len 4096 --json "$OUT/bench-ab-vec-acc.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out
+  TEST_TIMEOUT=200 tests ${TESTS_TIMEOUT:-200} 4 tests/test_engine_cuda.py tests/test_kernels.py \
+      -k "not test_kernels or split_over_k or counter_blocks or every_m1_tile or timed_pick or weight_copies" ;;
+s12c)  # prepared for call 3: where batch 16 and 64 steps go now, then the 13B A/B with the current defaults
+  # (a random-weight twin of kernels/shapes/llama-2-13b-30.config.json)
   ckpt
   for b in ${TIMELINE_BATCHES:-16 64}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done
   SHAPES=kernels/shapes/llama-2-13b-30.config.json CKPT=/tmp/l13b-30 ckpt

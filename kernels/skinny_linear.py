@@ -209,6 +209,37 @@ def _prefetch_rows(w_ptr, rows, n_mask, k_lo, k_hi, PF_LINES: tl.constexpr):
 
 
 @triton.jit
+def _acc_first(p, AXIS: tl.constexpr, VEC_ACC: tl.constexpr):
+    """The one-token path's first partial: ``p`` itself (``VEC_ACC``: summed over ``AXIS`` once, after
+    the loop, by :func:`_acc_final`) or its sum over ``AXIS`` now."""
+    if VEC_ACC:
+        r = p
+    else:
+        r = tl.sum(p, axis=AXIS)
+    return r
+
+
+@triton.jit
+def _acc_add(acc, p, AXIS: tl.constexpr, VEC_ACC: tl.constexpr):
+    """``acc`` plus a K tile's products ``p``: elementwise (``VEC_ACC``; no cross-warp reduction, so no
+    barrier, inside the loop) or reduced over ``AXIS`` first."""
+    if VEC_ACC:
+        r = acc + p
+    else:
+        r = acc + tl.sum(p, axis=AXIS)
+    return r
+
+
+@triton.jit
+def _acc_final(acc, AXIS: tl.constexpr, VEC_ACC: tl.constexpr):
+    if VEC_ACC:
+        r = tl.sum(acc, axis=AXIS)
+    else:
+        r = acc
+    return r
+
+
+@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    stride_dm, stride_sm, eps, N_KEY, K_KEY, UP_OFF,
                    pos_ptr, freq_ptr, slot_ptr, kc_ptr, vc_ptr, ROPE_H, ROPE_GROUP, ROPE_HALF, ROPE_DV, stride_f,
@@ -216,7 +247,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, PRECISION: tl.constexpr,
                    GATED: tl.constexpr, X_ALIGN: tl.constexpr, SWIGLU_OUT: tl.constexpr, NORM: tl.constexpr,
                    HAS_DELTA: tl.constexpr, ROPE_OUT: tl.constexpr, PDL: tl.constexpr, PF_LINES: tl.constexpr,
-                   W_EVICT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   W_EVICT: tl.constexpr, VEC_ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``y = x @ W.T + b`` for ``N`` output rows.
 
     ``SWIGLU_OUT``: W holds gate rows ``[0, N)`` and up rows ``[N, 2N)`` (a fused gate/up weight) and
@@ -295,37 +326,41 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
         pdl_wait(PDL)
         a, sq = _act(x_ptr + offs_b, d_ptr + offs_b, nw_ptr + offs_b, s_ptr + offs_b, first, first, up_off, pid == 0,
                      GATED, NORM, HAS_DELTA, True)
-        ssq = tl.sum(sq, axis=0)
-        acc = tl.sum(w0.to(tl.float32) * a[None, :], axis=1)
+        ssq = _acc_first(sq, 0, VEC_ACC)
+        acc = _acc_first(w0.to(tl.float32) * a[None, :], 1, VEC_ACC)
         if SWIGLU_OUT or ROPE_OUT:
-            acc_u = tl.sum(w0u.to(tl.float32) * a[None, :], axis=1)
+            acc_u = _acc_first(w0u.to(tl.float32) * a[None, :], 1, VEC_ACC)
         for k0 in range(BLOCK_K, k_main, BLOCK_K):
             offs_k = k0 + offs_b
             a, sq = _act(x_ptr + offs_k, d_ptr + offs_k, nw_ptr + offs_k, s_ptr + offs_k, offs_k < K, offs_k < K, up_off,
                          (k0 // BLOCK_K) % nprog == pid, GATED, NORM, HAS_DELTA, False)
             if NORM:
-                ssq += tl.sum(sq, axis=0)
+                ssq = _acc_add(ssq, sq, 0, VEC_ACC)
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None], other=0.0,
                         eviction_policy=W_EVICT)
-            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            acc = _acc_add(acc, w.to(tl.float32) * a[None, :], 1, VEC_ACC)
             if SWIGLU_OUT or ROPE_OUT:
                 wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None], other=0.0,
                              eviction_policy=W_EVICT)
-                acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
+                acc_u = _acc_add(acc_u, wu.to(tl.float32) * a[None, :], 1, VEC_ACC)
         if k_main < K:
             offs_k = k_main + offs_b
             k_mask = offs_k < K
             a, sq = _act(x_ptr + offs_k, d_ptr + offs_k, nw_ptr + offs_k, s_ptr + offs_k, k_mask, k_mask, up_off,
                          tail_writer, GATED, NORM, HAS_DELTA, True)
             if NORM:
-                ssq += tl.sum(sq, axis=0)
+                ssq = _acc_add(ssq, sq, 0, VEC_ACC)
             w = tl.load(w_ptr + rows[:, None] + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                         eviction_policy=W_EVICT)
-            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            acc = _acc_add(acc, w.to(tl.float32) * a[None, :], 1, VEC_ACC)
             if SWIGLU_OUT or ROPE_OUT:
                 wu = tl.load(w_ptr + rows_u[:, None] + offs_k[None, :], mask=n_mask_u[:, None] & k_mask[None, :],
                              other=0.0, eviction_policy=W_EVICT)
-                acc_u += tl.sum(wu.to(tl.float32) * a[None, :], axis=1)
+                acc_u = _acc_add(acc_u, wu.to(tl.float32) * a[None, :], 1, VEC_ACC)
+        acc = _acc_final(acc, 1, VEC_ACC)
+        if SWIGLU_OUT or ROPE_OUT:
+            acc_u = _acc_final(acc_u, 1, VEC_ACC)
+        ssq = _acc_final(ssq, 0, VEC_ACC)
         if NORM:
             rstd = tl.math.rsqrt(ssq / K + eps)
             acc = acc * rstd
@@ -425,7 +460,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
 
 
 _skinny = autotune(_CONFIGS + _WIDE_CONFIGS,
-                   key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES"],
+                   key=["N_KEY", "K_KEY", "M_PAD", "GATED", "SWIGLU_OUT", "NORM", "ROPE_OUT", "PF_LINES", "VEC_ACC"],
                    prune=_prune)(_skinny_kernel)
 
 
@@ -464,6 +499,13 @@ def _rows2(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
+def vec_acc_enabled() -> bool:
+    """``MODEGPT_SKINNY_VEC_ACC`` (read per launch, default on): the one-token path keeps its partial
+    products as a ``[BLOCK_N, BLOCK_K]`` fp32 tile and reduces it once after the K loop, instead of a
+    cross-warp reduction (shared memory and a barrier) in every iteration. Off: session 11's kernel."""
+    return os.environ.get("MODEGPT_SKINNY_VEC_ACC", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, rope=None) -> None:
     """One skinny launch; ``norm``: ``(d2 or None, norm_weight, s2, eps)`` for the NORM prologue;
     ``rope``: ``(positions, inv_freq, slot_mapping, k_cache, v_cache, num_heads)`` for the ROPE_OUT
@@ -500,11 +542,11 @@ def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, ro
                   ALIGN=_align(weight.stride(0), weight.data_ptr() // weight.element_size()),
                   PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
                   NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, PF_LINES=pf,
-                  W_EVICT="evict_first" if pf else "", **pdl_meta(x2.device))
+                  W_EVICT="evict_first" if pf else "", VEC_ACC=M == 1 and vec_acc_enabled(), **pdl_meta(x2.device))
     # NORM writes the residual stream in place: not launched repeatedly. The cheap key skips the generic
     # tuning key (~20 us of host time per launch here) for shapes already seen, e.g. in eager mixed steps
-    seen = (N, K, m_pad(M), gated, swiglu_out, rope is not None, pf, x2.dtype, weight.dtype, y.dtype,
-            None if bias is None else bias.dtype, x2.device)
+    seen = (N, K, m_pad(M), gated, swiglu_out, rope is not None, pf, kwargs["VEC_ACC"], x2.dtype, weight.dtype,
+            y.dtype, None if bias is None else bias.dtype, x2.device)
     if norm is None and x2.is_cuda and seen not in _TUNE_SEEN and tune_config(grid, args, kwargs):
         _TUNE_SEEN.add(seen)
     launch(_skinny, grid, args, kwargs, _INTERPRET)

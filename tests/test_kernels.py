@@ -525,11 +525,16 @@ def test_triton_skinny_linear(seed, force_triton, shape, M, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("swiglu_out", [False, True], ids=["plain", "swiglu"])
-def test_triton_skinny_gemv_every_m1_tile(seed, force_triton, swiglu_out, monkeypatch):
+@pytest.mark.parametrize("vec_acc", ["1", "0"], ids=["vec-acc", "reduce-each-tile"])
+def test_triton_skinny_gemv_every_m1_tile(seed, force_triton, swiglu_out, vec_acc, monkeypatch):
     """The one-token path with each M = 1 tile config of the tuner (4-64 rows), poisoned output, ragged N
-    and K. An untuned launch takes the first config the pruner keeps, so the kernel's config list is set to
-    each config in turn; under the interpreter the launch takes ``_INTERPRET``'s tile, set to its rows."""
+    and K, with the partial products reduced once after the K loop (``MODEGPT_SKINNY_VEC_ACC``, the
+    default) and in every iteration. An untuned launch takes the first config the pruner keeps, so the
+    kernel's config list is set to each config in turn; under the interpreter the launch takes
+    ``_INTERPRET``'s tile, set to its rows."""
     from kernels import skinny_linear
+
+    monkeypatch.setenv("MODEGPT_SKINNY_VEC_ACC", vec_acc)
 
     K, N = 70, 45
     x = randn(1, K, dtype=torch.float32, device=TRITON_DEVICE)
