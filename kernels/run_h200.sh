@@ -21,7 +21,8 @@
 #   bash kernels/run_h200.sh s10c      # session 10: the low-rank pair with a K-split shrink vs 2 x cuBLAS, its tests
 #   bash kernels/run_h200.sh s12a      # session 12: picks timed as a step runs them, q/k/v + RoPE epilogue: A/B b1/16
 #   bash kernels/run_h200.sh s12b      # session 12: one-token partial sums reduced after the K loop, K-split: A/B, tests
-#   bash kernels/run_h200.sh s12c      # prepared: b16/b64 timelines, the 13B A/B
+#   bash kernels/run_h200.sh s12c      # session 12: original vs 30 % at 256/64/16/1, each with and without the folded norm
+#   bash kernels/run_h200.sh s12d      # prepared: b16/b64 timelines, the 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
 #   bash kernels/run_h200.sh s11b      # session 11: configs tuned in graphs, strided q: A/B, timelines, CUDA tests
@@ -399,7 +400,16 @@ s12b)  # session 12, call 2: the one-token skinny path reducing its partial prod
   tcache_out
   TEST_TIMEOUT=200 tests ${TESTS_TIMEOUT:-200} 4 tests/test_engine_cuda.py tests/test_kernels.py \
       -k "not test_kernels or split_over_k or counter_blocks or every_m1_tile or timed_pick or weight_copies" ;;
-s12c)  # prepared for call 3: where batch 16 and 64 steps go now, then the 13B A/B with the current defaults
+s12c)  # session 12, call 3: the A/B of the original against the 30 % checkpoint with this session's defaults, each
+  # also with residual add + RMSNorm folded into the next matmul (MODEGPT_FUSED_NORM=1: its squares now summed
+  # once after the K loop, its tiles timed by tune_config), batch 256/64/16/1, one process
+  ckpt
+  timeout ${AB_TIMEOUT:-450} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      random:llama-2-7b@MODEGPT_FUSED_NORM=1 /tmp/l7b-30@MODEGPT_FUSED_NORM=1 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
+      --json "$OUT/bench-ab-fused-norm.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
+s12d)  # prepared: where batch 16 and 64 steps go now, then the 13B A/B with the current defaults
   # (a random-weight twin of kernels/shapes/llama-2-13b-30.config.json)
   ckpt
   for b in ${TIMELINE_BATCHES:-16 64}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done

@@ -401,7 +401,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
         a, sq = _act(x_ptr + xm + offs_b[None, :], d_ptr + dm + offs_b[None, :], nw_ptr + offs_b[None, :],
                      s_ptr + sm + offs_b[None, :], m_mask[:, None] & first[None, :], first[None, :], up_off, pid == 0,
                      GATED, NORM, HAS_DELTA, True)
-        ssq2 = tl.sum(sq, axis=1)
+        ssq2 = _acc_first(sq, 1, NORM)  # NORM: squares summed over K once, after the loop
         acc2 = _mma(a.to(dt), w0, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
         if SWIGLU_OUT or ROPE_OUT:
             acc2_u = _mma(a.to(dt), w0u, tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32), PRECISION)
@@ -411,7 +411,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          s_ptr + sm + offs_k[None, :], m_mask[:, None], (offs_k < K)[None, :], up_off,
                          (k0 // BLOCK_K) % nprog == pid, GATED, NORM, HAS_DELTA, True)
             if NORM:
-                ssq2 += tl.sum(sq, axis=1)
+                ssq2 = _acc_add(ssq2, sq, 1, NORM)
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :], other=0.0,
                         eviction_policy=W_EVICT)
             acc2 = _mma(a.to(dt), w, acc2, PRECISION)
@@ -426,7 +426,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                          s_ptr + sm + offs_k[None, :], m_mask[:, None] & k_mask[None, :], k_mask[None, :], up_off,
                          tail_writer, GATED, NORM, HAS_DELTA, True)
             if NORM:
-                ssq2 += tl.sum(sq, axis=1)
+                ssq2 = _acc_add(ssq2, sq, 1, NORM)
             w = tl.load(w_ptr + rows[None, :] + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0.0,
                         eviction_policy=W_EVICT)
             acc2 = _mma(a.to(dt), w, acc2, PRECISION)
@@ -435,6 +435,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, d_ptr, nw_ptr, s_ptr, M, N, K, st
                              other=0.0, eviction_policy=W_EVICT)
                 acc2_u = _mma(a.to(dt), wu, acc2_u, PRECISION)
         if NORM:
+            ssq2 = _acc_final(ssq2, 1, NORM)
             rstd2 = tl.math.rsqrt(ssq2 / K + eps)[:, None]
             acc2 = acc2 * rstd2
             if SWIGLU_OUT:
@@ -543,11 +544,12 @@ def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, ro
                   PRECISION=dot_precision(x2.dtype), GATED=gated, X_ALIGN=x_align, SWIGLU_OUT=swiglu_out,
                   NORM=norm is not None, HAS_DELTA=d2 is not None, ROPE_OUT=rope is not None, PF_LINES=pf,
                   W_EVICT="evict_first" if pf else "", VEC_ACC=M == 1 and vec_acc_enabled(), **pdl_meta(x2.device))
-    # NORM writes the residual stream in place: not launched repeatedly. The cheap key skips the generic
-    # tuning key (~20 us of host time per launch here) for shapes already seen, e.g. in eager mixed steps
-    seen = (N, K, m_pad(M), gated, swiglu_out, rope is not None, pf, kwargs["VEC_ACC"], x2.dtype, weight.dtype,
-            y.dtype, None if bias is None else bias.dtype, x2.device)
-    if norm is None and x2.is_cuda and seen not in _TUNE_SEEN and tune_config(grid, args, kwargs):
+    # Repeated launches are harmless, NORM's too: it writes x + d to its own new buffer (nothing without a
+    # delta). The cheap key skips the generic tuning key (~20 us of host time per launch here) for shapes
+    # already seen, e.g. in eager mixed steps
+    seen = (N, K, m_pad(M), gated, swiglu_out, rope is not None, norm is not None, d2 is not None, pf,
+            kwargs["VEC_ACC"], x2.dtype, weight.dtype, y.dtype, None if bias is None else bias.dtype, x2.device)
+    if x2.is_cuda and seen not in _TUNE_SEEN and tune_config(grid, args, kwargs):
         _TUNE_SEEN.add(seen)
     launch(_skinny, grid, args, kwargs, _INTERPRET)
 
