@@ -22,6 +22,7 @@
 #   bash kernels/run_h200.sh s12a      # session 12: picks timed as a step runs them, q/k/v + RoPE epilogue: A/B b1/16
 #   bash kernels/run_h200.sh s12b      # session 12: one-token partial sums reduced after the K loop, K-split: A/B, tests
 #   bash kernels/run_h200.sh s12c      # session 12: original vs 30 % at 256/64/16/1, each with and without the folded norm
+#   bash kernels/run_h200.sh s12e      # session 12: kernel tests of the changed paths at real shapes
 #   bash kernels/run_h200.sh s12d      # prepared: b16/b64 timelines, the 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
@@ -409,6 +410,10 @@ s12c)  # session 12, call 3: the A/B of the original against the 30 % checkpoint
       --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 48 --rounds 3 --kv-cache-gb 16 --max-model-len 4096 \
       --json "$OUT/bench-ab-fused-norm.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
+s12e)  # session 12, call 4: the kernel tests of the paths this session changed, at real shapes (one-token partial
+  # sums after the K loop, the folded norm's squares, picks timed on weight copies)
+  TEST_TIMEOUT=150 tests ${TESTS_TIMEOUT:-330} 4 tests/test_kernels.py \
+      -k "skinny or norm_skinny or swiglu or rope_triton or linear_rope or weight_copies or timed_pick or stream_us or lowrank_linear" ;;
 s12d)  # prepared: where batch 16 and 64 steps go now, then the 13B A/B with the current defaults
   # (a random-weight twin of kernels/shapes/llama-2-13b-30.config.json)
   ckpt
