@@ -428,7 +428,8 @@ def fused_norm_enabled() -> bool:
     """``MODEGPT_FUSED_NORM=1``: fold residual add + RMSNorm into the matmul after it at decode sizes
     (:func:`add_rms_norm_linear`, :func:`add_rms_norm_swiglu_mlp`). Off by default: on the H200 it
     measured 0.95-0.96x at batch 1 and 0.78-0.83x at 16 (every program re-reads the whole row for its
-    sum of squares; docs/BENCHMARKS.md, session 6). Read per call."""
+    sum of squares; docs/BENCHMARKS.md, session 6); with the squares summed once per program and its tiles
+    timed like the others (session 12), 1.00x at batch 1, 0.83-0.86x at 16 and 0.62-0.72x at 64. Read per call."""
     return os.environ.get(_FUSED_NORM_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
 
 

@@ -352,7 +352,8 @@ def use_kernels() -> bool:
                         context_lens, scale, block_size, counters=None):
         # MODEGPT_QKV_ROPE=1: the projection with RoPE and the cache write as its epilogue (one launch fewer per
         # layer). Opt-in: on the H200 it timed 0.59-1.07x of the projection + RoPE launch it replaces (bf16,
-        # CUDA graphs, session 7; kernels/NOTES.md), and where it is on, a timed pick per shape still decides.
+        # CUDA graphs, session 7; kernels/NOTES.md), and end to end 0.993-0.998x at batch 1 and 16 (session 12);
+        # where it is on, a timed pick per shape still decides.
         # MODEGPT_ROPE_ATTENTION=1 moves RoPE into the attention kernel instead.
         if (os.environ.get("MODEGPT_QKV_ROPE", "0").strip() != "1"
                 or os.environ.get("MODEGPT_ROPE_ATTENTION", "0").strip() == "1"):
