@@ -161,6 +161,9 @@ def add_bench_parser(sub) -> None:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=run_bench_quality)
 
+    from kernels.bench import add_kernel_bench
+
+    add_kernel_bench(bsub)
     try:
         from server.bench import add_serve_bench
         from server.bench_engine import add_engine_bench

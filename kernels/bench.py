@@ -2,7 +2,8 @@
 
 Usage (on the GPU machine)::
 
-    python -c "from kernels.bench import run_kernel_bench; run_kernel_bench('out.json')"
+    modegpt bench kernels [--only skinny lowrank ...] [--budget 270] [--json runs/bench-kernels.json]
+    modegpt bench kernels --attention-sweep     # decode attention under every launch configuration
 
 What is timed:
 
@@ -43,8 +44,10 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Callable
 from unittest import mock
 
@@ -755,3 +758,37 @@ def run_lowrank_sweep(dtype: torch.dtype = torch.bfloat16, deadline: float | Non
                 out.append(c)
                 torch.cuda.empty_cache()
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: modegpt bench kernels
+
+CASE_PREFIXES = ("skinny", "rope_qkv", "linear_rope", "attention_short", "lowrank", "attention", "rope")
+
+
+def add_kernel_bench(bsub) -> None:
+    p = bsub.add_parser("kernels", help="each Triton kernel against the PyTorch/cuBLAS sequence it replaces (CUDA)")
+    p.add_argument("--only", nargs="+", default=[], metavar="PREFIX",
+                   help=f"run just the cases whose name starts with one of these ({', '.join(CASE_PREFIXES)})")
+    p.add_argument("--budget", type=float, default=270.0, help="seconds; cases past it are recorded as skipped")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--attention-sweep", action="store_true",
+                   help="time decode attention under every launch configuration instead (run_attention_sweep)")
+    p.add_argument("--json", type=Path, default=Path("runs/bench-kernels.json"))
+    p.set_defaults(func=run_kernel_bench_cli)
+
+
+def run_kernel_bench_cli(args) -> int:
+    """``modegpt bench kernels``: exit 2 with a clear message where there is no CUDA GPU to time on."""
+    if not torch.cuda.is_available():
+        print("error: modegpt bench kernels needs a CUDA GPU (the kernels' CPU path is PyTorch itself); "
+              "their correctness runs on the CPU under TRITON_INTERPRET=1 in tests/test_kernels.py", file=sys.stderr)
+        return 2
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    if args.attention_sweep:
+        results = run_attention_sweep(str(args.json), args.budget, dtype)
+    else:
+        results = run_kernel_bench(str(args.json), args.budget, dtype, only=tuple(args.only), sweep=not args.only)
+    print(f"wrote {args.json}")
+    return 1 if "error" in results else 0

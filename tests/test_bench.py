@@ -71,3 +71,12 @@ def test_bench_ab_rejects_a_malformed_variant():
     assert parse_variant("ckpt@A=1,B=x=y") == ("ckpt", {"A": "1", "B": "x=y"})
     with pytest.raises(SystemExit, match="SPEC@KEY=VAL"):
         parse_variant("ckpt@NOEQUALS")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_bench_kernels_is_a_subcommand_that_refuses_without_a_gpu(tmp_path, capsys):
+    """`modegpt bench kernels` times on CUDA only: without a GPU it exits 2 with a message that says where the
+    kernels' correctness is tested instead, and writes no results file."""
+    out = tmp_path / "k.json"
+    assert main(["bench", "kernels", "--only", "skinny", "--json", str(out)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not out.exists()
