@@ -104,3 +104,19 @@ def test_projection_efficiency_sums_each_kind_over_the_layers():
         projection_efficiency(step[:-3], cfg)
     with pytest.raises(ValueError, match="whole engine steps"):
         one_step(critical_path(ops[:-1]))
+
+
+def test_attention_efficiency_counts_each_layers_kv_dims():
+    """Attention's share (partition and combine kernels) against the K/V bytes of every layer at its own
+    head dims: a checkpoint with smaller dims has proportionally less to read."""
+    from server.engine.timeline import attention_efficiency, kv_bytes_per_step
+
+    cfg = {"num_key_value_heads": 4, "layers": [{"qk_dim": 64, "v_dim": 32}, {"qk_dim": 48, "v_dim": 48}]}
+    assert kv_bytes_per_step(cfg, batch=3, context=10) == 3 * 10 * 4 * (96 + 96) * 2
+    ops = [Op("Memcpy DtoH (Device -> Pinned)", 0.0, 1.0), Op("_attn_partition_kernel", 1.0, 5.0),
+           Op("_skinny_kernel", 6.0, 4.0), Op("_attn_combine_kernel", 10.0, 2.0), Op("_attn_partition_kernel", 12.0, 5.0)]
+    step = critical_path(ops)
+    got = attention_efficiency(step, cfg, batch=3, context=10, bandwidth=1e9)
+    assert got["us"] == pytest.approx(12.0)
+    assert got["ideal_us"] == pytest.approx(3 * 10 * 4 * 192 * 2 / 1e9 * 1e6)
+    assert got["efficiency"] == pytest.approx(got["ideal_us"] / 12.0)

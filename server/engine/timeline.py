@@ -12,8 +12,9 @@ those from a Chrome trace written by ``torch.profiler``; :func:`summarise` group
 name (and, for matmuls, by launch grid, which tells the projections apart). ``profile_step --timeline``
 runs it over whole engine steps (the CUDA-graph replay, the copies around it and the sampler).
 :func:`projection_efficiency` puts each projection kind's share of one step next to the time its weights
-take to stream at the bandwidth ceiling; ``python -m server.engine.timeline TRACE --config CONFIG``
-prints both for a saved trace.
+take to stream at the bandwidth ceiling, :func:`attention_efficiency` decode attention's share next to its
+K/V reads; ``python -m server.engine.timeline TRACE --config CONFIG [--batch B --context N]`` prints them
+for a saved trace.
 """
 from __future__ import annotations
 
@@ -172,6 +173,24 @@ def projection_efficiency(step: list[Share], config: dict, bandwidth: float = 4.
     return out
 
 
+def kv_bytes_per_step(config: dict, batch: int, context: int, itemsize: int = 2) -> int:
+    """Bytes of K and V that decode attention reads in one step: ``batch`` sequences of ``context`` cached
+    positions, each layer's KV heads at its own ``qk_dim`` and ``v_dim``."""
+    hkv = int(config["num_key_value_heads"])
+    return sum(batch * context * hkv * (int(l["qk_dim"]) + int(l["v_dim"])) * itemsize for l in config["layers"])
+
+
+def attention_efficiency(step: list[Share], config: dict, batch: int, context: int, bandwidth: float = 4.3e12,
+                         itemsize: int = 2) -> dict:
+    """Decode attention's share of one step (every kernel whose name has ``attn``: the partition kernel and a
+    separate combine, if any) against the time its K/V reads take at ``bandwidth`` (:func:`kv_bytes_per_step`).
+    At short contexts the kernel is latency-bound, and a checkpoint with smaller head dims gains nothing
+    unless this ratio rises."""
+    us = sum(s.gap + s.advance for s in step if "attn" in s.op.name)
+    ideal = kv_bytes_per_step(config, batch, context, itemsize) / bandwidth * 1e6
+    return {"us": us, "ideal_us": ideal, "efficiency": ideal / us if us else 0.0, "batch": batch, "context": context}
+
+
 def _config(spec: str) -> dict:
     if spec.startswith("random:"):
         from compressor.families import modegpt_config
@@ -190,12 +209,19 @@ def main(argv=None) -> int:
     p.add_argument("trace", help="Chrome trace written by `python -m server.engine.profile_step ... --timeline`")
     p.add_argument("--config", help="the model's config.json, or random:<preset>: adds the projection table")
     p.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the weight stream (H200: ~4.3e12)")
+    p.add_argument("--batch", type=int, default=None, help="with --context and --config: adds the attention row")
+    p.add_argument("--context", type=int, default=None,
+                   help="cached positions per sequence at the profiled step (profile_step: about 64 + 4 + 1.5 x steps)")
     a = p.parse_args(argv)
+    if (a.batch is None) != (a.context is None) or (a.batch is not None and not a.config):
+        p.error("--batch and --context go together, with --config")
     shares = critical_path(gpu_ops(a.trace))
     step = one_step(shares)
     r = {"step_us": sum(s.gap + s.advance for s in step), "ops": summarise(step, 1)["ops"]}
     if a.config:
         r["projections"] = projection_efficiency(step, _config(a.config), a.bandwidth)
+    if a.batch is not None:
+        r["attention"] = attention_efficiency(step, _config(a.config), a.batch, a.context, a.bandwidth)
     print(json.dumps(r, indent=1))
     return 0
 
