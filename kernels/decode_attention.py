@@ -44,6 +44,7 @@ Design:
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import torch
@@ -70,7 +71,8 @@ def _attn_partition_kernel(
         SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK0: tl.constexpr, DQK1: tl.constexpr,
         DV0: tl.constexpr, DV1: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, HALF_PAD: tl.constexpr,
-        FOLD: tl.constexpr, S_PAD: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
+        FOLD: tl.constexpr, S_PAD: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr,
+        DYN_PART: tl.constexpr = False):
     """One (sequence, KV head, partition). ``ROPE``: ``q`` is the projection output before RoPE and the
     new token's key/value rows (``kn``/``vn``) are not in the cache yet: the program rotates its query
     heads itself (rotate-half pairs ``(i, i + DQK/2)`` at ``freq[kvh]``, rounded to the input dtype
@@ -84,13 +86,19 @@ def _attn_partition_kernel(
     ``HP`` > 1 (without ``ROPE``): the program serves ``HP`` consecutive KV heads (their query heads are
     its rows); a key tile is ``BLOCK_N`` positions x ``HP`` heads (column ``c``: position ``c // HP``,
     head ``c % HP``, so each slot's heads are one contiguous run), scored against every row and masked
-    to each row's own head. The 16 padded query rows of an MHA program make that free in MMA work."""
+    to each row's own head. The 16 padded query rows of an MHA program make that free in MMA work.
+    ``DYN_PART`` (with ``SPLIT``): the partition length follows this sequence's own length, its context
+    spread evenly over the launch's partitions in whole key tiles, instead of ``part_len`` (fixed at capture
+    from the block table's capacity, so a context far shorter than its graph's class left most partitions
+    empty and a few with several serial tiles)."""
     b = tl.program_id(0)
     kvp = tl.program_id(1)
     kvh = kvp * HP  # the program's first KV head
     sp = tl.program_id(2)
     pdl_wait(PDL)  # q, the lengths and the newest cache slot come from the kernels before
     seq_len = tl.load(lens_ptr + b)
+    if DYN_PART:
+        part_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N, BLOCK_N)
     offs_g = tl.arange(0, G_PAD)
     g_mask = (offs_g < group * HP) & (kvh + offs_g // group < kv_heads)
     heads = kvh * group + offs_g
@@ -282,15 +290,30 @@ def _alignment(cache: torch.Tensor) -> int:
     return max(1, g)
 
 
+def programs_per_sm() -> int:
+    """``MODEGPT_ATTN_PROGRAMS_PER_SM`` (default 2): how many attention programs per SM :func:`plan_splits`
+    aims for. More splits a context into more, shorter partitions: at short contexts the kernel is bound by
+    the latency of its serial key tiles, not by bytes (H200, session 12: at batch 16 and ~113 positions
+    the 30 % checkpoint read its K/V at 35 % of the bandwidth ceiling, the original at 48 %). Not yet
+    measured above 2; with ``MODEGPT_ATTN_DYNAMIC_SPLIT=1`` the partitions follow each sequence's length."""
+    return max(1, int(os.environ.get("MODEGPT_ATTN_PROGRAMS_PER_SM", "2")))
+
+
+def dynamic_split() -> bool:
+    """``MODEGPT_ATTN_DYNAMIC_SPLIT=1``: partition lengths from each sequence's own length, in the kernel
+    (``DYN_PART``), instead of from the block table's capacity. Off until measured on the GPU."""
+    return os.environ.get("MODEGPT_ATTN_DYNAMIC_SPLIT", "0").strip() == "1"
+
+
 def plan_splits(batch: int, kv_heads: int, capacity: int, block_n: int, device: torch.device,
                 num_splits: int | None = None) -> tuple[int, int]:
-    """(num_splits, partition length). Aim for two programs per SM, at most 64 partitions of at
-    least one key tile. A program's key tiles run one after another (~2.5 us each on the H200,
-    latency-bound at decode sizes), the combine costs about one tile, so a context of 3+ tiles
-    is split as soon as batch x KV heads leaves SMs idle (batch 1: 32 programs on 132 SMs; at
+    """(num_splits, partition length). Aim for :func:`programs_per_sm` (default 2) programs per SM, at
+    most 64 partitions of at least one key tile. A program's key tiles run one after another (~2.5 us
+    each on the H200, latency-bound at decode sizes), the combine costs about one tile, so a context of
+    3+ tiles is split as soon as batch x KV heads leaves SMs idle (batch 1: 32 programs on 132 SMs; at
     4-tile partitions minimum a 208-token context stayed one 8.2 us program per head)."""
     if num_splits is None:
-        want = cdiv(2 * sm_count(device), max(1, batch * kv_heads))
+        want = cdiv(programs_per_sm() * sm_count(device), max(1, batch * kv_heads))
         tiles = cdiv(capacity, block_n)
         num_splits = max(1, min(want, tiles, 64)) if tiles >= 3 else 1
     num_splits = max(1, min(int(num_splits), cdiv(capacity, block_n)))
@@ -519,7 +542,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     _start(_attn_partition_kernel, (B, packs, splits), compile_only,
         *common, part, lse, *extra, out, counters if fold else context_lens, *sizes, part.stride(0), part.stride(1),
         part.stride(2), lse.stride(0), lse.stride(1), *extra_strides, out.stride(0), out.stride(1),
-        SPLIT=True, FOLD=fold, S_PAD=s_pad, **meta)
+        SPLIT=True, FOLD=fold, S_PAD=s_pad, DYN_PART=dynamic_split(), **meta)
     if not fold:
         _start(_combine_kernel, (B, H), compile_only,
             part, lse, out, splits, dv, part.stride(0), part.stride(1), part.stride(2),

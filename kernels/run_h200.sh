@@ -23,6 +23,7 @@
 #   bash kernels/run_h200.sh s12b      # session 12: one-token partial sums reduced after the K loop, K-split: A/B, tests
 #   bash kernels/run_h200.sh s12c      # session 12: original vs 30 % at 256/64/16/1, each with and without the folded norm
 #   bash kernels/run_h200.sh s12e      # session 12: kernel tests of the changed paths at real shapes
+#   bash kernels/run_h200.sh s13a      # prepared: attention partitions per sequence / more per SM, A/B b1/16/64
 #   bash kernels/run_h200.sh s12d      # prepared: b16/b64 timelines, the 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
@@ -414,6 +415,19 @@ s12e)  # session 12, call 4: the kernel tests of the paths this session changed,
   # sums after the K loop, the folded norm's squares, picks timed on weight copies)
   TEST_TIMEOUT=150 tests ${TESTS_TIMEOUT:-330} 4 tests/test_kernels.py \
       -k "skinny or norm_skinny or swiglu or rope_triton or linear_rope or weight_copies or timed_pick or stream_us or lowrank_linear" ;;
+s13a)  # prepared in session 12 for the next: decode attention at short contexts is latency-bound (the 30 %
+  # checkpoint reads its K/V at 35 % of the ceiling at batch 16, the original at 48 %): more, shorter partitions
+  # (MODEGPT_ATTN_PROGRAMS_PER_SM) spread over each sequence's own length (MODEGPT_ATTN_DYNAMIC_SPLIT=1), A/B at
+  # batch 1/16/64, one process; then batch-16 timelines of the default
+  ckpt
+  timeout ${AB_TIMEOUT:-400} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      random:llama-2-7b@MODEGPT_ATTN_DYNAMIC_SPLIT=1,MODEGPT_ATTN_PROGRAMS_PER_SM=8 \
+      /tmp/l7b-30@MODEGPT_ATTN_DYNAMIC_SPLIT=1,MODEGPT_ATTN_PROGRAMS_PER_SM=8 \
+      /tmp/l7b-30@MODEGPT_ATTN_DYNAMIC_SPLIT=1,MODEGPT_ATTN_PROGRAMS_PER_SM=4 \
+      --device cuda --dtype bfloat16 --batch 1 16 64 --steps 48 --rounds 3 --kv-cache-gb 8 --max-model-len 4096 \
+      --json "$OUT/bench-ab-attn-splits.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  for b in ${TIMELINE_BATCHES:-16}; do timeline1 random:llama-2-7b $b original; timeline1 /tmp/l7b-30 $b compressed; done
+  tcache_out ;;
 s12d)  # prepared: where batch 16 and 64 steps go now, then the 13B A/B with the current defaults
   # (a random-weight twin of kernels/shapes/llama-2-13b-30.config.json)
   ckpt

@@ -1252,10 +1252,14 @@ def test_triton_decode_attention_reads_a_row_strided_query(seed, force_triton, B
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
-def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold):
+@pytest.mark.parametrize("dynamic", ["0", "1"], ids=["capacity-partitions", "per-sequence-partitions"])
+def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold, dynamic, monkeypatch):
     """Forced partitionings, incl. partitions past a sequence's end and an empty context; with
-    counters the last partition combines (run twice: the counters must be zero again after a call)."""
+    counters the last partition combines (run twice: the counters must be zero again after a call).
+    ``MODEGPT_ATTN_DYNAMIC_SPLIT=1``: each sequence's partitions follow its own length."""
     from kernels.decode_attention import decode_attention_triton
+
+    monkeypatch.setenv("MODEGPT_ATTN_DYNAMIC_SPLIT", dynamic)
 
     H, hkv, dqk, dv = ATTN_SMALL[0]
     lens = torch.tensor([1, 0, 77, 33])
@@ -1271,13 +1275,28 @@ def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, f
             assert not counters.any(), f"counters left at {counters.tolist()}; seed={seed}"
 
 
+def test_plan_splits_aims_at_the_programs_per_sm_it_is_told(monkeypatch):
+    """More programs per SM (``MODEGPT_ATTN_PROGRAMS_PER_SM``) split a context into more partitions, never
+    more than its key tiles or 64, and never below one tile per partition."""
+    from kernels.decode_attention import plan_splits
+
+    cpu = torch.device("cpu")  # a nominal 8 SMs
+    monkeypatch.delenv("MODEGPT_ATTN_PROGRAMS_PER_SM", raising=False)
+    assert plan_splits(16, 4, 256, 32, cpu) == (1, 256)  # 64 programs already: 2 per SM
+    monkeypatch.setenv("MODEGPT_ATTN_PROGRAMS_PER_SM", "16")
+    assert plan_splits(16, 4, 256, 32, cpu) == (2, 128)
+    assert plan_splits(1, 1, 256, 32, cpu) == (8, 32)  # at most one partition per key tile
+    assert plan_splits(1, 1, 64, 32, cpu) == (1, 64)  # under three tiles: never split
+
+
 @needs_triton
 @pytest.mark.parametrize("heads", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("B", [1, 7])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
-def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, dtype, fold):
+@pytest.mark.parametrize("dynamic", ["0", "1"], ids=["capacity-partitions", "per-sequence-partitions"])
+def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, dtype, fold, dynamic, monkeypatch):
     """RoPE + cache write + decode attention in one launch, from row-strided views of one fused
     projection output: the new keys (rotated) and values land in their slots (poisoned with NaN
     first, so reading them before the write would show), nothing else in the caches changes, q is
@@ -1285,6 +1304,7 @@ def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, 
     writes nothing and attends to nothing."""
     from kernels.decode_attention import rope_decode_attention_triton
 
+    monkeypatch.setenv("MODEGPT_ATTN_DYNAMIC_SPLIT", dynamic)
     H, hkv, dqk, dv = heads
     block_size = 16
     max_len = 700 if CUDA else 70
@@ -1371,10 +1391,14 @@ def test_triton_decode_attention_launch_configs(seed, force_triton, config, head
     q, kc, vc, tables, lens = attention_inputs(3, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
     counters = torch.zeros(3 * hkv, dtype=torch.int32, device=TRITON_DEVICE)
-    for splits, cnt in ((1, None), (3, None), (3, counters)):  # the last: the combine folded into the kernel
+    for splits, cnt, dyn in ((1, None, "0"), (3, None, "0"), (3, counters, "0"), (3, counters, "1")):
+        # the combine folded into the kernel from the third; the last: partitions from each sequence's length
         out = nan_like((3, H, dv), dtype, TRITON_DEVICE)
-        decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config, counters=cnt)
-        assert_close(out, ref, dtype, seed, f"decode attention {config} {heads} splits={splits} fold={cnt is not None}")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MODEGPT_ATTN_DYNAMIC_SPLIT", dyn)
+            decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config, counters=cnt)
+        assert_close(out, ref, dtype, seed,
+                     f"decode attention {config} {heads} splits={splits} fold={cnt is not None} dynamic={dyn}")
     assert not counters.any()
     for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}, {"KV_PACK": 3}, {"KV_PACK": 0}):
         with pytest.raises(ValueError):
