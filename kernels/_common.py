@@ -100,9 +100,17 @@ def prefetch_lines(budget: int, rows: int, row_bytes: int) -> int:
     return 0 if per_row < 1 else 1 << (per_row.bit_length() - 1)
 
 
-def launch_mode(device: torch.device) -> tuple[bool, int]:
-    """What a timed pick depends on besides the shape: PDL and the L2 prefetch."""
-    return pdl_enabled(device), l2_prefetch_bytes(device)
+def vec_acc_enabled() -> bool:
+    """``MODEGPT_SKINNY_VEC_ACC`` (read per launch, default on): the skinny kernel's one-token path keeps its
+    partial products as a ``[BLOCK_N, BLOCK_K]`` fp32 tile and reduces it once after the K loop, instead of
+    a cross-warp reduction (shared memory and a barrier) in every iteration. Off: session 11's kernel."""
+    return os.environ.get("MODEGPT_SKINNY_VEC_ACC", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def launch_mode(device: torch.device) -> tuple[bool, int, bool]:
+    """What a timed pick depends on besides the shape: PDL, the L2 prefetch and the one-token path's
+    reduction (the picks of one setting are not the other's: H200, session 12)."""
+    return pdl_enabled(device), l2_prefetch_bytes(device), vec_acc_enabled()
 
 
 def next_pow2(n: int) -> int:

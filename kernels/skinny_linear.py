@@ -13,7 +13,8 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
 * ``M == 1``: an fp32 multiply + row reduction on the CUDA cores (a tensor-core tile would be 1/16
   used); the products accumulate in an fp32 tile and are reduced over K once, after the loop
   (``VEC_ACC``: per tile, that reduction crossed warps through shared memory and a barrier; 1-2 % of a
-  batch-1 step on the H200, session 12). ``2 <= M <= 64``: ``tl.dot`` with the token rows padded to 16, 32 or 64 (``m_pad``).
+  batch-1 step on the H200, session 12). ``2 <= M <= 64``: ``tl.dot`` with the token rows padded to 16,
+  32 or 64 (``m_pad``).
 * Rows of W start ``K`` elements apart. Triton only proves 16-element alignment of integer
   arguments, so a width like 9880 (a multiple of 8, not 16) would make it issue 2-byte loads
   (0.42 TB/s, measured for the attention kernel's odd head dims): the launcher passes the largest
@@ -50,7 +51,7 @@ import triton.language as tl
 
 from . import pick_store
 from ._common import (SUPPORTED_DTYPES, cdiv, dot_precision, interpret_mode, l2_prefetch_bytes, launch_mode, m_pad,
-                      pdl_meta, prefetch_lines)
+                      pdl_meta, prefetch_lines, vec_acc_enabled)
 from ._tl import mma as _mma
 from ._tl import l2_prefetch, pdl_wait
 from .autotune import autotune, autotuning_enabled, launch, precompile, pruned_configs, tuning_key
@@ -234,6 +235,7 @@ def _acc_add(acc, p, AXIS: tl.constexpr, VEC_ACC: tl.constexpr):
 
 @triton.jit
 def _acc_final(acc, AXIS: tl.constexpr, VEC_ACC: tl.constexpr):
+    """The loop's result: ``acc`` summed over ``AXIS`` (``VEC_ACC``) or ``acc`` itself."""
     if VEC_ACC:
         r = tl.sum(acc, axis=AXIS)
     else:
@@ -500,13 +502,6 @@ def _rows2(t: torch.Tensor, cols: int) -> torch.Tensor:
     if t2.shape[0] > MAX_M:
         raise ValueError(f"skinny_linear takes at most {MAX_M} rows, got {t2.shape[0]}")
     return t2 if t2.stride(1) == 1 else t2.contiguous()
-
-
-def vec_acc_enabled() -> bool:
-    """``MODEGPT_SKINNY_VEC_ACC`` (read per launch, default on): the one-token path keeps its partial
-    products as a ``[BLOCK_N, BLOCK_K]`` fp32 tile and reduces it once after the K loop, instead of a
-    cross-warp reduction (shared memory and a barrier) in every iteration. Off: session 11's kernel."""
-    return os.environ.get("MODEGPT_SKINNY_VEC_ACC", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def _launch(x2, weight, bias, y, *, gated=False, swiglu_out=False, norm=None, rope=None) -> None:

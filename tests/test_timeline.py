@@ -114,7 +114,8 @@ def test_attention_efficiency_counts_each_layers_kv_dims():
     cfg = {"num_key_value_heads": 4, "layers": [{"qk_dim": 64, "v_dim": 32}, {"qk_dim": 48, "v_dim": 48}]}
     assert kv_bytes_per_step(cfg, batch=3, context=10) == 3 * 10 * 4 * (96 + 96) * 2
     ops = [Op("Memcpy DtoH (Device -> Pinned)", 0.0, 1.0), Op("_attn_partition_kernel", 1.0, 5.0),
-           Op("_skinny_kernel", 6.0, 4.0), Op("_attn_combine_kernel", 10.0, 2.0), Op("_attn_partition_kernel", 12.0, 5.0)]
+           Op("_skinny_kernel", 6.0, 4.0), Op("_attn_combine_kernel", 10.0, 2.0),
+           Op("_attn_partition_kernel", 12.0, 5.0)]
     step = critical_path(ops)
     got = attention_efficiency(step, cfg, batch=3, context=10, bandwidth=1e9)
     assert got["us"] == pytest.approx(12.0)
