@@ -177,7 +177,8 @@ def kv_bytes_per_step(config: dict, batch: int, context: int, itemsize: int = 2)
     """Bytes of K and V that decode attention reads in one step: ``batch`` sequences of ``context`` cached
     positions, each layer's KV heads at its own ``qk_dim`` and ``v_dim``."""
     hkv = int(config["num_key_value_heads"])
-    return sum(batch * context * hkv * (int(l["qk_dim"]) + int(l["v_dim"])) * itemsize for l in config["layers"])
+    return sum(batch * context * hkv * (int(layer["qk_dim"]) + int(layer["v_dim"])) * itemsize
+               for layer in config["layers"])
 
 
 def attention_efficiency(step: list[Share], config: dict, batch: int, context: int, bandwidth: float = 4.3e12,
