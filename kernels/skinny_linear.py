@@ -12,8 +12,8 @@ launches per step). A decode matmul is a pure weight stream, so this kernel is b
   programs, so the last wave is short, and there is no split-K and no second launch.
 * ``M == 1``: an fp32 multiply + row reduction on the CUDA cores (a tensor-core tile would be 1/16
   used); the products accumulate in an fp32 tile and are reduced over K once, after the loop
-  (``VEC_ACC``: per tile, that reduction crossed warps through shared memory and a barrier; 1-2 % of a
-  batch-1 step on the H200, session 12). ``2 <= M <= 64``: ``tl.dot`` with the token rows padded to 16,
+  (``VEC_ACC``: per tile, that reduction crosses warps, through shared memory and a barrier, wherever the
+  tile's K spans them; 1-2 % of a batch-1 step on the H200, session 12). ``2 <= M <= 64``: ``tl.dot`` with the token rows padded to 16,
   32 or 64 (``m_pad``).
 * Rows of W start ``K`` elements apart. Triton only proves 16-element alignment of integer
   arguments, so a width like 9880 (a multiple of 8, not 16) would make it issue 2-byte loads
