@@ -41,6 +41,12 @@ def predecessor(flush: torch.Tensor):
     return lambda: add_rms_norm_triton(rows, None, norm_w, 1e-5)
 
 
+def step_predecessor(device: torch.device):
+    """The small PDL kernel that :func:`stream_us` puts before each timed launch, as a decode step does:
+    :func:`predecessor` on a scratch buffer of its own (a 16 x 4096 RMSNorm)."""
+    return predecessor(torch.zeros(1 << 18, dtype=torch.uint8, device=device))
+
+
 def _graph_us(body, reps: int) -> float:
     """Microseconds per repetition of a CUDA graph of ``body(i)`` for ``i < reps``: best of 5 replays."""
     g = torch.cuda.CUDAGraph()
@@ -91,6 +97,11 @@ def weight_copies(weights, min_bytes: int, most: int = 16) -> list:
     sets = [group] + [tuple(torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device).copy_(w)
                             for w in group) for _ in range(n - 1)]
     return [g[0] for g in sets] if single else sets
+
+
+def stream_copies(weights, device: torch.device) -> list:
+    """:func:`weight_copies` streaming at least twice ``device``'s L2: no timed launch reads its weight from it."""
+    return weight_copies(weights, 2 * torch.cuda.get_device_properties(device).L2_cache_size)
 
 
 def stream_us(call, weights: list[torch.Tensor], reps: int = 24, between=None) -> float:

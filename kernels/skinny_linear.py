@@ -55,7 +55,7 @@ from ._common import (SUPPORTED_DTYPES, cdiv, dot_precision, interpret_mode, l2_
 from ._tl import mma as _mma
 from ._tl import l2_prefetch, pdl_wait
 from .autotune import autotune, autotuning_enabled, launch, precompile, pruned_configs, tuning_key
-from .graph_timing import FLUSH_BYTES, graph_us, predecessor, stream_us, weight_copies
+from .graph_timing import FLUSH_BYTES, graph_us, predecessor, step_predecessor, stream_copies, stream_us
 from .reference import _flat_cache
 from .rope import rope_cos_sin
 
@@ -585,8 +585,8 @@ def tune_config(grid, args: tuple, kwargs: dict) -> bool:
     if torch.cuda.is_current_stream_capturing():
         return False
     precompile(_skinny, grid, args, kwargs)
-    weights = weight_copies(weight, 2 * torch.cuda.get_device_properties(weight.device).L2_cache_size)
-    before = predecessor(torch.zeros(1 << 18, dtype=torch.uint8, device=weight.device))  # a 16 x 4096 RMSNorm
+    weights = stream_copies(weight, weight.device)
+    before = step_predecessor(weight.device)
     before()
     times: dict[str, float] = {}
     for name, cfg in configs.items():
@@ -752,14 +752,14 @@ def _time_candidates(candidates: dict, weights: tuple, device: torch.device, mod
         before = predecessor(flush)
         flush.zero_()  # its fill kernel too: a test process had launched none before (H200, session 6)
     else:
-        before = predecessor(torch.zeros(1 << 18, dtype=torch.uint8, device=device))  # a 16 x 4096 RMSNorm
+        before = step_predecessor(device)
     before()
     for fn in candidates.values():
         fn(*weights)  # autotune / cuBLAS heuristics / module loads outside the capture
     torch.cuda.synchronize()
     if mode == "flush":
         return {name: graph_us(lambda fn=fn: fn(*weights), flush, before) for name, fn in candidates.items()}
-    sets = weight_copies(weights, 2 * torch.cuda.get_device_properties(device).L2_cache_size) if weights else [()]
+    sets = stream_copies(weights, device) if weights else [()]
     return {name: stream_us(lambda ws, fn=fn: fn(*ws), sets, between=before) for name, fn in candidates.items()}
 
 

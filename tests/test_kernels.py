@@ -1011,7 +1011,7 @@ def test_stream_us_ranks_launches_by_their_weight_stream():
     """``stream_us`` (repeated in a CUDA graph on rotating weight copies, with or without a small kernel
     between the launches) gives a weight of 8x the bytes clearly more time, and a small weight is not timed
     from the L2 (its copies stream 2x the L2)."""
-    from kernels.graph_timing import predecessor, stream_us, weight_copies
+    from kernels.graph_timing import step_predecessor, stream_us, weight_copies
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     x = randn(1, 4096, dtype=torch.bfloat16, device="cuda")
@@ -1025,7 +1025,7 @@ def test_stream_us_ranks_launches_by_their_weight_stream():
     linear(big[0]), linear(small[0])
     t_big, t_small = stream_us(linear, big), stream_us(linear, small)
     assert t_big > 2 * t_small > 0
-    before = predecessor(torch.zeros(1 << 18, dtype=torch.uint8, device="cuda"))  # as tune_config times
+    before = step_predecessor(torch.device("cuda"))  # as tune_config times
     before()
     assert stream_us(linear, big, between=before) > 2 * stream_us(linear, small, between=before) > 0
     # slower than 16 MB at 10 TB/s (more than twice the H200's HBM bandwidth): not read from the L2
