@@ -72,7 +72,7 @@ def _attn_partition_kernel(
         DV0: tl.constexpr, DV1: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, HALF_PAD: tl.constexpr,
         FOLD: tl.constexpr, S_PAD: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr,
-        DYN_PART: tl.constexpr = False):
+        PREFETCH: tl.constexpr = False):
     """One (sequence, KV head, partition). ``ROPE``: ``q`` is the projection output before RoPE and the
     new token's key/value rows (``kn``/``vn``) are not in the cache yet: the program rotates its query
     heads itself (rotate-half pairs ``(i, i + DQK/2)`` at ``freq[kvh]``, rounded to the input dtype
@@ -87,18 +87,15 @@ def _attn_partition_kernel(
     its rows); a key tile is ``BLOCK_N`` positions x ``HP`` heads (column ``c``: position ``c // HP``,
     head ``c % HP``, so each slot's heads are one contiguous run), scored against every row and masked
     to each row's own head. The 16 padded query rows of an MHA program make that free in MMA work.
-    ``DYN_PART`` (with ``SPLIT``): the partition length follows this sequence's own length, its context
-    spread evenly over the launch's partitions in whole key tiles, instead of ``part_len`` (fixed at capture
-    from the block table's capacity, so a context far shorter than its graph's class left most partitions
-    empty and a few with several serial tiles)."""
+    ``PREFETCH``: each key tile's values, and the next tile's block numbers, are loaded with its keys, so
+    a tile costs one load round trip instead of three in a row (block table, keys, values after the
+    softmax): at short contexts a program is that chain and nothing else (:func:`prefetch_tiles`)."""
     b = tl.program_id(0)
     kvp = tl.program_id(1)
     kvh = kvp * HP  # the program's first KV head
     sp = tl.program_id(2)
     pdl_wait(PDL)  # q, the lengths and the newest cache slot come from the kernels before
     seq_len = tl.load(lens_ptr + b)
-    if DYN_PART:
-        part_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N, BLOCK_N)
     offs_g = tl.arange(0, G_PAD)
     g_mask = (offs_g < group * HP) & (kvh + offs_g // group < kv_heads)
     heads = kvh * group + offs_g
@@ -157,13 +154,20 @@ def _attn_partition_kernel(
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, DV0), dtype=tl.float32)
     acc1 = tl.zeros((G_PAD, DV1_N), dtype=tl.float32)
+    if HP == 1:
+        tile_pos = offs_c
+    else:
+        tile_pos = offs_c // HP
+    if PREFETCH:  # the first tile's block numbers; each iteration then loads the next tile's
+        blk_next = tl.load(bt_ptr + b * stride_btb + (lo + tile_pos) // block_size, mask=lo + tile_pos < hi,
+                           other=0).to(tl.int64)
     for n0 in range(lo, hi, BLOCK_N):
-        if HP == 1:
-            pos = n0 + offs_c
-        else:
-            pos = n0 + offs_c // HP
+        pos = n0 + tile_pos
         p_mask = pos < hi
-        blk = tl.load(bt_ptr + b * stride_btb + pos // block_size, mask=p_mask, other=0).to(tl.int64)
+        if PREFETCH:
+            blk = blk_next
+        else:
+            blk = tl.load(bt_ptr + b * stride_btb + pos // block_size, mask=p_mask, other=0).to(tl.int64)
         within = (pos % block_size).to(tl.int64)
         # rows start ALIGN_K elements apart at least: lets the loads vectorize on odd head dims
         if HP == 1:
@@ -172,6 +176,15 @@ def _attn_partition_kernel(
         else:
             k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + col_kvh * stride_kh, ALIGN_K)
             v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + col_kvh * stride_vh, ALIGN_V)
+        if PREFETCH:  # the values and the next tile's block numbers load while the keys are scored
+            vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
+                         mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV0]
+            if DV1 > 0:
+                vt1 = tl.load(v_ptr + v_rows[:, None] + offs_e1[None, :],
+                              mask=p_mask[:, None] & e1_mask[None, :], other=0.0)  # [BLOCK_N, DV1]
+            pos_next = pos + BLOCK_N
+            blk_next = tl.load(bt_ptr + b * stride_btb + pos_next // block_size, mask=pos_next < hi,
+                               other=0).to(tl.int64)
         if ROPE:  # the two rotate-half halves of the keys against those of the queries
             km = p_mask[None, :] & i_mask[:, None]
             ka = tl.load(k_ptr + k_rows[None, :] + offs_i[:, None], mask=km, other=0.0)  # [HALF_PAD, BLOCK_N]
@@ -194,12 +207,14 @@ def _attn_partition_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
-                     mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV0]
+        if not PREFETCH:
+            vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
+                         mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV0]
         acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
         if DV1 > 0:
-            vt1 = tl.load(v_ptr + v_rows[:, None] + offs_e1[None, :],
-                          mask=p_mask[:, None] & e1_mask[None, :], other=0.0)  # [BLOCK_N, DV1]
+            if not PREFETCH:
+                vt1 = tl.load(v_ptr + v_rows[:, None] + offs_e1[None, :],
+                              mask=p_mask[:, None] & e1_mask[None, :], other=0.0)  # [BLOCK_N, DV1]
             acc1 = mma(p.to(vt1.dtype), vt1, acc1 * alpha[:, None], PRECISION)
         m_i = m_new
 
@@ -294,15 +309,19 @@ def programs_per_sm() -> int:
     """``MODEGPT_ATTN_PROGRAMS_PER_SM`` (default 2): how many attention programs per SM :func:`plan_splits`
     aims for. More splits a context into more, shorter partitions: at short contexts the kernel is bound by
     the latency of its serial key tiles, not by bytes (H200, session 12: at batch 16 and ~113 positions
-    the 30 % checkpoint read its K/V at 35 % of the bandwidth ceiling, the original at 48 %). Not yet
-    measured above 2; with ``MODEGPT_ATTN_DYNAMIC_SPLIT=1`` the partitions follow each sequence's length."""
+    the 30 % checkpoint read its K/V at 35 % of the bandwidth ceiling, the original at 48 %). Session 13
+    measured 4 and 8 only together with partitions cut from each sequence's own length (since removed):
+    0.5-8 % slower at batch 1-64, so 2 stays."""
     return max(1, int(os.environ.get("MODEGPT_ATTN_PROGRAMS_PER_SM", "2")))
 
 
-def dynamic_split() -> bool:
-    """``MODEGPT_ATTN_DYNAMIC_SPLIT=1``: partition lengths from each sequence's own length, in the kernel
-    (``DYN_PART``), instead of from the block table's capacity. Off until measured on the GPU."""
-    return os.environ.get("MODEGPT_ATTN_DYNAMIC_SPLIT", "0").strip() == "1"
+def prefetch_tiles() -> bool:
+    """``MODEGPT_ATTN_PREFETCH=1``: each key tile's values and the next tile's block numbers are loaded
+    together with its keys (``PREFETCH``), instead of the values after the softmax and the block numbers at
+    the top of each iteration. At short contexts a program is a chain of dependent loads (block table, keys,
+    values: ~2.5 us per tile on the H200 at batch 16, session 12), and this makes it one load round trip per
+    tile. Off until measured on the GPU."""
+    return os.environ.get("MODEGPT_ATTN_PREFETCH", "0").strip() == "1"
 
 
 def plan_splits(batch: int, kv_heads: int, capacity: int, block_n: int, device: torch.device,
@@ -522,7 +541,8 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     dv0, dv1 = dim_chunks(dv, cfg["DIM_CHUNKS"])
     meta = dict(G_PAD=g_pad, DQK0=dqk0, DQK1=dqk1, DV0=dv0, DV1=dv1, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
                 PRECISION=dot_precision(q.dtype), ROPE=rope is not None, HALF_PAD=max(16, next_pow2(dqk // 2)),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HP=hp, **pdl_meta(q.device))
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HP=hp, PREFETCH=prefetch_tiles(),
+                **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))
     common = (q, kc, vc, block_tables, context_lens)
     sizes = (group, hkv, block_size, part_len, float(scale) * _LOG2E,
@@ -542,7 +562,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     _start(_attn_partition_kernel, (B, packs, splits), compile_only,
         *common, part, lse, *extra, out, counters if fold else context_lens, *sizes, part.stride(0), part.stride(1),
         part.stride(2), lse.stride(0), lse.stride(1), *extra_strides, out.stride(0), out.stride(1),
-        SPLIT=True, FOLD=fold, S_PAD=s_pad, DYN_PART=dynamic_split(), **meta)
+        SPLIT=True, FOLD=fold, S_PAD=s_pad, **meta)
     if not fold:
         _start(_combine_kernel, (B, H), compile_only,
             part, lse, out, splits, dv, part.stride(0), part.stride(1), part.stride(2),

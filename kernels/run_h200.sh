@@ -23,7 +23,8 @@
 #   bash kernels/run_h200.sh s12b      # session 12: one-token partial sums reduced after the K loop, K-split: A/B, tests
 #   bash kernels/run_h200.sh s12c      # session 12: original vs 30 % at 256/64/16/1, each with and without the folded norm
 #   bash kernels/run_h200.sh s12e      # session 12: kernel tests of the changed paths at real shapes
-#   bash kernels/run_h200.sh s13a      # prepared: attention partitions per sequence / more per SM, A/B b1/16/64
+#   bash kernels/run_h200.sh s13b      # session 13: attention loads prefetched, RoPE in attention, 64-key tiles: A/B b16/1/64
+#   bash kernels/run_h200.sh s13a      # session 13: attention partitions per sequence / more per SM, A/B b1/16/64 (slower)
 #   bash kernels/run_h200.sh s12d      # prepared: b16/b64 timelines, the 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B
@@ -415,7 +416,18 @@ s12e)  # session 12, call 4: the kernel tests of the paths this session changed,
   # sums after the K loop, the folded norm's squares, picks timed on weight copies)
   TEST_TIMEOUT=150 tests ${TESTS_TIMEOUT:-330} 4 tests/test_kernels.py \
       -k "skinny or norm_skinny or swiglu or rope_triton or linear_rope or weight_copies or timed_pick or stream_us or lowrank_linear" ;;
-s13a)  # prepared in session 12 for the next: decode attention at short contexts is latency-bound (the 30 %
+s13b)  # session 13, call 2: a key tile's values and the next tile's block numbers loaded with its keys
+  # (MODEGPT_ATTN_PREFETCH=1: one load round trip per tile instead of three in a row), RoPE inside attention
+  # (MODEGPT_ROPE_ATTENTION=1, last measured in session 6), 64-key tiles for the 30 % model; batch 16 first
+  ckpt
+  timeout ${AB_TIMEOUT:-540} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      random:llama-2-7b@MODEGPT_ATTN_PREFETCH=1 /tmp/l7b-30@MODEGPT_ATTN_PREFETCH=1 \
+      random:llama-2-7b@MODEGPT_ROPE_ATTENTION=1 /tmp/l7b-30@MODEGPT_ROPE_ATTENTION=1 \
+      /tmp/l7b-30@MODEGPT_ATTN_CONFIG=64/4w/2s/cd /tmp/l7b-30@MODEGPT_ATTN_PREFETCH=1,MODEGPT_ATTN_CONFIG=64/4w/2s/cd \
+      --device cuda --dtype bfloat16 --batch 16 1 64 --steps 48 --rounds 3 --kv-cache-gb 8 --max-model-len 4096 \
+      --json "$OUT/bench-ab-prefetch.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
+s13a)  # session 13, call 1, at commit 1e5f4e3 (DYN_PART was removed after it measured slower): decode attention at short contexts is latency-bound (the 30 %
   # checkpoint reads its K/V at 35 % of the ceiling at batch 16, the original at 48 %): more, shorter partitions
   # (MODEGPT_ATTN_PROGRAMS_PER_SM) spread over each sequence's own length (MODEGPT_ATTN_DYNAMIC_SPLIT=1), A/B at
   # batch 1/16/64, one process; then batch-16 timelines of the default

@@ -1251,17 +1251,17 @@ def test_triton_decode_attention_reads_a_row_strided_query(seed, force_triton, B
 
 
 @needs_triton
-@pytest.mark.parametrize("num_splits,dynamic", [(1, "0"), (3, "0"), (8, "0"), (3, "1"), (8, "1")],
-                         ids=["1", "3", "8", "3-per-sequence", "8-per-sequence"])
+@pytest.mark.parametrize("num_splits,prefetch", [(1, "0"), (3, "0"), (8, "0"), (1, "1"), (3, "1")],
+                         ids=["1", "3", "8", "1-prefetch", "3-prefetch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
-def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold, dynamic, monkeypatch):
+def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold, prefetch, monkeypatch):
     """Forced partitionings, incl. partitions past a sequence's end and an empty context; with
     counters the last partition combines (run twice: the counters must be zero again after a call).
-    ``MODEGPT_ATTN_DYNAMIC_SPLIT=1``: each sequence's partitions follow its own length."""
+    ``MODEGPT_ATTN_PREFETCH=1``: values and the next tile's block numbers loaded with each tile's keys."""
     from kernels.decode_attention import decode_attention_triton
 
-    monkeypatch.setenv("MODEGPT_ATTN_DYNAMIC_SPLIT", dynamic)
+    monkeypatch.setenv("MODEGPT_ATTN_PREFETCH", prefetch)
 
     H, hkv, dqk, dv = ATTN_SMALL[0]
     lens = torch.tensor([1, 0, 77, 33])
@@ -1294,11 +1294,11 @@ def test_plan_splits_aims_at_the_programs_per_sm_it_is_told(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("heads", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("B", [1, 7])
-@pytest.mark.parametrize("num_splits,dynamic", [(None, "0"), (1, "0"), (3, "0"), (3, "1")],
-                         ids=["auto", "1", "3", "3-per-sequence"])
+@pytest.mark.parametrize("num_splits,prefetch", [(None, "0"), (1, "0"), (3, "0"), (3, "1")],
+                         ids=["auto", "1", "3", "3-prefetch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
-def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, dtype, fold, dynamic, monkeypatch):
+def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, dtype, fold, prefetch, monkeypatch):
     """RoPE + cache write + decode attention in one launch, from row-strided views of one fused
     projection output: the new keys (rotated) and values land in their slots (poisoned with NaN
     first, so reading them before the write would show), nothing else in the caches changes, q is
@@ -1306,7 +1306,7 @@ def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, 
     writes nothing and attends to nothing."""
     from kernels.decode_attention import rope_decode_attention_triton
 
-    monkeypatch.setenv("MODEGPT_ATTN_DYNAMIC_SPLIT", dynamic)
+    monkeypatch.setenv("MODEGPT_ATTN_PREFETCH", prefetch)
     H, hkv, dqk, dv = heads
     block_size = 16
     max_len = 700 if CUDA else 70
@@ -1393,17 +1393,17 @@ def test_triton_decode_attention_launch_configs(seed, force_triton, config, head
     q, kc, vc, tables, lens = attention_inputs(3, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
     counters = torch.zeros(3 * hkv, dtype=torch.int32, device=TRITON_DEVICE)
-    for splits, cnt, dyn in ((1, None, "0"), (3, None, "0"), (3, counters, "0"), (3, counters, "1")):
-        # the combine folded into the kernel from the third; the last: partitions from each sequence's length
-        # (for the auto choice and several KV heads per program: the paths it changes)
-        if dyn == "1" and config not in (None, {"KV_PACK": 4, "BLOCK_N": 32}):
+    for splits, cnt, pre in ((1, None, "0"), (3, None, "0"), (3, counters, "0"), (3, counters, "1")):
+        # the combine folded into the kernel from the third; the last: values and block numbers prefetched
+        # (for the auto choice and several KV heads per program: the tile shapes it changes)
+        if pre == "1" and config not in (None, {"KV_PACK": 4, "BLOCK_N": 32}):
             continue
         out = nan_like((3, H, dv), dtype, TRITON_DEVICE)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MODEGPT_ATTN_DYNAMIC_SPLIT", dyn)
+            mp.setenv("MODEGPT_ATTN_PREFETCH", pre)
             decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config, counters=cnt)
         assert_close(out, ref, dtype, seed,
-                     f"decode attention {config} {heads} splits={splits} fold={cnt is not None} dynamic={dyn}")
+                     f"decode attention {config} {heads} splits={splits} fold={cnt is not None} prefetch={pre}")
     assert not counters.any()
     for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}, {"KV_PACK": 3}, {"KV_PACK": 0}):
         with pytest.raises(ValueError):
