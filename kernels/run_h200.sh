@@ -424,6 +424,8 @@ s13b)  # session 13, call 2: a key tile's values and the next tile's block numbe
       random:llama-2-7b@MODEGPT_ATTN_PREFETCH=1 /tmp/l7b-30@MODEGPT_ATTN_PREFETCH=1 \
       random:llama-2-7b@MODEGPT_ROPE_ATTENTION=1 /tmp/l7b-30@MODEGPT_ROPE_ATTENTION=1 \
       /tmp/l7b-30@MODEGPT_ATTN_CONFIG=64/4w/2s/cd /tmp/l7b-30@MODEGPT_ATTN_PREFETCH=1,MODEGPT_ATTN_CONFIG=64/4w/2s/cd \
+      random:llama-2-7b@MODEGPT_ATTN_PREFETCH=1,MODEGPT_ROPE_ATTENTION=1 \
+      /tmp/l7b-30@MODEGPT_ATTN_PREFETCH=1,MODEGPT_ROPE_ATTENTION=1 \
       --device cuda --dtype bfloat16 --batch 16 1 64 --steps 48 --rounds 3 --kv-cache-gb 8 --max-model-len 4096 \
       --json "$OUT/bench-ab-prefetch.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
