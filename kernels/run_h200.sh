@@ -418,15 +418,14 @@ s12e)  # session 12, call 4: the kernel tests of the paths this session changed,
       -k "skinny or norm_skinny or swiglu or rope_triton or linear_rope or weight_copies or timed_pick or stream_us or lowrank_linear" ;;
 s13b)  # session 13, call 2: a key tile's values and the next tile's block numbers loaded with its keys
   # (MODEGPT_ATTN_PREFETCH=1: one load round trip per tile instead of three in a row), RoPE inside attention
-  # (MODEGPT_ROPE_ATTENTION=1, last measured in session 6), 64-key tiles for the 30 % model; batch 16 first
+  # (MODEGPT_ROPE_ATTENTION=1, last measured in session 6), both; batch 16 first (10 engines of 8 GB KV each ran
+  # out of the GPU's memory: seven of 4 GB)
   ckpt
   timeout ${AB_TIMEOUT:-540} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
       random:llama-2-7b@MODEGPT_ATTN_PREFETCH=1 /tmp/l7b-30@MODEGPT_ATTN_PREFETCH=1 \
       random:llama-2-7b@MODEGPT_ROPE_ATTENTION=1 /tmp/l7b-30@MODEGPT_ROPE_ATTENTION=1 \
-      /tmp/l7b-30@MODEGPT_ATTN_CONFIG=64/4w/2s/cd /tmp/l7b-30@MODEGPT_ATTN_PREFETCH=1,MODEGPT_ATTN_CONFIG=64/4w/2s/cd \
-      random:llama-2-7b@MODEGPT_ATTN_PREFETCH=1,MODEGPT_ROPE_ATTENTION=1 \
       /tmp/l7b-30@MODEGPT_ATTN_PREFETCH=1,MODEGPT_ROPE_ATTENTION=1 \
-      --device cuda --dtype bfloat16 --batch 16 1 64 --steps 48 --rounds 3 --kv-cache-gb 8 --max-model-len 4096 \
+      --device cuda --dtype bfloat16 --batch 16 1 64 --steps 48 --rounds 3 --kv-cache-gb 4 --max-model-len 4096 \
       --json "$OUT/bench-ab-prefetch.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
   tcache_out ;;
 s13a)  # session 13, call 1, at commit 1e5f4e3 (DYN_PART was removed after it measured slower): decode attention at short contexts is latency-bound (the 30 %
