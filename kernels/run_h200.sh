@@ -23,6 +23,7 @@
 #   bash kernels/run_h200.sh s12b      # session 12: one-token partial sums reduced after the K loop, K-split: A/B, tests
 #   bash kernels/run_h200.sh s12c      # session 12: original vs 30 % at 256/64/16/1, each with and without the folded norm
 #   bash kernels/run_h200.sh s12e      # session 12: kernel tests of the changed paths at real shapes
+#   bash kernels/run_h200.sh s13c      # session 13: multi-head attention on the CUDA cores, A/B b16/1/64
 #   bash kernels/run_h200.sh s13b      # session 13: attention loads prefetched, RoPE in attention, 64-key tiles: A/B b16/1/64
 #   bash kernels/run_h200.sh s13a      # session 13: attention partitions per sequence / more per SM, A/B b1/16/64 (slower)
 #   bash kernels/run_h200.sh s12d      # prepared: b16/b64 timelines, the 13B A/B
@@ -416,7 +417,17 @@ s12e)  # session 12, call 4: the kernel tests of the paths this session changed,
   # sums after the K loop, the folded norm's squares, picks timed on weight copies)
   TEST_TIMEOUT=150 tests ${TESTS_TIMEOUT:-330} 4 tests/test_kernels.py \
       -k "skinny or norm_skinny or swiglu or rope_triton or linear_rope or weight_copies or timed_pick or stream_us or lowrank_linear" ;;
-s13b)  # session 13, call 2: a key tile's values and the next tile's block numbers loaded with its keys
+s13c)  # session 13, call 4: multi-head attention on the CUDA cores (MODEGPT_ATTN_VEC=1: one query row per
+  # program, scores as products summed over the head dim, values accumulated in an fp32 tile summed once after
+  # the loop) against the 16-row MMA tile with one useful row; batch 16 first
+  ckpt
+  timeout ${AB_TIMEOUT:-400} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      random:llama-2-7b@MODEGPT_ATTN_VEC=1 /tmp/l7b-30@MODEGPT_ATTN_VEC=1 \
+      /tmp/l7b-30@MODEGPT_ATTN_CONFIG=64/4w/2s/cd/v /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/2w/2s/cd/v \
+      --device cuda --dtype bfloat16 --batch 16 1 64 --steps 48 --rounds 3 --kv-cache-gb 4 --max-model-len 4096 \
+      --json "$OUT/bench-ab-vec.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
+s13b)  # session 13, calls 2-3 (at 7bb3d54; MODEGPT_ATTN_PREFETCH was removed after it measured slower): a key tile's values and the next tile's block numbers loaded with its keys
   # (MODEGPT_ATTN_PREFETCH=1: one load round trip per tile instead of three in a row), RoPE inside attention
   # (MODEGPT_ROPE_ATTENTION=1, last measured in session 6), both; batch 16 first (10 engines of 8 GB KV each ran
   # out of the GPU's memory: seven of 4 GB)

@@ -1251,19 +1251,19 @@ def test_triton_decode_attention_reads_a_row_strided_query(seed, force_triton, B
 
 
 @needs_triton
-@pytest.mark.parametrize("num_splits,prefetch", [(1, "0"), (3, "0"), (8, "0"), (1, "1"), (3, "1")],
-                         ids=["1", "3", "8", "1-prefetch", "3-prefetch"])
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
-def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold, prefetch, monkeypatch):
+@pytest.mark.parametrize("heads,vec", [(ATTN_SMALL[0], "0"), ((4, 4, 40, 24), "1")], ids=["gqa3", "mha-cuda-cores"])
+def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold, heads, vec, monkeypatch):
     """Forced partitionings, incl. partitions past a sequence's end and an empty context; with
     counters the last partition combines (run twice: the counters must be zero again after a call).
-    ``MODEGPT_ATTN_PREFETCH=1``: values and the next tile's block numbers loaded with each tile's keys."""
+    ``MODEGPT_ATTN_VEC=1``: multi-head attention on the CUDA cores, one query row per program."""
     from kernels.decode_attention import decode_attention_triton
 
-    monkeypatch.setenv("MODEGPT_ATTN_PREFETCH", prefetch)
+    monkeypatch.setenv("MODEGPT_ATTN_VEC", vec)
 
-    H, hkv, dqk, dv = ATTN_SMALL[0]
+    H, hkv, dqk, dv = heads
     lens = torch.tensor([1, 0, 77, 33])
     q, kc, vc, tables, lens = attention_inputs(4, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
     counters = torch.zeros(4 * hkv + 3, dtype=torch.int32, device=TRITON_DEVICE) if fold else None
@@ -1294,11 +1294,10 @@ def test_plan_splits_aims_at_the_programs_per_sm_it_is_told(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("heads", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("B", [1, 7])
-@pytest.mark.parametrize("num_splits,prefetch", [(None, "0"), (1, "0"), (3, "0"), (3, "1")],
-                         ids=["auto", "1", "3", "3-prefetch"])
+@pytest.mark.parametrize("num_splits", [None, 1, 3], ids=["auto", "1", "3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
-def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, dtype, fold, prefetch, monkeypatch):
+def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, dtype, fold):
     """RoPE + cache write + decode attention in one launch, from row-strided views of one fused
     projection output: the new keys (rotated) and values land in their slots (poisoned with NaN
     first, so reading them before the write would show), nothing else in the caches changes, q is
@@ -1306,7 +1305,6 @@ def test_triton_rope_decode_attention(seed, force_triton, heads, B, num_splits, 
     writes nothing and attends to nothing."""
     from kernels.decode_attention import rope_decode_attention_triton
 
-    monkeypatch.setenv("MODEGPT_ATTN_PREFETCH", prefetch)
     H, hkv, dqk, dv = heads
     block_size = 16
     max_len = 700 if CUDA else 70
@@ -1375,8 +1373,8 @@ def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128},
                                     {"num_stages": 4}, {"DIM_CHUNKS": False}, {"KV_PACK": 2},
-                                    {"KV_PACK": 4, "BLOCK_N": 32}, None],
-                         ids=["32-8w-3s", "128", "4s", "pow2-dims", "pack2", "pack4-32", "auto"])
+                                    {"KV_PACK": 4, "BLOCK_N": 32}, {"VEC": True, "DIM_CHUNKS": True}, None],
+                         ids=["32-8w-3s", "128", "4s", "pow2-dims", "pack2", "pack4-32", "cuda-cores-cd", "auto"])
 @pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24), (2, 2, 88, 70), (6, 3, 40, 24)],
                          ids=["gqa3", "mha", "mha-88x70", "gqa2-3kv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -1393,17 +1391,10 @@ def test_triton_decode_attention_launch_configs(seed, force_triton, config, head
     q, kc, vc, tables, lens = attention_inputs(3, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
     counters = torch.zeros(3 * hkv, dtype=torch.int32, device=TRITON_DEVICE)
-    for splits, cnt, pre in ((1, None, "0"), (3, None, "0"), (3, counters, "0"), (3, counters, "1")):
-        # the combine folded into the kernel from the third; the last: values and block numbers prefetched
-        # (for the auto choice and several KV heads per program: the tile shapes it changes)
-        if pre == "1" and config not in (None, {"KV_PACK": 4, "BLOCK_N": 32}):
-            continue
+    for splits, cnt in ((1, None), (3, None), (3, counters)):  # the combine folded into the kernel in the last
         out = nan_like((3, H, dv), dtype, TRITON_DEVICE)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MODEGPT_ATTN_PREFETCH", pre)
-            decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config, counters=cnt)
-        assert_close(out, ref, dtype, seed,
-                     f"decode attention {config} {heads} splits={splits} fold={cnt is not None} prefetch={pre}")
+        decode_attention_triton(q, kc, vc, tables, lens, 0.3, out, num_splits=splits, config=config, counters=cnt)
+        assert_close(out, ref, dtype, seed, f"decode attention {config} {heads} splits={splits} fold={cnt is not None}")
     assert not counters.any()
     for bad in ({"BLOCK_N": 24}, {"BLOCK_M": 16}, {"KV_PACK": 3}, {"KV_PACK": 0}):
         with pytest.raises(ValueError):
@@ -1577,8 +1568,9 @@ def test_triton_attention_config_names_round_trip_and_the_env_override(seed, for
         assert parse_config(config_name(cfg)) == cfg
     assert parse_config("32/4w/2s/cd")["DIM_CHUNKS"] and not parse_config("32/4w/2s")["DIM_CHUNKS"]
     assert parse_config("32/4w/2s/cd/p4")["KV_PACK"] == 4 and parse_config("32/4w/2s/p2")["KV_PACK"] == 2
+    assert parse_config("32/2w/2s/cd/v")["VEC"] and not parse_config("32/2w/2s/cd")["VEC"]
     for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/cc", "x/4w/2s", "64/4w/2s/cd/cd", "64/4w/2s/p3",
-                "64/4w/2s/p4/cd"):
+                "64/4w/2s/p4/cd", "64/4w/2s/v/cd"):
         with pytest.raises(ValueError):
             parse_config(bad)
     H, hkv, dqk, dv = 4, 4, 40, 24
@@ -1587,6 +1579,8 @@ def test_triton_attention_config_names_round_trip_and_the_env_override(seed, for
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
     monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w/1s")
     assert_close(kernels.decode_attention(q, kc, vc, tables, lens, 0.3), ref, torch.float32, seed, "env config")
+    monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w/1s/cd/v")
+    assert_close(kernels.decode_attention(q, kc, vc, tables, lens, 0.3), ref, torch.float32, seed, "env config /v")
     monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w")
     with pytest.raises(ValueError):
         kernels.decode_attention(q, kc, vc, tables, lens, 0.3)
