@@ -71,8 +71,7 @@ def _attn_partition_kernel(
         SPLIT: tl.constexpr, G_PAD: tl.constexpr, DQK0: tl.constexpr, DQK1: tl.constexpr,
         DV0: tl.constexpr, DV1: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, ROPE: tl.constexpr, HALF_PAD: tl.constexpr,
-        FOLD: tl.constexpr, S_PAD: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr,
-        VEC: tl.constexpr = False):
+        FOLD: tl.constexpr, S_PAD: tl.constexpr, HP: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, KV head, partition). ``ROPE``: ``q`` is the projection output before RoPE and the
     new token's key/value rows (``kn``/``vn``) are not in the cache yet: the program rotates its query
     heads itself (rotate-half pairs ``(i, i + DQK/2)`` at ``freq[kvh]``, rounded to the input dtype
@@ -86,12 +85,7 @@ def _attn_partition_kernel(
     ``HP`` > 1 (without ``ROPE``): the program serves ``HP`` consecutive KV heads (their query heads are
     its rows); a key tile is ``BLOCK_N`` positions x ``HP`` heads (column ``c``: position ``c // HP``,
     head ``c % HP``, so each slot's heads are one contiguous run), scored against every row and masked
-    to each row's own head. The 16 padded query rows of an MHA program make that free in MMA work.
-    ``VEC`` (multi-head attention: one query head per program, ``G_PAD`` 1): scores and values on the CUDA
-    cores instead of a 16-row MMA tile with one useful row. Keys and values are read as ``[BLOCK_N, d]``
-    rows, each score is a product summed over the head dim, and the weighted values accumulate in a
-    ``[BLOCK_N, DV]`` fp32 tile (rescaled as the running max moves) that is summed over positions once,
-    after the loop: no shared-memory round trip for MMA operands and no cross-warp reduction per tile."""
+    to each row's own head. The 16 padded query rows of an MHA program make that free in MMA work."""
     b = tl.program_id(0)
     kvp = tl.program_id(1)
     kvh = kvp * HP  # the program's first KV head
@@ -156,87 +150,51 @@ def _attn_partition_kernel(
     l_i = tl.zeros((G_PAD,), dtype=tl.float32)
     acc = tl.zeros((G_PAD, DV0), dtype=tl.float32)
     acc1 = tl.zeros((G_PAD, DV1_N), dtype=tl.float32)
-    if VEC:
-        acc_v = tl.zeros((BLOCK_N, DV0), dtype=tl.float32)
-        acc_v1 = tl.zeros((BLOCK_N, DV1_N), dtype=tl.float32)
-        qf = q.to(tl.float32)  # [1, DQK0]
-        if DQK1 > 0:
-            qf1 = q_hi.to(tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
+        if HP == 1:
             pos = n0 + offs_c
-            p_mask = pos < hi
-            blk = tl.load(bt_ptr + b * stride_btb + pos // block_size, mask=p_mask, other=0).to(tl.int64)
-            within = (pos % block_size).to(tl.int64)
+        else:
+            pos = n0 + offs_c // HP
+        p_mask = pos < hi
+        blk = tl.load(bt_ptr + b * stride_btb + pos // block_size, mask=p_mask, other=0).to(tl.int64)
+        within = (pos % block_size).to(tl.int64)
+        # rows start ALIGN_K elements apart at least: lets the loads vectorize on odd head dims
+        if HP == 1:
             k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + kvh * stride_kh, ALIGN_K)
             v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + kvh * stride_vh, ALIGN_V)
-            kr = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=p_mask[:, None] & d_mask[None, :],
-                         other=0.0)  # [BLOCK_N, DQK0]
-            sv = tl.sum(kr.to(tl.float32) * qf, axis=1)
+        else:
+            k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + col_kvh * stride_kh, ALIGN_K)
+            v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + col_kvh * stride_vh, ALIGN_V)
+        if ROPE:  # the two rotate-half halves of the keys against those of the queries
+            km = p_mask[None, :] & i_mask[:, None]
+            ka = tl.load(k_ptr + k_rows[None, :] + offs_i[:, None], mask=km, other=0.0)  # [HALF_PAD, BLOCK_N]
+            kb = tl.load(k_ptr + k_rows[None, :] + HALF + offs_i[:, None], mask=km, other=0.0)
+            s = mma(qb, kb, mma(qa, ka, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION), PRECISION)
+        else:
+            kt = tl.load(k_ptr + k_rows[None, :] + offs_d[:, None],
+                         mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK0, TILE]
+            s = mma(q, kt, tl.zeros((G_PAD, TILE), dtype=tl.float32), PRECISION)
             if DQK1 > 0:
-                kr1 = tl.load(k_ptr + k_rows[:, None] + offs_d1[None, :], mask=p_mask[:, None] & d1_mask[None, :],
-                              other=0.0)
-                sv += tl.sum(kr1.to(tl.float32) * qf1, axis=1)
-            sv = tl.where(p_mask, sv * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sv, axis=0))  # [1], finite: every iteration has a valid key
-            alpha = tl.exp2(m_i - m_new)
-            pv = tl.exp2(sv - m_new)  # [BLOCK_N]
-            l_i = l_i * alpha + tl.sum(pv, axis=0)
-            vr = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :], mask=p_mask[:, None] & e_mask[None, :],
-                         other=0.0)  # [BLOCK_N, DV0]
-            acc_v = acc_v * alpha[:, None] + pv[:, None] * vr.to(tl.float32)
-            if DV1 > 0:
-                vr1 = tl.load(v_ptr + v_rows[:, None] + offs_e1[None, :], mask=p_mask[:, None] & e1_mask[None, :],
-                              other=0.0)
-                acc_v1 = acc_v1 * alpha[:, None] + pv[:, None] * vr1.to(tl.float32)
-            m_i = m_new
-        acc = tl.sum(acc_v, axis=0)[None, :]
-        acc1 = tl.sum(acc_v1, axis=0)[None, :]
-    else:
-        for n0 in range(lo, hi, BLOCK_N):
-            if HP == 1:
-                pos = n0 + offs_c
-            else:
-                pos = n0 + offs_c // HP
-            p_mask = pos < hi
-            blk = tl.load(bt_ptr + b * stride_btb + pos // block_size, mask=p_mask, other=0).to(tl.int64)
-            within = (pos % block_size).to(tl.int64)
-            # rows start ALIGN_K elements apart at least: lets the loads vectorize on odd head dims
-            if HP == 1:
-                k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + kvh * stride_kh, ALIGN_K)
-                v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + kvh * stride_vh, ALIGN_V)
-            else:
-                k_rows = tl.multiple_of(blk * stride_kb + within * stride_ks + col_kvh * stride_kh, ALIGN_K)
-                v_rows = tl.multiple_of(blk * stride_vb + within * stride_vs + col_kvh * stride_vh, ALIGN_V)
-            if ROPE:  # the two rotate-half halves of the keys against those of the queries
-                km = p_mask[None, :] & i_mask[:, None]
-                ka = tl.load(k_ptr + k_rows[None, :] + offs_i[:, None], mask=km, other=0.0)  # [HALF_PAD, BLOCK_N]
-                kb = tl.load(k_ptr + k_rows[None, :] + HALF + offs_i[:, None], mask=km, other=0.0)
-                s = mma(qb, kb, mma(qa, ka, tl.zeros((G_PAD, BLOCK_N), dtype=tl.float32), PRECISION), PRECISION)
-            else:
-                kt = tl.load(k_ptr + k_rows[None, :] + offs_d[:, None],
-                             mask=p_mask[None, :] & d_mask[:, None], other=0.0)  # [DQK0, TILE]
-                s = mma(q, kt, tl.zeros((G_PAD, TILE), dtype=tl.float32), PRECISION)
-                if DQK1 > 0:
-                    kt1 = tl.load(k_ptr + k_rows[None, :] + offs_d1[:, None],
-                                  mask=p_mask[None, :] & d1_mask[:, None], other=0.0)  # [DQK1, TILE]
-                    s = mma(q_hi, kt1, s, PRECISION)
-            s = s * scale_log2
-            if HP == 1:
-                s = tl.where(p_mask[None, :], s, float("-inf"))
-            else:  # each row scores only its own head's columns
-                s = tl.where(p_mask[None, :] & (row_head[:, None] == col_head[None, :]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every iteration has a valid key
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
-                         mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV0]
-            acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
-            if DV1 > 0:
-                vt1 = tl.load(v_ptr + v_rows[:, None] + offs_e1[None, :],
-                              mask=p_mask[:, None] & e1_mask[None, :], other=0.0)  # [BLOCK_N, DV1]
-                acc1 = mma(p.to(vt1.dtype), vt1, acc1 * alpha[:, None], PRECISION)
-            m_i = m_new
+                kt1 = tl.load(k_ptr + k_rows[None, :] + offs_d1[:, None],
+                              mask=p_mask[None, :] & d1_mask[:, None], other=0.0)  # [DQK1, TILE]
+                s = mma(q_hi, kt1, s, PRECISION)
+        s = s * scale_log2
+        if HP == 1:
+            s = tl.where(p_mask[None, :], s, float("-inf"))
+        else:  # each row scores only its own head's columns
+            s = tl.where(p_mask[None, :] & (row_head[:, None] == col_head[None, :]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every iteration has a valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_ptr + v_rows[:, None] + offs_e[None, :],
+                     mask=p_mask[:, None] & e_mask[None, :], other=0.0)  # [BLOCK_N, DV0]
+        acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
+        if DV1 > 0:
+            vt1 = tl.load(v_ptr + v_rows[:, None] + offs_e1[None, :],
+                          mask=p_mask[:, None] & e1_mask[None, :], other=0.0)  # [BLOCK_N, DV1]
+            acc1 = mma(p.to(vt1.dtype), vt1, acc1 * alpha[:, None], PRECISION)
+        m_i = m_new
 
     nonempty = l_i > 0.0
     inv_l = 1.0 / tl.where(nonempty, l_i, 1.0)
@@ -335,12 +293,6 @@ def programs_per_sm() -> int:
     return max(1, int(os.environ.get("MODEGPT_ATTN_PROGRAMS_PER_SM", "2")))
 
 
-def cuda_core_mha() -> bool:
-    """``MODEGPT_ATTN_VEC=1``: :func:`auto_config` runs unpacked multi-head attention on the CUDA cores
-    (the kernel's ``VEC``; config suffix ``/v``). Off until measured on the GPU."""
-    return os.environ.get("MODEGPT_ATTN_VEC", "0").strip() == "1"
-
-
 def plan_splits(batch: int, kv_heads: int, capacity: int, block_n: int, device: torch.device,
                 num_splits: int | None = None) -> tuple[int, int]:
     """(num_splits, partition length). Aim for :func:`programs_per_sm` (default 2) programs per SM, at
@@ -414,9 +366,7 @@ def rope_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 # interpreter, so loops run several iterations on small test shapes), 4 warps, 2 stages.
 # DIM_CHUNKS False: head dims padded to one power of two (sessions 1-7); True: ``dim_chunks``.
 # KV_PACK: KV heads per program (1 until session 8; more is opt-in and not yet timed on a GPU).
-# VEC: multi-head attention on the CUDA cores (the kernel's ``VEC``; only where one query head is a program's
-# only row: group 1, KV_PACK 1, no RoPE in the kernel; elsewhere it is ignored).
-DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": False, "KV_PACK": 1, "VEC": False}
+DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "DIM_CHUNKS": False, "KV_PACK": 1}
 # A block table of at most this many positions counts as a short context (auto_config). The engine
 # captures its decode graphs once per context class (server.engine.runner), so the capacity it passes
 # here tracks the batch's longest context.
@@ -467,34 +417,32 @@ def auto_config(capacity: int, dqk: int, dv: int, batch: int = 1, group: int = 1
     wide = max(dqk, dv) > 96  # one 128-wide chunk
     pack = group == 1 and not padded_one_chunk and batch >= 16  # where packing was measured
     cfg = dict(DEFAULT_CONFIG, DIM_CHUNKS=True)
-    vec = group == 1 and cuda_core_mha()  # unpacked multi-head attention only
     if capacity <= SHORT_CONTEXT:
         if pack and batch >= 64:
             return dict(cfg, BLOCK_N=32, KV_PACK=2) if wide else dict(cfg, BLOCK_N=16, KV_PACK=4)
-        return dict(cfg, BLOCK_N=32, VEC=vec)
+        return dict(cfg, BLOCK_N=32)
     if pack:
         return dict(cfg, BLOCK_N=32, KV_PACK=2)
-    return dict(cfg, num_stages=3 if padded_one_chunk else 2, VEC=vec)
+    return dict(cfg, num_stages=3 if padded_one_chunk else 2)
 
 
 def config_name(cfg: dict) -> str:
     """``"BLOCK_N/<warps>w/<stages>s"``, then ``"/cd"`` when head dims are read in chunks (``DIM_CHUNKS``)
-    and ``"/p<n>"`` for n KV heads per program (``KV_PACK`` > 1), ``"/v"`` for multi-head attention on the
-    CUDA cores (``VEC``): the names of ``kernels.bench``'s sweep
+    and ``"/p<n>"`` for n KV heads per program (``KV_PACK`` > 1): the names of ``kernels.bench``'s sweep
     and of ``MODEGPT_ATTN_CONFIG`` (:func:`parse_config`)."""
     c = dict(DEFAULT_CONFIG, **cfg)
     return ("{BLOCK_N}/{num_warps}w/{num_stages}s".format(**c) + ("/cd" if c["DIM_CHUNKS"] else "")
-            + (f"/p{c['KV_PACK']}" if c["KV_PACK"] > 1 else "") + ("/v" if c["VEC"] else ""))
+            + (f"/p{c['KV_PACK']}" if c["KV_PACK"] > 1 else ""))
 
 
 def parse_config(name: str) -> dict:
     """The launch configuration a :func:`config_name` names (``"32/4w/2s/cd/p4"``), or ValueError."""
-    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s(/cd)?(?:/p(\d+))?(/v)?", name.strip())
+    m = re.fullmatch(r"(\d+)/(\d+)w/(\d+)s(/cd)?(?:/p(\d+))?", name.strip())
     if m is None:
-        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s[/cd][/p<n>][/v], "
+        raise ValueError(f"attention config {name!r} is not BLOCK_N/<warps>w/<stages>s[/cd][/p<n>], "
                          "e.g. 64/4w/2s/cd")
     return _launch_config({"BLOCK_N": int(m[1]), "num_warps": int(m[2]), "num_stages": int(m[3]),
-                           "DIM_CHUNKS": m[4] is not None, "KV_PACK": int(m[5] or 1), "VEC": m[6] is not None})
+                           "DIM_CHUNKS": m[4] is not None, "KV_PACK": int(m[5] or 1)})
 
 
 def _launch_config(config: dict | None, auto: dict | None = None) -> dict:
@@ -557,13 +505,12 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_con
     hp = min(cfg["KV_PACK"], next_pow2(hkv)) if rope is None else 1  # RoPE writes one KV head per program
     packs = cdiv(hkv, hp)
     splits, part_len = plan_splits(B, packs, capacity, cfg["BLOCK_N"], q.device, num_splits)
-    vec = cfg["VEC"] and group == 1 and hp == 1 and rope is None  # one query row: no MMA tile to fill
-    g_pad, dv_pad = 1 if vec else max(16, next_pow2(group * hp)), max(16, next_pow2(dv))
+    g_pad, dv_pad = max(16, next_pow2(group * hp)), max(16, next_pow2(dv))
     dqk0, dqk1 = dim_chunks(dqk, cfg["DIM_CHUNKS"] and rope is None)  # RoPE scores the two halves instead
     dv0, dv1 = dim_chunks(dv, cfg["DIM_CHUNKS"])
     meta = dict(G_PAD=g_pad, DQK0=dqk0, DQK1=dqk1, DV0=dv0, DV1=dv1, DV_PAD=dv_pad, BLOCK_N=cfg["BLOCK_N"],
                 PRECISION=dot_precision(q.dtype), ROPE=rope is not None, HALF_PAD=max(16, next_pow2(dqk // 2)),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HP=hp, VEC=vec, **pdl_meta(q.device))
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], HP=hp, **pdl_meta(q.device))
     meta.update(DQK=dqk, DV=dv, ALIGN_K=_alignment(kc), ALIGN_V=_alignment(vc))
     common = (q, kc, vc, block_tables, context_lens)
     sizes = (group, hkv, block_size, part_len, float(scale) * _LOG2E,

@@ -23,6 +23,7 @@
 #   bash kernels/run_h200.sh s12b      # session 12: one-token partial sums reduced after the K loop, K-split: A/B, tests
 #   bash kernels/run_h200.sh s12c      # session 12: original vs 30 % at 256/64/16/1, each with and without the folded norm
 #   bash kernels/run_h200.sh s12e      # session 12: kernel tests of the changed paths at real shapes
+#   bash kernels/run_h200.sh s13d      # session 13: 13B original against its 30 % checkpoint, batch 256/64/16/1
 #   bash kernels/run_h200.sh s13c      # session 13: multi-head attention on the CUDA cores, A/B b16/1/64
 #   bash kernels/run_h200.sh s13b      # session 13: attention loads prefetched, RoPE in attention, 64-key tiles: A/B b16/1/64
 #   bash kernels/run_h200.sh s13a      # session 13: attention partitions per sequence / more per SM, A/B b1/16/64 (slower)
@@ -417,7 +418,14 @@ s12e)  # session 12, call 4: the kernel tests of the paths this session changed,
   # sums after the K loop, the folded norm's squares, picks timed on weight copies)
   TEST_TIMEOUT=150 tests ${TESTS_TIMEOUT:-330} 4 tests/test_kernels.py \
       -k "skinny or norm_skinny or swiglu or rope_triton or linear_rope or weight_copies or timed_pick or stream_us or lowrank_linear" ;;
-s13c)  # session 13, call 4: multi-head attention on the CUDA cores (MODEGPT_ATTN_VEC=1: one query row per
+s13d)  # session 13, call 5: random:llama-2-13b against its 30 % checkpoint (the shapes of
+  # kernels/shapes/llama-2-13b-30.config.json, random weights) with this session's defaults, batch 256/64/16/1
+  SHAPES=kernels/shapes/llama-2-13b-30.config.json CKPT=/tmp/l13b-30 ckpt
+  timeout ${AB_TIMEOUT:-420} $PY -m server.engine.bench_ab random:llama-2-13b /tmp/l13b-30 \
+      --device cuda --dtype bfloat16 --batch 256 64 16 1 --steps 32 --rounds 3 --kv-cache-gb 30 --max-model-len 4096 \
+      --json "$OUT/bench-ab-13b.json" 2>&1 | tee "$OUT/bench-engine-h200.log"
+  tcache_out ;;
+s13c)  # session 13, call 4 (at c0f9b63; MODEGPT_ATTN_VEC was removed after it measured slower): multi-head attention on the CUDA cores (MODEGPT_ATTN_VEC=1: one query row per
   # program, scores as products summed over the head dim, values accumulated in an fp32 tile summed once after
   # the loop) against the 16-row MMA tile with one useful row; batch 16 first
   ckpt

@@ -1254,16 +1254,12 @@ def test_triton_decode_attention_reads_a_row_strided_query(seed, force_triton, B
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fold", [False, True], ids=["combine-launch", "combine-folded"])
-@pytest.mark.parametrize("heads,vec", [(ATTN_SMALL[0], "0"), ((4, 4, 40, 24), "1")], ids=["gqa3", "mha-cuda-cores"])
-def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold, heads, vec, monkeypatch):
+def test_triton_decode_attention_splits(seed, force_triton, num_splits, dtype, fold):
     """Forced partitionings, incl. partitions past a sequence's end and an empty context; with
-    counters the last partition combines (run twice: the counters must be zero again after a call).
-    ``MODEGPT_ATTN_VEC=1``: multi-head attention on the CUDA cores, one query row per program."""
+    counters the last partition combines (run twice: the counters must be zero again after a call)."""
     from kernels.decode_attention import decode_attention_triton
 
-    monkeypatch.setenv("MODEGPT_ATTN_VEC", vec)
-
-    H, hkv, dqk, dv = heads
+    H, hkv, dqk, dv = ATTN_SMALL[0]
     lens = torch.tensor([1, 0, 77, 33])
     q, kc, vc, tables, lens = attention_inputs(4, H, hkv, dqk, dv, dtype, TRITON_DEVICE, 80, lens=lens)
     counters = torch.zeros(4 * hkv + 3, dtype=torch.int32, device=TRITON_DEVICE) if fold else None
@@ -1373,8 +1369,8 @@ def test_rope_decode_attention_torch_path_equals_the_two_ops(seed, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("config", [{"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 128},
                                     {"num_stages": 4}, {"DIM_CHUNKS": False}, {"KV_PACK": 2},
-                                    {"KV_PACK": 4, "BLOCK_N": 32}, {"VEC": True, "DIM_CHUNKS": True}, None],
-                         ids=["32-8w-3s", "128", "4s", "pow2-dims", "pack2", "pack4-32", "cuda-cores-cd", "auto"])
+                                    {"KV_PACK": 4, "BLOCK_N": 32}, None],
+                         ids=["32-8w-3s", "128", "4s", "pow2-dims", "pack2", "pack4-32", "auto"])
 @pytest.mark.parametrize("heads", [ATTN_SMALL[0], (4, 4, 40, 24), (2, 2, 88, 70), (6, 3, 40, 24)],
                          ids=["gqa3", "mha", "mha-88x70", "gqa2-3kv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -1568,9 +1564,8 @@ def test_triton_attention_config_names_round_trip_and_the_env_override(seed, for
         assert parse_config(config_name(cfg)) == cfg
     assert parse_config("32/4w/2s/cd")["DIM_CHUNKS"] and not parse_config("32/4w/2s")["DIM_CHUNKS"]
     assert parse_config("32/4w/2s/cd/p4")["KV_PACK"] == 4 and parse_config("32/4w/2s/p2")["KV_PACK"] == 2
-    assert parse_config("32/2w/2s/cd/v")["VEC"] and not parse_config("32/2w/2s/cd")["VEC"]
     for bad in ("64", "64/4/2s", "24/4w/2s", "64/4w/2s/cc", "x/4w/2s", "64/4w/2s/cd/cd", "64/4w/2s/p3",
-                "64/4w/2s/p4/cd", "64/4w/2s/v/cd"):
+                "64/4w/2s/p4/cd"):
         with pytest.raises(ValueError):
             parse_config(bad)
     H, hkv, dqk, dv = 4, 4, 40, 24
@@ -1579,8 +1574,6 @@ def test_triton_attention_config_names_round_trip_and_the_env_override(seed, for
     ref = ref_decode_attention(q, kc, vc, tables, lens, 0.3)
     monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w/1s")
     assert_close(kernels.decode_attention(q, kc, vc, tables, lens, 0.3), ref, torch.float32, seed, "env config")
-    monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w/1s/cd/v")
-    assert_close(kernels.decode_attention(q, kc, vc, tables, lens, 0.3), ref, torch.float32, seed, "env config /v")
     monkeypatch.setenv("MODEGPT_ATTN_CONFIG", "16/2w")
     with pytest.raises(ValueError):
         kernels.decode_attention(q, kc, vc, tables, lens, 0.3)

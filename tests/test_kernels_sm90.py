@@ -120,31 +120,6 @@ def test_decode_attention_compiles_for_sm90(sm90, dtype):
 
 
 @BF16
-def test_decode_attention_on_cuda_cores_compiles_for_sm90(sm90, dtype, monkeypatch):
-    """``MODEGPT_ATTN_VEC=1`` (multi-head attention on the CUDA cores) at the original's and the compressed
-    model's dims (128; 112 padded in one chunk; 88 x 80 in two), unsplit and split, with the combine folded
-    and launched, and at 64-key tiles."""
-    from kernels.decode_attention import auto_config, decode_attention_triton
-
-    monkeypatch.setenv("MODEGPT_ATTN_VEC", "1")
-    before = len(sm90)
-    for H, hkv, dqk, dv in ((32, 32, 128, 128), (32, 32, 88, 80), (32, 32, 112, 112)):
-        for B, capacity in ((1, 4096), (16, 256)):
-            blocks = capacity // 16
-            q = _t(B, H, dqk, dtype=dtype)
-            kc, vc = _t(B * blocks, 16, hkv, dqk, dtype=dtype), _t(B * blocks, 16, hkv, dv, dtype=dtype)
-            tables = torch.zeros(B, blocks, dtype=torch.int32)
-            lens = torch.ones(B, dtype=torch.int32)
-            counters = torch.zeros(B * hkv, dtype=torch.int32)
-            assert auto_config(capacity, dqk, dv, B)["VEC"]
-            decode_attention_triton(q, kc, vc, tables, lens, 0.1, counters=counters)
-            decode_attention_triton(q, kc, vc, tables, lens, 0.1)
-            decode_attention_triton(q, kc, vc, tables, lens, 0.1, config={"BLOCK_N": 64, "VEC": True,
-                                                                           "DIM_CHUNKS": True})
-    assert len(sm90) > before
-
-
-@BF16
 @pytest.mark.parametrize("prefetch_mib", [0, 16], ids=["no-prefetch", "l2-prefetch"])
 def test_decode_step_kernels_compile_for_sm90(sm90, dtype, prefetch_mib, monkeypatch):
     """The rest of a decode step at the 30 % 7B checkpoint's shapes: skinny linears (plain, SwiGLU in
