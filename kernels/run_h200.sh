@@ -23,6 +23,7 @@
 #   bash kernels/run_h200.sh s12b      # session 12: one-token partial sums reduced after the K loop, K-split: A/B, tests
 #   bash kernels/run_h200.sh s12c      # session 12: original vs 30 % at 256/64/16/1, each with and without the folded norm
 #   bash kernels/run_h200.sh s12e      # session 12: kernel tests of the changed paths at real shapes
+#   bash kernels/run_h200.sh s13e      # session 13: attention launch configs for the 30 % checkpoint, b16/b1
 #   bash kernels/run_h200.sh s13d      # session 13: 13B original against its 30 % checkpoint, batch 256/64/16/1
 #   bash kernels/run_h200.sh s13c      # session 13: multi-head attention on the CUDA cores, A/B b16/1/64
 #   bash kernels/run_h200.sh s13b      # session 13: attention loads prefetched, RoPE in attention, 64-key tiles: A/B b16/1/64
@@ -418,6 +419,16 @@ s12e)  # session 12, call 4: the kernel tests of the paths this session changed,
   # sums after the K loop, the folded norm's squares, picks timed on weight copies)
   TEST_TIMEOUT=150 tests ${TESTS_TIMEOUT:-330} 4 tests/test_kernels.py \
       -k "skinny or norm_skinny or swiglu or rope_triton or linear_rope or weight_copies or timed_pick or stream_us or lowrank_linear" ;;
+s13e)  # session 13, call 6: decode-attention launch configs for the 30 % checkpoint at batch 16 and 1, end to end
+  # (session 9's sweep and end-to-end runs disagreed on 64-key tiles at batch 16; pipeline depth and warps never
+  # ran end to end at short contexts)
+  ckpt
+  timeout ${AB_TIMEOUT:-300} $PY -m server.engine.bench_ab random:llama-2-7b /tmp/l7b-30 \
+      /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/1s/cd /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/4w/3s/cd \
+      /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/8w/2s/cd /tmp/l7b-30@MODEGPT_ATTN_CONFIG=32/2w/2s/cd \
+      /tmp/l7b-30@MODEGPT_ATTN_CONFIG=16/4w/2s/cd /tmp/l7b-30@MODEGPT_ATTN_CONFIG=64/4w/3s/cd \
+      --device cuda --dtype bfloat16 --batch 16 1 --steps 48 --rounds 3 --kv-cache-gb 4 --max-model-len 4096 \
+      --json "$OUT/bench-ab-attn-configs.json" 2>&1 | tee "$OUT/bench-engine-h200.log" ;;
 s13d)  # session 13, call 5: random:llama-2-13b against its 30 % checkpoint (the shapes of
   # kernels/shapes/llama-2-13b-30.config.json, random weights) with this session's defaults, batch 256/64/16/1
   SHAPES=kernels/shapes/llama-2-13b-30.config.json CKPT=/tmp/l13b-30 ckpt
