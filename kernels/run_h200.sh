@@ -25,9 +25,9 @@
 #   bash kernels/run_h200.sh s12e      # session 12: kernel tests of the changed paths at real shapes
 #   bash kernels/run_h200.sh s13e      # session 13: attention launch configs for the 30 % checkpoint, b16/b1
 #   bash kernels/run_h200.sh s13d      # session 13: 13B original against its 30 % checkpoint, batch 256/64/16/1
-#   bash kernels/run_h200.sh s13c      # session 13: multi-head attention on the CUDA cores, A/B b16/1/64
-#   bash kernels/run_h200.sh s13b      # session 13: attention loads prefetched, RoPE in attention, 64-key tiles: A/B b16/1/64
-#   bash kernels/run_h200.sh s13a      # session 13: attention partitions per sequence / more per SM, A/B b1/16/64 (slower)
+#   bash kernels/run_h200.sh s13c      # session 13: multi-head attention on the CUDA cores, A/B b16/1/64 (slower; needs c0f9b63)
+#   bash kernels/run_h200.sh s13b      # session 13: attention loads prefetched, RoPE in attention: A/B b16/1/64 (slower; needs 7bb3d54)
+#   bash kernels/run_h200.sh s13a      # session 13: attention partitions per sequence / more per SM, A/B b1/16/64 (slower; needs 1e5f4e3)
 #   bash kernels/run_h200.sh s12d      # prepared: b16/b64 timelines, the 13B A/B
 #   bash kernels/run_h200.sh s11d      # session 11: configs timed behind a small kernel, the recorded A/B
 #   bash kernels/run_h200.sh s11c      # session 11: configs timed back to back on weight copies, SwiGLU epilogue A/B

@@ -339,8 +339,8 @@ def use_kernels() -> bool:
     def rope_decode(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale,
                     block_size, counters=None):
         # MODEGPT_ROPE_ATTENTION=1: RoPE and the cache write inside the attention kernel. Off by default: on
-        # the H200 it measured 1-2 % slower at batch 1 and 8 % slower at 64 (2-3.5 % faster at 16) than the
-        # RoPE launch followed by attention (docs/BENCHMARKS.md, session 6)
+        # the H200 it measured 0.7 % slower at batch 1 and 7-13 % slower at 64 than the RoPE launch followed by
+        # attention; at 16 0.9 % faster for the 30 % checkpoint only (docs/BENCHMARKS.md, sessions 6 and 13)
         if os.environ.get("MODEGPT_ROPE_ATTENTION", "0").strip() != "1":
             return rope_decode_attention(q, k, v, positions, freqs, k_cache, v_cache, slot_mapping, block_tables,
                                          context_lens, scale, block_size, counters)
